@@ -1,0 +1,230 @@
+"""SFT records in, pairs files in and out.
+
+SFT data (what generate.py and `train.py --sft` read). Accepted files:
+* .jsonl — one JSON record per line; .json — a list of records (or {"data": [...]});
+* .parquet — ultrachat_200k's own files (needs pyarrow).
+Accepted records, first match wins:
+* {"messages": [{"role", "content"}, ...]}  (UltraChat; "prompt_id" is used as the id)
+* {"prompt": str, "completion": str}
+* {"question": str, "answer": str}          (GSM8K)
+SPIN's rule: the prompt is the FIRST user turn, the real answer y is the FIRST assistant
+turn after it; later turns are dropped. A record without both is skipped and counted
+(or an error with file and line under strict=True).
+
+Ids are stable across runs and machines: the record's own prompt_id when it has one, else
+a hash of (prompt, real answer); repeats of the same pair get "#2", "#3", ...
+
+Pairs file (generate.py writes it, judge.py annotates it, train.py reads it), one JSON
+object per line:
+    {"id", "prompt": [{"role": "user", "content": x}], "real": y, "generated": y',
+     "gen": {generation settings}}
+optional fields a later stage adds: "scores": {"real", "generated"}, "margin",
+"swap" (bool: the judge preferred y', so y' is the chosen side), "noise" (per-pair noise
+scale). Writers append one line at a time and flush, so a crash loses at most the line
+being written; readers drop a torn last line (no trailing newline) and nothing else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+PAIR_REQUIRED = ("id", "prompt", "real", "generated")
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with file:line."""
+
+
+@dataclass
+class SFTExample:
+    id: str
+    prompt: List[dict]  # [{"role": "user", "content": x}]
+    real: str
+
+
+@dataclass
+class ReadStats:
+    records: int = 0
+    kept: int = 0
+    skipped: Dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str):
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def _iter_file(path: str) -> Iterator[Tuple[int, dict]]:
+    """(line or row number, record) from .jsonl / .json / .parquet."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield i, rec
+        return
+    if path.endswith(".json"):
+        with open(path) as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json data file must hold a list of records")
+        for i, rec in enumerate(data, 1):
+            yield i, rec
+        return
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+
+
+def _first_turns(rec: dict) -> Tuple[Optional[str], Optional[str]]:
+    if isinstance(rec.get("messages"), list):
+        user = answer = None
+        for m in rec["messages"]:
+            if not isinstance(m, dict):
+                continue
+            if user is None and m.get("role") == "user":
+                user = m.get("content")
+            elif user is not None and m.get("role") == "assistant":
+                answer = m.get("content")
+                break
+        return user, answer
+    if "prompt" in rec and "completion" in rec:
+        return rec["prompt"], rec["completion"]
+    if "question" in rec and "answer" in rec:
+        return rec["question"], rec["answer"]
+    return rec.get("prompt") or rec.get("question"), None
+
+
+def pair_id(prompt: str, real: str) -> str:
+    return hashlib.sha1(json.dumps([prompt, real]).encode()).hexdigest()[:16]
+
+
+def read_sft(path: str, strict: bool = False, limit: Optional[int] = None) -> Tuple[List[SFTExample], ReadStats]:
+    """SFT examples (first user turn, first answer) from one file, plus what was skipped."""
+    stats = ReadStats()
+    out: List[SFTExample] = []
+    seen: Dict[str, int] = {}
+    for lineno, rec in _iter_file(path):
+        if limit is not None and len(out) >= limit:
+            break
+        stats.records += 1
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        user, answer = _first_turns(rec)
+        problem = None
+        if not isinstance(user, str) or not user.strip():
+            problem = "no user turn"
+        elif not isinstance(answer, str) or not answer.strip():
+            problem = "no assistant answer"
+        if problem:
+            if strict:
+                raise DataError(f"{path}:{lineno}: record has {problem} (SPIN needs a first user "
+                                "turn and an assistant answer after it)")
+            stats.skip(problem)
+            continue
+        base = str(rec["prompt_id"]) if rec.get("prompt_id") else pair_id(user, answer)
+        seen[base] = seen.get(base, 0) + 1
+        ident = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        out.append(SFTExample(ident, [{"role": "user", "content": user}], answer))
+        stats.kept += 1
+    return out, stats
+
+
+# ---------------------------------------------------------------------- pairs files
+def read_jsonl(path: str, repair: bool = False) -> List[dict]:
+    """Records of a JSONL file. A torn last line (crash mid-write: no newline at the end,
+    not valid JSON) is dropped — and cut from the file when repair=True. Any other bad
+    line is an error with file and line."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):  # last line without newline: torn write
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(len(raw) - len(line))
+                break
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+    return out
+
+
+def read_pairs(path: str) -> List[dict]:
+    """Pairs with their required fields checked (error: file, line and field)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: pairs file not found")
+    pairs = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+            for key in PAIR_REQUIRED:
+                if key not in rec:
+                    raise DataError(f"{path}:{lineno}: pair is missing required field '{key}'")
+            if not isinstance(rec["prompt"], list) or not rec["prompt"]:
+                raise DataError(f"{path}:{lineno}: 'prompt' must be a non-empty list of messages")
+            pairs.append(rec)
+    return pairs
+
+
+class JsonlAppender:
+    """Append records one line at a time, flushed (and fsynced) as they are written."""
+
+    def __init__(self, path: str, fsync: bool = True):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        read_jsonl(path, repair=True)  # never append after a torn line
+        self.f = open(path, "a")
+        self.fsync = fsync
+
+    def write(self, rec: dict):
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+        if self.fsync:
+            os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]):
+    """Write a whole file via a temporary sibling and rename (readers never see half)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,41 @@
+"""Shared test helpers: tiny random HF models (made and saved by transformers, the oracle)."""
+import os
+import shutil
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORIES = os.path.join(REPO, "assets", "models", "stories260K")
+TOK512 = os.path.join(REPO, "assets", "tokenizers", "tok512.model")
+MISTRAL_TOK = os.path.join(REPO, "assets", "tokenizers", "mistral-7b-v0.1.tokenizer.model")
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+            rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False)
+
+
+def make_hf_model(path, model_type="llama", seed=0, **overrides):
+    """Save a random transformers Llama/Mistral (plus the tok512 tokenizer) to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    cfg = dict(TINY, **overrides)
+    torch.manual_seed(seed)
+    if model_type == "mistral":
+        cfg.setdefault("sliding_window", 16)
+        model = MistralForCausalLM(MistralConfig(**cfg))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    with torch.no_grad():  # norms away from 1 so a missing norm weight would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model = model.float().eval()
+    model.save_pretrained(path)
+    shutil.copy(TOK512, os.path.join(path, "tokenizer.model"))
+    shutil.copy(os.path.join(STORIES, "tokenizer_config.json"), os.path.join(path, "tokenizer_config.json"))
+    return model
+
+
+def copy_stories(dst):
+    shutil.copytree(STORIES, dst)
+    return dst
