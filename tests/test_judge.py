@@ -1,0 +1,399 @@
+"""judge.py against a real chat-completions server on 127.0.0.1 (faults injected), the
+cache across SIGINT/SIGKILL, the relabel rule, and the local expected-score judge."""
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from helpers import REPO, STORIES
+from minispin.data import read_jsonl
+from minispin.judge import (LocalJudge, OpenAIJudge, ScoreCache, item_key, judge_pairs,
+                            margin_histogram, parse_score, relabel)
+
+KEY = "sk-test-DO-NOT-LEAK-8f3a9c1e7b"
+REFUSAL = "I cannot grade this, sorry."
+
+
+# ---------------------------------------------------------------- the fake server
+def answer_of(user_content):
+    m = re.search(r"Answer:\n(.*)\n\nRate the answer", user_content, re.S)
+    return m.group(1) if m else None
+
+
+def true_score(answer):
+    m = re.search(r"\[\[score=(\d+)\]\]", answer)
+    if m:
+        return int(m.group(1))
+    return int(hashlib.sha256(answer.encode()).hexdigest(), 16) % 101
+
+
+class FakeChat:
+    """Chat-completions on an ephemeral port. Counts requests per answer text and per
+    phase. Markers in an answer inject faults on its FIRST request ([[fault=500]],
+    [[fault=429]], [[fault=slow]], [[fault=badjson]]) or on every one ([[fault=garbage]])."""
+
+    def __init__(self, delay=0.0, slow_s=1.5):
+        self.delay, self.slow_s = delay, slow_s
+        self.lock = threading.Lock()
+        self.phase = 1
+        self.log = []  # (phase, time, answer, outcome)
+        self.auth_seen = set()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body: bytes, headers=()):
+                try:
+                    self.send_response(code)
+                    for k, v in headers:
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                auth = self.headers.get("Authorization", "")
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, b'{"error": "no such route"}')
+                if auth != "Bearer " + KEY:
+                    return self._send(401, b'{"error": "bad key"}')
+                req = json.loads(raw)
+                user = [m for m in req["messages"] if m["role"] == "user"][-1]["content"]
+                ans = answer_of(user)
+                with server.lock:
+                    n = sum(1 for r in server.log if r[2] == ans)
+                    outcome = "ok"
+                    if "[[fault=garbage]]" in ans:
+                        outcome = "garbage"
+                    elif n == 0:
+                        for f in ("500", "429", "slow", "badjson"):
+                            if f"[[fault={f}]]" in ans:
+                                outcome = f
+                    server.log.append((server.phase, time.time(), ans, outcome))
+                if server.delay:
+                    time.sleep(server.delay)
+                if outcome == "500":  # a careless server that echoes the credentials
+                    return self._send(500, json.dumps({"error": f"upstream broke; auth was {auth}"}).encode())
+                if outcome == "429":
+                    return self._send(429, b'{"error": "rate limited"}', [("Retry-After", "1")])
+                if outcome == "slow":
+                    time.sleep(server.slow_s)
+                if outcome == "badjson":
+                    return self._send(200, b"<html>proxy hiccup</html>")
+                s = true_score(ans)
+                content = REFUSAL if outcome == "garbage" else [f"{s}", f"Score: {s}", f"{s}/100", f" **{s}**\n"][s % 4]
+                body = {"id": "x", "object": "chat.completion", "model": req["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": content}}]}
+                return self._send(200, json.dumps(body).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def counts(self, phase=None):
+        with self.lock:
+            return Counter(r[2] for r in self.log if phase is None or r[0] == phase)
+
+    def times(self, ans):
+        with self.lock:
+            return [r[1] for r in self.log if r[2] == ans]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FakeChat()
+    yield s
+    s.close()
+
+
+def make_pairs(n, faults=()):
+    pairs = []
+    for i in range(n):
+        pairs.append({"id": f"p{i}", "prompt": [{"role": "user", "content": f"Question number {i}: what is {i}+{i}?"}],
+                      "real": f"The answer is {2 * i}. (real {i})", "generated": f"I think it is {2 * i + 1}. (gen {i})",
+                      "gen": {"seed": i}})
+    for i, (side, marker) in enumerate(faults):
+        pairs[i][side] += " " + marker
+    return pairs
+
+
+def assert_no_key(*texts):
+    for t in texts:
+        assert KEY not in t
+        assert KEY[8:] not in t  # nor any recognisable part of it
+
+
+def tree_text(root):
+    out = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(d, f), errors="replace") as fh:
+                out.append(fh.read())
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- parsing and the rule
+@pytest.mark.parametrize("reply,score", [
+    ("85", 85), (" 85.\n", 85), ("Score: 85", 85), ("85/100", 85), ("**85**", 85), ("85.0", 85),
+    ("0", 0), ("100", 100), ("The score is 70.", 70),
+    ("", None), (None, None), (REFUSAL, None), ("70 or 80", None), ("101", None), ("-3", None),
+    ("85.5", None), ("I would say that this answer deserves about 85 because it is good", None),
+])
+def test_parse_score(reply, score):
+    assert parse_score(reply) == score
+
+
+def test_swap_rule_exact_at_threshold():
+    def p(r, g):
+        return {"id": f"{r}-{g}", "scores": {"real": r, "generated": g}}
+    pairs = [p(50, 55), p(50, 54), p(50, 50), p(50, 49), p(0, 100), {"id": "u", "scores": {"real": None, "generated": 9}}]
+    out, s = relabel(pairs, threshold=5)
+    assert [q["swap"] for q in out] == [True, False, False, False, True, False]
+    assert [q["margin"] for q in out] == [5, 4, 0, -1, 100, None]
+    assert (s["judged"], s["swapped"], s["unscored"]) == (5, 2, 1)
+    out0, s0 = relabel(pairs, threshold=0)
+    assert [q["swap"] for q in out0] == [True, True, True, False, True, False]
+    # an unscored pair keeps its original label
+    out2, _ = relabel([{"id": "x", "scores": {"real": 3, "generated": None}, "swap": True}], 5)
+    assert out2[0]["swap"] is True and out2[0]["margin"] is None
+    assert "margin" not in pairs[0]  # pure
+
+
+def test_margin_histogram_bins():
+    h = margin_histogram([-100, -91, -90, -1, 0, 9, 10, 99, 100])
+    assert len(h) == 20 and sum(h.values()) == 9
+    assert h["-100..-91"] == 2 and h["-90..-81"] == 1 and h["-10..-1"] == 1
+    assert h["0..9"] == 2 and h["10..19"] == 1 and h["90..100"] == 2
+
+
+# ---------------------------------------------------------------- HTTP client + faults
+def test_http_judge_with_faults(server, tmp_path):
+    faults = [("real", "[[fault=500]]"), ("generated", "[[fault=429]]"), ("real", "[[fault=slow]]"),
+              ("generated", "[[fault=garbage]]"), ("real", "[[fault=badjson]]"),
+              ("real", "[[score=50]]"), ("real", "[[score=50]]")]
+    pairs = make_pairs(14, faults)
+    pairs[5]["generated"] += " [[score=55]]"   # margin 5: swaps at threshold 5
+    pairs[6]["generated"] += " [[score=54]]"   # margin 4: does not
+    pairs[13] = dict(pairs[12], id="dup")       # same texts as p12: one request per text
+    logs = []
+    judge = OpenAIJudge(base_url=server.url, api_key=KEY, timeout=0.5, max_retries=4, backoff=0.02,
+                        concurrency=4, log=logs.append)
+    cache_path = str(tmp_path / "cache.jsonl")
+    cache = ScoreCache(cache_path)
+    out, s = judge_pairs(pairs, judge, cache, threshold=5, log=logs.append)
+    cache.close()
+
+    # every pair judged or counted unparsable; none lost, none duplicated
+    assert [p["id"] for p in out] == [p["id"] for p in pairs]
+    assert s["pairs"] == 14 and s["failed"] == 0 and s["unparsable"] == 1
+    assert s["judged"] + s["unparsable"] == 14
+    for p in out:
+        for side in ("real", "generated"):
+            expect = None if "[[fault=garbage]]" in p[side] else true_score(p[side])
+            assert p["scores"][side] == expect
+    assert out[3]["margin"] is None and out[3]["swap"] is False
+    assert out[5]["margin"] == 5 and out[5]["swap"] is True
+    assert out[6]["margin"] == 4 and out[6]["swap"] is False
+    assert s["swapped"] == sum(p["swap"] for p in out)
+
+    # the server: a transient fault costs exactly one extra request; garbage is a reply
+    counts = server.counts()
+    answers = {p[side] for p in pairs for side in ("real", "generated")}
+    assert set(counts) == answers and len(answers) == 26
+    for ans, n in counts.items():
+        transient = any(f"[[fault={f}]]" in ans for f in ("500", "429", "slow", "badjson"))
+        assert n == (2 if transient else 1), ans
+    t429 = server.times(pairs[1]["generated"])
+    assert t429[1] - t429[0] >= 0.95  # Retry-After: 1 honoured (backoff alone is 0.02 s)
+
+    # the cache: one record per distinct answer, unparsable recorded with its reply
+    recs = read_jsonl(cache_path)
+    assert len(recs) == 26 and len({r["key"] for r in recs}) == 26
+    bad = [r for r in recs if r["score"] is None]
+    assert len(bad) == 1 and bad[0]["reply"] == REFUSAL
+
+    # the key: the 500 body echoed it, yet it is in no log line, record or repr
+    assert any("retry" in m for m in logs) and any("***" in m for m in logs)
+    assert_no_key("\n".join(logs), open(cache_path).read(), json.dumps(out), json.dumps(s),
+                  repr(judge), repr(vars(judge)))
+
+    # a re-run pays for nothing; --retry-unparsable re-asks only the garbage item
+    before = sum(server.counts().values())
+    cache = ScoreCache(cache_path)
+    out2, s2 = judge_pairs(pairs, judge, cache, threshold=5, log=logs.append)
+    assert sum(server.counts().values()) == before and s2["items_cached_before"] == 26
+    assert out2 == out
+    judge_pairs(pairs, judge, cache, threshold=5, retry_unparsable=True, log=logs.append)
+    cache.close()
+    assert sum(server.counts().values()) == before + 1
+
+
+def test_http_judge_gives_up_and_reports(tmp_path):
+    # nothing listens on this port: every attempt fails, the pair keeps its label, the run
+    # says so, and nothing is cached (a re-run retries)
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    judge = OpenAIJudge(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=0.5, max_retries=2,
+                        backoff=0.01, concurrency=2, log=lambda m: None)
+    cache = ScoreCache(str(tmp_path / "c.jsonl"))
+    pairs = make_pairs(2)
+    pairs[1]["swap"] = True
+    out, s = judge_pairs(pairs, judge, cache, log=lambda m: None)
+    assert s["failed"] == 2 and s["judged"] == 0 and s["items_failed"] == 4 and len(cache) == 0
+    assert [p["swap"] for p in out] == [False, True]
+
+
+def test_wrong_key_stops_the_run(server, tmp_path):
+    from minispin.judge import JudgeError
+    judge = OpenAIJudge(base_url=server.url, api_key="sk-wrong-key-123456", timeout=2, backoff=0.01, log=lambda m: None)
+    with pytest.raises(JudgeError) as e:
+        judge_pairs(make_pairs(3), judge, ScoreCache(str(tmp_path / "c.jsonl")), log=lambda m: None)
+    assert "401" in str(e.value) and "sk-wrong-key-123456" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the CLI, killed midway
+def _cli(run_dir, url, extra=()):
+    env = dict(os.environ, OPENAI_API_KEY=KEY, OPENAI_BASE_URL=url, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "judge.py"), "--iter", "0", "--run-dir", str(run_dir),
+                             "--concurrency", "2", "--timeout", "5", "--backoff", "0.05", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_cached(path, n, proc, limit=90):
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        if os.path.exists(path) and len(read_jsonl(path)) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("judge made no progress")
+
+
+def test_cli_sigint_sigkill_resume_never_pays_twice(tmp_path):
+    server = FakeChat(delay=0.1)
+    try:
+        run_dir = tmp_path / "run"
+        pairs = make_pairs(24, [("real", "[[fault=500]]"), ("generated", "[[fault=garbage]]")])
+        os.makedirs(run_dir / "iter0")
+        with open(run_dir / "iter0" / "pairs.jsonl", "w") as f:
+            for p in pairs:
+                f.write(json.dumps(p) + "\n")
+        cache_path = str(run_dir / "judge_cache.jsonl")
+        key_to_answer = {item_key("openai:gpt-4o-mini", p["prompt"][0]["content"], p[s]): p[s]
+                         for p in pairs for s in ("real", "generated")}
+        outputs = []
+
+        def cached_answers():
+            return {key_to_answer[r["key"]] for r in read_jsonl(cache_path)}
+
+        # phase 1: Ctrl-C midway -> clean exit 130, scores kept
+        proc = _cli(run_dir, server.url)
+        _wait_cached(cache_path, 6, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        outputs += [out, err]
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        after1 = cached_answers()
+        assert 6 <= len(after1) < 48
+
+        # phase 2: SIGKILL midway (no chance to clean up)
+        server.phase = 2
+        proc = _cli(run_dir, server.url)
+        _wait_cached(cache_path, len(after1) + 6, proc)
+        proc.kill()
+        out, err = proc.communicate(timeout=60)
+        outputs += [out, err]
+        assert proc.returncode == -signal.SIGKILL
+        phase2 = server.counts(2)
+        assert not (set(phase2) & after1), "re-requested an item cached before phase 2"
+        after2 = cached_answers()
+        assert len(after2) < 48
+
+        # phase 3: to the end
+        server.phase = 3
+        server.delay = 0.0
+        proc = _cli(run_dir, server.url)
+        out, err = proc.communicate(timeout=120)
+        outputs += [out, err]
+        assert proc.returncode == 0, err
+        phase3 = server.counts(3)
+        assert not (set(phase3) & after2), "re-requested an item cached before phase 3"
+        assert set(phase3) | after2 == set(key_to_answer.values())
+
+        # every pair judged or counted unparsable, once, in order
+        judged = read_jsonl(str(run_dir / "iter0" / "judged.jsonl"))
+        assert [p["id"] for p in judged] == [p["id"] for p in pairs]
+        summary = json.load(open(run_dir / "iter0" / "judge_summary.json"))
+        assert summary["judged"] == 23 and summary["unparsable"] == 1 and summary["failed"] == 0
+        assert summary["swapped"] == sum(p["swap"] for p in judged)
+        recs = read_jsonl(cache_path)
+        assert len({r["key"] for r in recs}) == len(recs) == 48  # nothing scored twice
+        assert "judged 23" in outputs[-2] and "margin histogram" in outputs[-2]
+        # the key: not in any output or file
+        assert_no_key(*outputs, tree_text(run_dir))
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------- the local judge
+def test_local_judge_stories260k_deterministic(tmp_path):
+    j = LocalJudge(STORIES)
+    q, a = "Tom has 3 apples and eats one. How many are left?", "Tom has 2 apples left."
+    r1 = j.score(q, a)
+    r2 = j.score(q, a)
+    assert isinstance(r1["score"], int) and 0 <= r1["score"] <= 100
+    assert r1 == r2
+    assert LocalJudge(STORIES).score(q, a) == r1  # a fresh load: the same score
+    assert r1["score"] == round(r1["expected"]) or abs(r1["score"] - r1["expected"]) == 0.5
+
+    # the KV-cache shortcut equals scoring each candidate with a plain full forward
+    ids, _ = j.prompt_ids(q, a)
+    lp = j.candidate_logps(ids)
+    for n in (0, 7, 42, 100):
+        cand = j.cands[n, :int(j.cand_len[n])].tolist()
+        x = torch.tensor([ids + cand])
+        with torch.no_grad():
+            logp = j.model(x)[0].float().log_softmax(-1)
+        ref = sum(float(logp[len(ids) - 1 + i, c]) for i, c in enumerate(cand))
+        assert abs(float(lp[n]) - ref) < 1e-3
+
+    # a prompt longer than the context is cut from the left and still scored
+    long = j.score(q, "and then " * 400)
+    assert long.get("truncated") and 0 <= long["score"] <= 100
+
+    # through judge_pairs + cache: the second pass computes nothing
+    cache = ScoreCache(str(tmp_path / "c.jsonl"))
+    pairs = make_pairs(2)
+    out, s = judge_pairs(pairs, j, cache, log=lambda m: None)
+    n_req = j.requests
+    out2, s2 = judge_pairs(pairs, j, cache, log=lambda m: None)
+    assert j.requests == n_req and out2 == out and s["judged"] == 2
