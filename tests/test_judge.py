@@ -397,3 +397,29 @@ def test_local_judge_stories260k_deterministic(tmp_path):
     n_req = j.requests
     out2, s2 = judge_pairs(pairs, j, cache, log=lambda m: None)
     assert j.requests == n_req and out2 == out and s["judged"] == 2
+
+
+def test_cli_local_backend_writes_judged_and_summary(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("judge_cli", os.path.join(REPO, "judge.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir / "iter1")
+    pairs = make_pairs(3)
+    with open(run_dir / "iter1" / "pairs.jsonl", "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p) + "\n")
+    rc = cli.main(["--iter", "1", "--run-dir", str(run_dir), "--backend", "local", "--judge-model", STORIES,
+                   "--threshold", "0", "--quiet"])
+    assert rc == 0
+    judged = read_jsonl(str(run_dir / "iter1" / "judged.jsonl"))
+    summary = json.load(open(run_dir / "iter1" / "judge_summary.json"))
+    assert [p["id"] for p in judged] == ["p0", "p1", "p2"]
+    for p in judged:
+        assert p["margin"] == p["scores"]["generated"] - p["scores"]["real"]
+        assert p["swap"] == (p["margin"] >= 0)
+    assert summary["threshold"] == 0 and summary["pairs"] == 3 and summary["backend"] == "local"
+    assert sum(summary["margin_histogram"].values()) == 3
+    assert "judge summary" in capsys.readouterr().out
+    assert cli.main(["--iter", "1", "--run-dir", str(tmp_path / "nothing"), "--backend", "local"]) == 2
