@@ -327,3 +327,50 @@ def adaptive_plan(pairs: Sequence[dict], threshold: float = 5, sigma: float = 0.
         out.append(q)
     summary = {"pairs": len(out), "threshold": threshold, "sigma": sigma, **n}
     return out, summary
+
+
+# ---------------------------------------------------------------- the four modes, one call
+def apply_fixes(pairs: Sequence[dict], relabel: bool = False, threshold: float = 5,
+                ref_sigma: float = 0.0, adaptive: bool = False, adaptive_sigma: float = 0.5
+                ) -> Tuple[List[dict], dict]:
+    """Pure: the pairs a training run sees, with "swap" and "noise" set for the mode.
+
+    plain (all off)      swap False, noise 0 on every pair — plain SPIN even when reading a
+                         judged file;
+    relabel=True         swap iff margin >= threshold (judge.relabel; needs "scores");
+    ref_sigma > 0        noise = ref_sigma on every pair (the study's "Noised" run: the
+                         trainer puts it on the side it is told, the study used "real");
+                         combines with relabel;
+    adaptive=True        adaptive_plan(threshold, adaptive_sigma) (needs "scores"); relabel
+                         is implied, ref_sigma must stay 0.
+    Scores missing on EVERY pair while a judge mode is asked for is an error (judge first).
+    """
+    from .judge import relabel as judge_relabel
+    if adaptive and ref_sigma > 0:
+        raise ValueError("adaptive mode sets the noise per pair; do not also give a global ref-logit σ")
+    if ref_sigma < 0:
+        raise ValueError("ref-logit σ must be >= 0")
+    if (relabel or adaptive) and pairs and not any(pair_margin(p) is not None for p in pairs):
+        raise ValueError("relabel/adaptive need judged pairs (\"scores\"): run "
+                         "`python judge.py --iter t` and train on iter<t>/judged.jsonl")
+    base = []
+    for p in pairs:
+        q = dict(p)
+        q["swap"], q["noise"] = False, 0.0
+        base.append(q)
+    summary: Dict[str, object] = {"pairs": len(base), "mode": "plain"}
+    if adaptive:
+        # the plan needs the margins; the original swap is not an input
+        out, s = adaptive_plan([dict(q, margin=pair_margin(p)) for q, p in zip(base, pairs)],
+                               threshold, adaptive_sigma)
+        return out, {**s, "mode": "adaptive"}
+    if relabel:
+        scored = [dict(q, margin=None) for q in base]  # margins recomputed from scores
+        base, s = judge_relabel(scored, threshold)
+        summary.update(mode="relabel", swapped=s["swapped"], unscored=s["unscored"], threshold=threshold)
+    if ref_sigma > 0:
+        for q in base:
+            q["noise"] = float(ref_sigma)
+        summary.update(mode=(summary["mode"] + "+noise") if relabel else "noise", noised=len(base),
+                       sigma=ref_sigma)
+    return base, summary

@@ -225,3 +225,47 @@ def test_adaptive_noise_reaches_only_small_margin_rows():
     noisy_rj = noised_sequence_logps(logits, labels, mask, s_rj, row_generators(ids, rj_sides))
     changed = [not torch.equal(noisy_ch[i], clean[i]) or not torch.equal(noisy_rj[i], clean[i]) for i in range(4)]
     assert changed == [False, True, True, False]
+
+
+def test_apply_fixes_modes():
+    from minispin.noise import apply_fixes
+    judged = [{"id": "a", "scores": {"real": 10, "generated": 40}, "margin": 30, "swap": True},
+              {"id": "b", "scores": {"real": 50, "generated": 52}, "margin": 2, "swap": False},
+              {"id": "c", "scores": {"real": None, "generated": 52}, "margin": None, "swap": False},
+              {"id": "d", "scores": {"real": 50, "generated": 45}, "margin": -5, "swap": False, "noise": 0.9}]
+    sw = lambda ps: [p["swap"] for p in ps]
+    nz = lambda ps: [p["noise"] for p in ps]
+    plain, s = apply_fixes(judged)
+    assert sw(plain) == [False] * 4 and nz(plain) == [0.0] * 4 and s["mode"] == "plain"
+    rel, s = apply_fixes(judged, relabel=True, threshold=5)
+    assert sw(rel) == [True, False, False, False] and nz(rel) == [0.0] * 4 and s["swapped"] == 1
+    rel0, _ = apply_fixes(judged, relabel=True, threshold=0)
+    assert sw(rel0) == [True, True, False, False]
+    noi, s = apply_fixes(judged, ref_sigma=0.5)
+    assert sw(noi) == [False] * 4 and nz(noi) == [0.5] * 4 and s["mode"] == "noise"
+    both, s = apply_fixes(judged, relabel=True, ref_sigma=0.5)
+    assert sw(both) == [True, False, False, False] and nz(both) == [0.5] * 4 and s["mode"] == "relabel+noise"
+    ada, s = apply_fixes(judged, adaptive=True, threshold=5, adaptive_sigma=0.25)
+    assert sw(ada) == [True, False, False, False] and nz(ada) == [0.0, 0.25, 0.25, 0.0]
+    assert s["mode"] == "adaptive" and s["noised"] == 2
+    unjudged = [{"id": "x", "real": "r", "generated": "g"}]
+    assert apply_fixes(unjudged)[0][0]["swap"] is False
+    with pytest.raises(ValueError, match="judge.py"):
+        apply_fixes(unjudged, relabel=True)
+    with pytest.raises(ValueError):
+        apply_fixes(judged, adaptive=True, ref_sigma=0.5)
+
+
+def test_same_draws_as_the_trainers_loss():
+    """loss.sequence_logps(noise_std=...) promises the draws of add_ref_logit_noise: the two
+    must agree on the noised reference log-probs (so either can precompute for the other)."""
+    loss = pytest.importorskip("minispin.loss")
+    logits, ids, mask = _batch(B=4, T=30, V=64, seed=3)
+    sigma = torch.tensor([0.5, 0.0, 1.0, 0.5])
+    keys, sides = ["k0", "k1", "k2", "k3"], ["real", "real", "generated", "generated"]
+    theirs = loss.sequence_logps(logits, ids, mask, noise_std=sigma, generator=row_generators(keys, sides, 5))
+    ours = noised_sequence_logps(logits[:, :-1], ids[:, 1:], mask[:, 1:], sigma, row_generators(keys, sides, 5))
+    assert torch.allclose(theirs, ours, atol=1e-4, rtol=0)
+    clean = loss.sequence_logps(logits, ids, mask)
+    assert torch.equal(theirs[1], clean[1])
+    assert not torch.allclose(theirs[0], clean[0])
