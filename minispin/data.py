@@ -228,3 +228,134 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- training batches
+# Tokenization, SPIN's truncation rule and collation for train.py. A pair becomes
+# prompt ids (with <s>), real answer ids and generated answer ids, each answer encoded
+# as a continuation of the prompt and closed by eos — exactly the tokens the chat template
+# renders for the whole conversation, so training sees what generation produced.
+
+@dataclass
+class TokenizedPair:
+    key: str                 # "<source>/<id>": unique across mixed iterations
+    prompt: List[int]
+    real: List[int]
+    generated: List[int]
+    swap: bool = False       # judge relabeling: y' is the chosen side
+    noise: float = 0.0       # per-pair reference-noise scale (0 = none)
+
+
+@dataclass
+class TruncationStats:
+    pairs: int = 0
+    prompts: int = 0         # prompts that lost their start
+    real: int = 0            # real answers cut
+    generated: int = 0       # generated answers cut
+
+    def as_dict(self) -> dict:
+        return {"pairs": self.pairs, "truncated_prompts": self.prompts,
+                "truncated_real": self.real, "truncated_generated": self.generated}
+
+
+def truncate_pair(prompt: List[int], real: List[int], generated: List[int], max_length: int,
+                  max_prompt_length: int, bos_id: Optional[int] = None):
+    """SPIN's truncation rule, returning (prompt, real, generated, (cut_p, cut_r, cut_g)).
+
+    Only when prompt + the longer answer exceeds max_length: first the prompt keeps its
+    END (its last max_prompt_length tokens; a leading <s> stays in front), then, if still
+    too long, both answers are cut to the room left (max_length - prompt length). (SPIN's
+    code cut answers to max_length - max_prompt_length; cutting "to fit" keeps more.)
+    A cut answer loses its closing eos.
+    """
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than "
+                         f"max_length ({max_length})")
+    cut_p = cut_r = cut_g = False
+    if len(prompt) + max(len(real), len(generated)) > max_length:
+        if len(prompt) > max_prompt_length:
+            if bos_id is not None and prompt and prompt[0] == bos_id:
+                prompt = [bos_id] + prompt[len(prompt) - (max_prompt_length - 1):]
+            else:
+                prompt = prompt[-max_prompt_length:]
+            cut_p = True
+        room = max_length - len(prompt)
+        if len(real) > room:
+            real, cut_r = real[:room], True
+        if len(generated) > room:
+            generated, cut_g = generated[:room], True
+    return prompt, real, generated, (cut_p, cut_r, cut_g)
+
+
+def tokenize_pairs(tok, pairs: List[dict], source: str, max_length: int, max_prompt_length: int,
+                   empty_system: bool = True, stats: Optional[TruncationStats] = None):
+    """Pairs records -> TokenizedPair list (truncated by SPIN's rule, counted in stats)."""
+    stats = stats if stats is not None else TruncationStats()
+    out = []
+    for rec in pairs:
+        prompt, _ = tok.encode_chat(rec["prompt"], add_generation_prompt=True, empty_system=empty_system)
+        real = tok.encode(rec["real"], continuation=True) + [tok.eos_id]
+        gen = tok.encode(rec["generated"], continuation=True) + [tok.eos_id]
+        prompt, real, gen, cut = truncate_pair(prompt, real, gen, max_length, max_prompt_length,
+                                               bos_id=tok.bos_id)
+        stats.pairs += 1
+        stats.prompts += cut[0]
+        stats.real += cut[1]
+        stats.generated += cut[2]
+        noise = rec.get("noise") or 0.0
+        out.append(TokenizedPair(f"{source}/{rec['id']}", prompt, real, gen,
+                                 swap=bool(rec.get("swap", False)), noise=float(noise)))
+    return out, stats
+
+
+def tokenize_sft(tok, examples: List[SFTExample], max_length: int, max_prompt_length: int,
+                 empty_system: bool = True, stats: Optional[TruncationStats] = None):
+    """SFT examples -> TokenizedPair list with the real answer only (generated = [])."""
+    stats = stats if stats is not None else TruncationStats()
+    out = []
+    for ex in examples:
+        prompt, _ = tok.encode_chat(ex.prompt, add_generation_prompt=True, empty_system=empty_system)
+        real = tok.encode(ex.real, continuation=True) + [tok.eos_id]
+        prompt, real, _, cut = truncate_pair(prompt, real, [], max_length, max_prompt_length,
+                                             bos_id=tok.bos_id)
+        stats.pairs += 1
+        stats.prompts += cut[0]
+        stats.real += cut[1]
+        out.append(TokenizedPair(f"sft/{ex.id}", prompt, real, []))
+    return out, stats
+
+
+def _pad_rows(rows: List[Tuple[List[int], List[int]]], pad_id: int):
+    """(ids, mask) rows -> right-padded (input_ids, loss_mask) LongTensors."""
+    import torch
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        loss_mask[i, :len(mask)] = torch.tensor(mask, dtype=torch.long)
+    return input_ids, loss_mask
+
+
+def collate_pairs(items: List[TokenizedPair], pad_id: int) -> dict:
+    """B pairs -> one [real; generated] batch of 2B right-padded rows.
+
+    Rows 0..B-1 are prompt + real answer, rows B..2B-1 prompt + generated answer;
+    loss_mask is 1 on answer tokens only. Right padding is safe under the causal mask:
+    no real token attends to a pad. swap (B,) bool and noise (B,) float are the
+    pair-level fields the loss and the reference pass read.
+    """
+    import torch
+    rows = [(p.prompt + p.real, [0] * len(p.prompt) + [1] * len(p.real)) for p in items]
+    rows += [(p.prompt + p.generated, [0] * len(p.prompt) + [1] * len(p.generated)) for p in items]
+    input_ids, loss_mask = _pad_rows(rows, pad_id)
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "keys": [p.key for p in items],
+            "swap": torch.tensor([p.swap for p in items], dtype=torch.bool),
+            "noise": torch.tensor([p.noise for p in items], dtype=torch.float32)}
+
+
+def collate_sft(items: List[TokenizedPair], pad_id: int) -> dict:
+    """B examples -> (input_ids, loss_mask) of prompt + real answer."""
+    rows = [(p.prompt + p.real, [0] * len(p.prompt) + [1] * len(p.real)) for p in items]
+    input_ids, loss_mask = _pad_rows(rows, pad_id)
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "keys": [p.key for p in items]}
