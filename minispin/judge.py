@@ -481,8 +481,15 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
                 for f in as_completed(futures):
                     note(*f.result())
             except BaseException:
-                stop.set()
-                pool.shutdown(wait=False, cancel_futures=True)
+                stop.set()  # no new attempts; queued items are cancelled
+                running = sum(f.running() for f in futures) if "futures" in locals() else 0
+                if running:
+                    log(f"judge: stopping; waiting for {running} request(s) in flight so their "
+                        "scores are cached (interrupt again to abandon them)")
+                try:  # requests in flight were (or will be) paid for: keep their scores
+                    pool.shutdown(wait=True, cancel_futures=True)
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)
 

@@ -314,7 +314,7 @@ def test_cli_sigint_sigkill_resume_never_pays_twice(tmp_path):
         def cached_answers():
             return {key_to_answer[r["key"]] for r in read_jsonl(cache_path)}
 
-        # phase 1: Ctrl-C midway -> clean exit 130, scores kept
+        # phase 1: Ctrl-C midway -> clean exit 130; requests in flight finish and are cached
         proc = _cli(run_dir, server.url)
         _wait_cached(cache_path, 6, proc)
         proc.send_signal(signal.SIGINT)
@@ -324,6 +324,7 @@ def test_cli_sigint_sigkill_resume_never_pays_twice(tmp_path):
         assert "interrupted" in err and "Traceback" not in err
         after1 = cached_answers()
         assert 6 <= len(after1) < 48
+        assert set(server.counts(1)) == after1  # every request of phase 1 ended in the cache
 
         # phase 2: SIGKILL midway (no chance to clean up)
         server.phase = 2
