@@ -42,7 +42,7 @@ class FakeChat:
     phase. Markers in an answer inject faults on its FIRST request ([[fault=500]],
     [[fault=429]], [[fault=slow]], [[fault=badjson]]) or on every one ([[fault=garbage]])."""
 
-    def __init__(self, delay=0.0, slow_s=1.5):
+    def __init__(self, delay=0.0, slow_s=3.0):
         self.delay, self.slow_s = delay, slow_s
         self.lock = threading.Lock()
         self.phase = 1
@@ -201,7 +201,7 @@ def test_http_judge_with_faults(server, tmp_path):
     pairs[6]["generated"] += " [[score=54]]"   # margin 4: does not
     pairs[13] = dict(pairs[12], id="dup")       # same texts as p12: one request per text
     logs = []
-    judge = OpenAIJudge(base_url=server.url, api_key=KEY, timeout=0.5, max_retries=4, backoff=0.02,
+    judge = OpenAIJudge(base_url=server.url, api_key=KEY, timeout=1.0, max_retries=4, backoff=0.02,
                         concurrency=4, log=logs.append)
     cache_path = str(tmp_path / "cache.jsonl")
     cache = ScoreCache(cache_path)
