@@ -122,6 +122,15 @@ def local_task_dir() -> str:
     return _LOCAL_DIR
 
 
+def task_manager(offline: bool):
+    """lm-eval's TaskManager: the installed tasks, or (offline) only ours — indexing the
+    thousands of installed YAML files takes ~10 s and our overlays include theirs by path."""
+    from lm_eval.tasks import TaskManager
+    if offline:
+        return TaskManager(include_path=local_task_dir(), include_defaults=False)
+    return TaskManager()
+
+
 def local_tasks() -> List[str]:
     """Names of the shipped offline tasks (and the mmlu_local group)."""
     return sorted(f[:-5] for f in os.listdir(TASK_TEMPLATES) if f.endswith(".yaml"))
@@ -156,6 +165,50 @@ def markdown_table(rows: Dict[str, Dict[str, Optional[float]]]) -> str:
         cells = ["-" if row.get(c) is None else f"{row[c]:.4f}" for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def resolve_tasks(names: Optional[Sequence[str]] = None, suite: Optional[str] = "spin",
+                  num_fewshot: Optional[int] = None) -> List[SuiteTask]:
+    """The tasks to run: a suite's, or the named ones (suite entries keep their shot
+    count and metric; other lm-eval tasks get num_fewshot or 0 and their first metric).
+    num_fewshot, when given, overrides every task's shot count."""
+    by_name = {t.name: t for ts in SUITES.values() for t in ts}
+    if names:
+        tasks = []
+        for n in names:
+            base = n[:-len(LOCAL_SUFFIX)] if n.endswith(LOCAL_SUFFIX) else n
+            tasks.append(by_name.get(base) or SuiteTask(base, 0, "", base))
+    else:
+        if suite not in SUITES:
+            raise ValueError(f"unknown suite {suite!r} (choose from {sorted(SUITES)})")
+        tasks = list(SUITES[suite])
+    if num_fewshot is not None:
+        tasks = [SuiteTask(t.name, num_fewshot, t.metric,
+                           re.sub(r" \(\d+\)$", "", t.column) + f" ({num_fewshot})") for t in tasks]
+    return tasks
+
+
+def run_tasks(lm, tasks: Sequence[SuiteTask], offline: bool = False, limit=None, **kwargs):
+    """lm-eval on `tasks`, each with its own shot count; returns lm-eval's results dict
+    (None on ranks other than 0). offline: the "_local" tasks on the shipped samples."""
+
+    if offline:
+        missing = [t.name for t in tasks if local_name(t.name) not in local_tasks()]
+        if missing:
+            raise ValueError(f"no offline copy of {missing}; offline tasks: "
+                             f"{', '.join(local_name(t.name) for t in SPIN_SUITE)}")
+    names = [local_name(t.name) if offline else t.name for t in tasks]
+    tm = task_manager(offline)
+    loaded = tm.load(names)
+    objects = []
+    for name, t in zip(names, tasks):
+        group = loaded["groups"].get(name)
+        leaves = group.get_all_tasks() if group is not None else [loaded["tasks"][name]]
+        for leaf in leaves:
+            leaf.set_config(key="num_fewshot", value=t.num_fewshot)
+        objects.append(group if group is not None else leaves[0])
+    kwargs.setdefault("log_samples", False)
+    return lm_eval.simple_evaluate(model=lm, tasks=objects, limit=limit, task_manager=tm, **kwargs)
 
 
 # ---------------------------------------------------------------------------- the model
