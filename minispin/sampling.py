@@ -35,7 +35,7 @@ How a batch is run, and why:
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -105,12 +105,28 @@ def _device_dtype(model: Transformer):
 class _StaticCache(KVCache):
     """KVCache for the compiled step: writes at a tensor position, returns whole buffers."""
 
+    def __init__(self, args, batch, max_len, dtype, device):
+        super().__init__(args, batch, max_len, dtype, device)
+        if torch.device(device).type == "cuda":  # fixed addresses, so CUDA graphs may write them
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
+
     def update(self, layer, start, k, v):
         if isinstance(start, int):
             return super().update(layer, start, k, v)
         self.k[layer].index_copy_(2, start, k)
         self.v[layer].index_copy_(2, start, v)
         return self.k[layer], self.v[layer]
+
+
+class _RowView(KVCache):
+    """Row `row` of a batch cache from slot `start` on, as a batch-1 cache (views: writes
+    land in the batch cache)."""
+
+    def __init__(self, cache: KVCache, row: int, start: int):
+        self.k = [k[row:row + 1, :, start:] for k in cache.k]
+        self.v = [v[row:row + 1, :, start:] for v in cache.v]
+        self.max_len = cache.max_len - start
 
 
 def _decode_step(model, tok, pos, slot, key_valid, cache):
@@ -124,11 +140,14 @@ def _decode_step(model, tok, pos, slot, key_valid, cache):
 _COMPILED = {}
 
 
-def _compiled_step(device):
-    key = device.type
+def _compiled_step(device, backend):
+    """The decode step through torch.compile (CUDA graphs on GPU); backend "eager" only
+    traces it (cheap: the tests use it to check the static-shape step itself)."""
+    backend = "inductor" if backend is True else backend
+    key = (device.type, backend)
     if key not in _COMPILED:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        _COMPILED[key] = torch.compile(_decode_step, mode=mode, dynamic=False)
+        mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+        _COMPILED[key] = torch.compile(_decode_step, backend=backend, mode=mode, dynamic=False)
     return _COMPILED[key]
 
 
@@ -136,10 +155,13 @@ def _compiled_step(device):
 def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                    eos_id: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
-                   compile: bool = False, compact_fraction: float = 0.25) -> List[List[int]]:
+                   compile: Union[bool, str] = False, compact_fraction: float = 0.25,
+                   ragged_prefill: Optional[bool] = None) -> List[List[int]]:
     """One batch, as given (no sorting): the new tokens of each row, eos excluded.
 
     seeds: one seed per row (needed when temperature > 0).
+    ragged_prefill: prefill row by row into the batch cache instead of computing the
+        padding (None: when the padding would cost more than the extra calls).
     """
     B = len(prompts)
     if B == 0 or max_new_tokens <= 0:
@@ -167,14 +189,22 @@ def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens:
 
     # ---- prefill: the whole prompt at once, logits of the last slot only
     cache = (_StaticCache if compile else KVCache)(args, B, max_len, dtype, device)
-    if bool((pad == 0).all()):
-        mask = None  # no padding: the model's own causal (+ window) mask
+    n_pad = int(pad.sum())
+    if ragged_prefill is None:  # worth B small forwards instead of computing the padding?
+        ragged_prefill = n_pad * model.num_params() > B * 2e7
+    if n_pad == 0:
+        # no padding: the model's own causal (+ window) mask
+        h = model(tokens, positions, None, cache, 0, return_hidden=True)[:, -1]
+    elif ragged_prefill:
+        # each row alone, written straight into its own slots [pad, T) of the batch cache
+        h = torch.cat([model(tokens[i:i + 1, int(pad[i]):], None, None, _RowView(cache, i, int(pad[i])),
+                             0, return_hidden=True)[:, -1] for i in range(B)])
     else:
         slots = torch.arange(T, device=device)
         mask = attention_mask(slots, slots, key_valid[:, :T], window)
         # a padding query sees only itself (never a fully masked row: NaN would spread)
         mask = mask | torch.eye(T, dtype=torch.bool, device=device)
-    h = model(tokens, positions, mask, cache, 0, return_hidden=True)[:, -1]
+        h = model(tokens, positions, mask, cache, 0, return_hidden=True)[:, -1]
     logits = F.linear(h, model.output_weight)
     if window is not None and T >= window:
         key_valid[:, :T - window + 1] = False  # slots that leave the window at the first step
@@ -188,7 +218,7 @@ def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens:
     stop = eos_id is not None and eos_id >= 0
     done = tok == eos_id if stop else None
     live = B
-    step_fn = _compiled_step(device) if compile else None
+    step_fn = _compiled_step(device, compile) if compile else None
     slot_t = torch.zeros(1, dtype=torch.long, device=device)
 
     for step in range(1, max_new_tokens):
@@ -233,7 +263,7 @@ def generate(model: Transformer, prompt_ids: List[List[int]], max_new_tokens: in
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_id: Optional[int] = None, seed: Optional[int] = None, *,
              seeds: Optional[Sequence[int]] = None, batch_size: int = 32,
-             compile: bool = False,
+             compile: Union[bool, str] = False,
              on_batch: Optional[Callable[[List[int], List[List[int]]], None]] = None
              ) -> List[List[int]]:
     """New tokens for each prompt (eos excluded); temperature 0 = greedy.
@@ -246,7 +276,8 @@ def generate(model: Transformer, prompt_ids: List[List[int]], max_new_tokens: in
           prompt's sample does not depend on which other prompts share its batch.
     batch_size: prompts per batch; prompts are sorted by length (longest first) and cut
           into batches, results come back in the input order.
-    compile: torch.compile the decode step (static shapes; CUDA graphs on GPU).
+    compile: torch.compile the decode step (static shapes; CUDA graphs on GPU); a string
+          picks the torch.compile backend. Off by default: eager is the reference.
     on_batch(indices, outputs): called after each batch with the input indices it held.
     """
     n = len(prompt_ids)

@@ -1,0 +1,176 @@
+"""Generation speed: minispin.generate vs transformers' generate, same weights, one run.
+
+    python bench/bench_generate.py                 # CPU: stories260K and a ~50M random Llama,
+                                                   #      batch 1 and 32, greedy
+    python bench/bench_generate.py --gpu           # GPU: Mistral-7B shape, random bf16 weights:
+                                                   #      batch 1 greedy 128+256, batch 64 sampling 256+256
+    python bench/bench_generate.py --quick         # fewer tokens, one repetition (smoke test)
+
+Both sides produce exactly max_new_tokens per row (eos switched off on both), from the
+same prompts with the same left padding; tokens/s = rows x new tokens / wall time (prefill
+included), best of --reps runs after one warm-up run each, the two sides interleaved so
+that load from other processes hits both alike. For greedy rows the outputs are compared
+too ("same" = rows identical to transformers'). Ratio = ours / transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minispin import load_model  # noqa: E402
+from minispin.model import build_model  # noqa: E402
+from minispin.sampling import generate  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORIES = os.path.join(REPO, "assets", "models", "stories260K")
+
+LLAMA_50M = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+                 rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                 tie_word_embeddings=False)
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  sliding_window=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_prompts(batch, lo, hi, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (batch,), generator=g).tolist()
+    return [[1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lens]
+
+
+def hf_inputs(prompts, device):
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def run_case(name, ours, hf, prompts, new, sample, reps, compile=False):
+    device = ours.output_weight.device
+    ids, mask = hf_inputs(prompts, device)
+    T = ids.shape[1]
+    kw = dict(do_sample=sample, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    if sample:
+        kw.update(temperature=1.0, top_p=1.0, top_k=0)
+
+    def run_ours():
+        return generate(ours, prompts, new, temperature=1.0 if sample else 0.0, eos_id=-1,
+                        seed=0, batch_size=len(prompts), compile=compile)
+
+    def run_hf():
+        with torch.inference_mode():
+            return hf.generate(input_ids=ids, attention_mask=mask, **kw)[:, T:].tolist()
+
+    best = {"ours": float("inf"), "hf": float("inf")}
+    outs = {}
+    for rep in range(reps + 1):  # rep 0 = warm-up
+        for side, fn in (("ours", run_ours), ("hf", run_hf)):
+            sync(device)
+            t0 = time.perf_counter()
+            outs[side] = fn()
+            sync(device)
+            dt = time.perf_counter() - t0
+            if rep > 0 or reps == 0:
+                best[side] = min(best[side], dt)
+    n_tok = len(prompts) * new
+    got = sum(len(o) for o in outs["ours"])
+    assert got == n_tok, f"ours produced {got} tokens, expected {n_tok}"
+    same = "-" if sample else f"{sum(a == b for a, b in zip(outs['ours'], outs['hf']))}/{len(prompts)}"
+    tps_o, tps_h = n_tok / best["ours"], n_tok / best["hf"]
+    print(f"{name:<42} {len(prompts):>5} {tps_o:>12.1f} {tps_h:>12.1f} {tps_o / tps_h:>7.2f}  {same}",
+          flush=True)
+    return tps_o / tps_h
+
+
+def header(device):
+    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    print(f"{'case':<42} {'batch':>5} {'ours tok/s':>12} {'hf tok/s':>12} {'ratio':>7}  same")
+
+
+def cpu_bench(args):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    header("cpu")
+    new = 16 if args.quick else args.new_tokens
+    reps = 0 if args.quick else args.reps
+    ratios = []
+    hf = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    ours = load_model(STORIES)
+    for batch in (1, 32):
+        prompts = make_prompts(batch, 8, 48, 512, seed=batch)
+        ratios.append(run_case(f"stories260K greedy {new} new", ours, hf, prompts, new, False, reps,
+                               args.compile))
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        hfl = LlamaForCausalLM(LlamaConfig(**LLAMA_50M)).eval()
+        hfl.generation_config.eos_token_id = None
+        hfl.save_pretrained(d)
+        ours = load_model(d)
+    n = ours.num_params() / 1e6
+    for batch in (1, 32):
+        prompts = make_prompts(batch, 16, 64, 32000, seed=batch)
+        ratios.append(run_case(f"llama {n:.0f}M random greedy {new} new", ours, hfl, prompts, new,
+                               False, reps, args.compile))
+    print(f"min ratio {min(ratios):.2f}")
+
+
+def gpu_bench(args):
+    from transformers import MistralConfig, MistralForCausalLM
+    from minispin.config import ModelArgs
+    device = torch.device("cuda")
+    header(torch.cuda.get_device_name())
+    cfg = MistralConfig(**MISTRAL_7B)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = MistralForCausalLM(cfg).to(torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    margs = ModelArgs.from_hf(cfg.to_dict())
+    ours = build_model(margs, device="meta")
+    ours.load_state_dict(hf.state_dict(), assign=True, strict=True)  # shares the weights
+    ours.eval()
+    new = 32 if args.quick else 256
+    reps = 0 if args.quick else max(1, args.reps // 2)
+    run_case("mistral-7B shape bf16 greedy 128+%d" % new, ours, hf,
+             make_prompts(1, 128, 128, 32000), new, False, reps, args.compile)
+    run_case("mistral-7B shape bf16 sampling 256+%d" % new, ours, hf,
+             make_prompts(64, 256, 256, 32000), new, True, reps, args.compile)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="run the GPU cases (needs CUDA)")
+    p.add_argument("--quick", action="store_true", help="few tokens, no repetitions")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row on CPU (default 64)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per side, best is kept (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also use minispin's compiled decode step")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.gpu:
+        if not torch.cuda.is_available():
+            sys.exit("bench_generate.py: --gpu needs a CUDA device")
+        gpu_bench(args)
+    else:
+        cpu_bench(args)
+
+
+if __name__ == "__main__":
+    main()
