@@ -186,6 +186,20 @@ def spin_sources(args, cfg: TrainConfig, env) -> list:
     return sources
 
 
+def prepare_pairs(pairs: List[dict], tag: str, args, cfg: TrainConfig) -> List[dict]:
+    """The pairs of one source as training will see them. Plain SPIN: unchanged (a pair's
+    own "swap"/"noise" fields, if any, are honoured). The relabel/noise/adaptive modes
+    (docs/fixes.md) set "swap" and "noise" here."""
+    return pairs
+
+
+def make_trainer(cfg: TrainConfig, env, items, theta: str, work_dir: str, export: str,
+                 pad_id: int, mode: str, info: dict, args) -> Trainer:
+    """The Trainer for this run; feature flags attach their hooks here (policy_hooks,
+    reference_noise_fn)."""
+    return Trainer(cfg, env, items, theta, work_dir, export, pad_id, mode=mode, info=info)
+
+
 def run_spin(args, cfg: TrainConfig, env, log) -> Optional[dict]:
     t = cfg.iteration
     theta = theta_path(cfg.run_dir, t, cfg.model)
@@ -202,7 +216,7 @@ def run_spin(args, cfg: TrainConfig, env, log) -> Optional[dict]:
     tok = load_tokenizer(theta, template=cfg.template)
     items, stats, per_source = [], None, {}
     for tag, path in sources:
-        pairs = read_pairs(path)
+        pairs = prepare_pairs(read_pairs(path), tag, args, cfg)
         toks, stats = tokenize_pairs(tok, pairs, tag, cfg.max_length, cfg.max_prompt_length,
                                      empty_system=cfg.empty_system, stats=stats)
         items += toks
@@ -213,8 +227,8 @@ def run_spin(args, cfg: TrainConfig, env, log) -> Optional[dict]:
         f"{stats.prompts} prompts, {stats.real} real and {stats.generated} generated answers cut "
         f"of {stats.pairs} pairs")
     info = {"iteration": t, "theta": theta, "sources": per_source, "truncation": stats.as_dict()}
-    trainer = Trainer(cfg, env, items, theta, iter_dir(cfg.run_dir, t), export, tok.pad_id,
-                      mode="spin", info=info)
+    trainer = make_trainer(cfg, env, items, theta, iter_dir(cfg.run_dir, t), export, tok.pad_id,
+                           "spin", info, args)
     return trainer.run()
 
 
@@ -234,7 +248,7 @@ def run_sft(args, cfg: TrainConfig, env, log) -> Optional[dict]:
         f"truncated {stats.prompts} prompts and {stats.real} answers")
     info = {"data": cfg.data, "read": {"records": rstats.records, "skipped": rstats.skipped},
             "truncation": stats.as_dict()}
-    trainer = Trainer(cfg, env, items, cfg.model, work, export, tok.pad_id, mode="sft", info=info)
+    trainer = make_trainer(cfg, env, items, cfg.model, work, export, tok.pad_id, "sft", info, args)
     return trainer.run()
 
 

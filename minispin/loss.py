@@ -37,7 +37,8 @@ API (what the trainer calls, and what the relabeling/noise features plug into)
 `sequence_logps(logits, input_ids, loss_mask, noise_std=None, generator=None) -> (B,)`
     logits (B, T, V) of the model on input_ids (B, T); loss_mask (B, T) is 1 on the tokens
     whose log-prob counts (answer tokens and their eos), aligned with input_ids:
-    logits[:, t] predicts input_ids[:, t + 1]. Returns fp32 sums per row.
+    logits[:, t] predicts input_ids[:, t + 1]. Returns fp32 sums per row (fp64 for fp64
+    logits).
     noise_std: optional (B,) per-row standard deviation σ. When given, Gaussian noise
     N(0, σ²) is added to each row's fp32 logits at its answer positions before the
     log-softmax — the study's "noised reference". Meant for the REFERENCE pass only; rows
@@ -92,7 +93,8 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     targets = input_ids[:, 1:][mask]                     # (N,)
     rows = torch.arange(B, device=logits.device)[:, None].expand_as(mask)[mask]  # (N,)
     # Only the answer positions are lifted to fp32: the prompt never costs a float copy.
-    x = logits[:, :-1][mask].float()                     # (N, V), a copy: safe to add to
+    x = logits[:, :-1][mask]                             # (N, V), a copy: safe to add to
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     if noise_std is not None:
         std = torch.as_tensor(noise_std, dtype=torch.float32).detach().cpu().tolist()
         counts = mask.sum(1).tolist()
@@ -103,10 +105,10 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
                 g = generator[b] if isinstance(generator, (list, tuple)) else generator
                 eps = torch.randn((n, x.shape[1]), generator=g, dtype=torch.float32,
                                   device=g.device if g is not None else x.device)
-                x[start:start + n] += eps.to(x.device) * std[b]
+                x[start:start + n] += eps.to(device=x.device, dtype=x.dtype) * std[b]
             start += n
     token_logps = x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
-    return torch.zeros(B, device=logits.device, dtype=torch.float32).index_add(0, rows, token_logps)
+    return torch.zeros(B, device=logits.device, dtype=x.dtype).index_add(0, rows, token_logps)
 
 
 def reference_noise_std(pair_noise: torch.Tensor, side: str = "real") -> torch.Tensor:

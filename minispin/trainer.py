@@ -234,7 +234,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ reference
     def _fingerprint(self, p: TokenizedPair) -> str:
-        noise = [p.noise, self.cfg.ref_noise_side] if p.noise else []
+        noise = [p.noise, self.cfg.ref_noise_side, self.cfg.seed] if p.noise else []
         blob = json.dumps([os.path.abspath(self.init_model), p.prompt, p.real, p.generated, noise])
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -358,6 +358,17 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, self.total_steps, warmup))
         return opt, sched
 
+    RESUME_KEYS = ("beta", "loss_type", "label_smoothing", "optimizer", "lr", "weight_decay",
+                   "lr_scheduler", "warmup_ratio", "epochs", "batch_size", "max_length",
+                   "max_prompt_length", "max_grad_norm", "seed")
+
+    def _resume_key(self) -> dict:
+        """What a checkpoint must agree on to be resumed by this run."""
+        key = {k: getattr(self.cfg, k) for k in self.RESUME_KEYS}
+        key.update(total_steps=self.total_steps, examples=len(self.items), mode=self.mode,
+                   init_model=os.path.abspath(self.init_model))
+        return key
+
     def _rng_state(self) -> dict:
         st = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and self.env.device.type == "cuda":
@@ -407,11 +418,14 @@ class Trainer:
         last_ckpt = D.latest_checkpoint(self.ckpt_root)
         if last_ckpt:
             extra = D.load_checkpoint(last_ckpt, policy, opt, env)
-            if extra.get("total_steps") != self.total_steps:
+            now = self._resume_key()
+            was = extra.get("resume_key", {})
+            diff = [f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k]]
+            if diff:
                 raise TrainingError(
-                    f"{last_ckpt} belongs to a run of {extra.get('total_steps')} steps, this one has "
-                    f"{self.total_steps} (data or batch settings changed); delete {self.ckpt_root} "
-                    "to start over")
+                    f"{last_ckpt} was written by a run with other settings ({'; '.join(diff)}); "
+                    f"resuming would mix two runs. Restore the settings, or delete "
+                    f"{self.ckpt_root} to start over")
             start = extra["step"]
             sched.load_state_dict(extra["scheduler"])
             self._set_rng_state(extra["rng"])
@@ -487,7 +501,7 @@ class Trainer:
             if done % cfg.checkpoint_every == 0 or done == self.total_steps:
                 last_ckpt = os.path.join(self.ckpt_root, f"step_{done}")
                 D.save_checkpoint(last_ckpt, policy, opt,
-                                  {"step": done, "total_steps": self.total_steps,
+                                  {"step": done, "resume_key": self._resume_key(),
                                    "scheduler": sched.state_dict(), "rng": self._rng_state()},
                                   env, keep=cfg.keep_checkpoints)
             if _fault("kill") == done and env.is_main:
