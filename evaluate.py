@@ -132,6 +132,8 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"evaluate.py: {e}", file=sys.stderr)
             return 2
+        if lm.world_size > 1:
+            print(f"rank {rank}/{lm.world_size}: answered {lm.requests_done} requests", file=sys.stderr)
         del lm
         if rank != 0 or results is None:
             continue

@@ -291,6 +291,7 @@ class MinispinLM(TemplateLM):
         self._max_length = int(max_length) if max_length else int(cfg.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.gen_chunk = max(1, int(gen_chunk))
+        self.requests_done = 0  # requests this rank answered (torchrun: its share)
         # text the "hf" backend never shows: ids skipped when decoding generations
         self._skip_ids = {i for i in (self.tok.bos_id, self.tok.eos_id, self.tok.unk_id, self.tok.pad_id)
                           if i is not None and i >= 0}
@@ -366,6 +367,7 @@ class MinispinLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
         # 1. group the requests into packed rows: one row per distinct prefix, holding each
         #    distinct continuation once (exact duplicates share the answer)
+        self.requests_done += len(requests)
         rows: Dict[Tuple[int, ...], Dict[Tuple[int, ...], List[int]]] = {}
         for i, (_, ctx, cont) in enumerate(requests):
             prefix, cont = self._window(list(ctx), list(cont))
@@ -469,6 +471,7 @@ class MinispinLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Greedy (or sampled, if the task asks) continuations cut at the stop sequences."""
+        self.requests_done += len(requests)
         eos_text = self.tok.sp.id_to_piece(self.eot_token_id)
         groups: Dict[str, List[int]] = {}
         for i, req in enumerate(requests):
