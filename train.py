@@ -32,7 +32,7 @@ from typing import List, Optional
 
 from minispin import distributed as D
 from minispin.data import DataError, read_pairs, read_sft, tokenize_pairs, tokenize_sft
-from minispin.layout import export_path, iter_dir, load_recipe, pairs_path, theta_path
+from minispin.layout import REPO_ROOT, export_path, iter_dir, load_recipe, pairs_path, theta_path
 from minispin.tokenizer import load_tokenizer
 from minispin.trainer import TrainConfig, Trainer, TrainingError
 
@@ -121,7 +121,12 @@ def build_config(recipe: dict, args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in recipe.items() if k in names}
     table = recipe.get("sft") if args.sft else (recipe.get("iterations") or {}).get(str(args.iteration))
     if isinstance(table, dict):
-        values.update({k: v for k, v in table.items() if k in names})
+        for k, v in table.items():
+            if k in names:
+                if k in ("model", "data") and isinstance(v, str) and not os.path.isabs(v) \
+                        and not os.path.exists(v):
+                    v = os.path.join(REPO_ROOT, v)  # as load_recipe resolves top-level paths
+                values[k] = v
     for name in names:
         v = getattr(args, name, None)
         if v is not None:
@@ -143,12 +148,18 @@ def generate_command(args, t: int, world: int) -> str:
     return cmd
 
 
-def generate_argv(args, t: int) -> List[str]:
-    argv = ["--iter", str(t)]
+def generate_argv(args, cfg: TrainConfig, theta: str, t: int) -> List[str]:
+    """generate.py's arguments for iteration t: the recipe, plus whatever this command
+    overrides that generation must agree on (θ_t, data, template, truncation)."""
+    argv = ["--iter", str(t), "--model", theta, "--data", cfg.data, "--template", cfg.template,
+            "--max-length", str(cfg.max_length), "--max-prompt-length", str(cfg.max_prompt_length)]
     if args.config:
         argv += ["--config", args.config]
-    if args.run_dir:
-        argv += ["--run-dir", args.run_dir]
+    argv += ["--run-dir", cfg.run_dir]
+    if cfg.device != "auto":
+        argv += ["--device", cfg.device]
+    if not cfg.progress:
+        argv.append("--no-progress")
     return argv
 
 
@@ -162,14 +173,15 @@ def spin_sources(args, cfg: TrainConfig, env) -> list:
     mine = args.pairs or pairs_path(cfg.run_dir, t)
     if not os.path.isfile(mine):
         if args.generate and not args.pairs:
+            argv = generate_argv(args, cfg, theta_path(cfg.run_dir, t, cfg.model), t)
             if env.is_main:
                 print(f"pairs for iteration {t} missing: generating them first "
-                      f"(generate.py {' '.join(generate_argv(args, t))})", flush=True)
-            import generate  # noqa: the generation CLI, run inside this process group
-            rc = generate.main(generate_argv(args, t))
+                      f"(generate.py {' '.join(shlex.quote(a) for a in argv)})", flush=True)
+            import generate  # the generation CLI, run inside this process group
+            generate.main(argv)  # raises SystemExit with its own message on error
             D.barrier()
-            if rc not in (None, 0) or not os.path.isfile(mine):
-                raise SetupError(f"generate.py did not produce {mine} (exit status {rc})")
+            if not os.path.isfile(mine):
+                raise SetupError(f"generate.py did not produce {mine}")
         else:
             hint = ("" if args.pairs else f" Make them with:\n    {generate_command(args, t, env.world_size)}\n"
                     "or add --generate to this command to generate them first.")
