@@ -120,13 +120,39 @@ class _StaticCache(KVCache):
 
 
 class _RowView(KVCache):
-    """Row `row` of a batch cache from slot `start` on, as a batch-1 cache (views: writes
-    land in the batch cache)."""
+    """Rows [first, last) of a batch cache from slot `start` on, as a cache of its own
+    (views: what the model writes lands in the batch cache)."""
 
-    def __init__(self, cache: KVCache, row: int, start: int):
-        self.k = [k[row:row + 1, :, start:] for k in cache.k]
-        self.v = [v[row:row + 1, :, start:] for v in cache.v]
+    def __init__(self, cache: KVCache, first: int, last: int, start: int):
+        self.k = [k[first:last, :, start:] for k in cache.k]
+        self.v = [v[first:last, :, start:] for v in cache.v]
         self.max_len = cache.max_len - start
+
+
+def prefill_groups(lens: Sequence[int], n_params: int, overhead: float):
+    """Split rows sorted by length (longest first) into ranges [i, j), one forward each.
+
+    A group costs `overhead` (one forward call, in parameter x token units) plus
+    n_params x (its longest prompt x its rows): padding is paid for as tokens. Dynamic
+    programming over the points where the length changes gives the cheapest split: one
+    group for similar lengths, several when padding would waste more than the calls cost.
+    """
+    B = len(lens)
+    starts = [i for i in range(B) if i == 0 or lens[i] != lens[i - 1]] + [B]
+    K = len(starts) - 1
+    best = [0.0] * (K + 1)
+    nxt = [K] * (K + 1)
+    for k in range(K - 1, -1, -1):
+        best[k] = float("inf")
+        for m in range(k + 1, K + 1):
+            c = overhead + n_params * lens[starts[k]] * (starts[m] - starts[k]) + best[m]
+            if c < best[k]:
+                best[k], nxt[k] = c, m
+    groups, k = [], 0
+    while k < K:
+        groups.append((starts[k], starts[nxt[k]]))
+        k = nxt[k]
+    return groups
 
 
 def _decode_step(model, tok, pos, slot, key_valid, cache):
@@ -157,54 +183,63 @@ def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens:
                    eos_id: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
                    compile: Union[bool, str] = False, compact_fraction: float = 0.25,
                    ragged_prefill: Optional[bool] = None) -> List[List[int]]:
-    """One batch, as given (no sorting): the new tokens of each row, eos excluded.
+    """One batch: the new tokens of each row (in the given order), eos excluded.
 
     seeds: one seed per row (needed when temperature > 0).
-    ragged_prefill: prefill row by row into the batch cache instead of computing the
-        padding (None: when the padding would cost more than the extra calls).
+    ragged_prefill: True = prefill row by row, False = the whole padded batch in one
+        forward, None = length groups chosen by a cost model (see prefill_groups).
     """
     B = len(prompts)
     if B == 0 or max_new_tokens <= 0:
         return [[] for _ in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. <s>)")
-    args = model.config
-    device, dtype = _device_dtype(model)
     greedy = temperature <= 0
     if not greedy and (seeds is None or len(seeds) != B):
         raise ValueError("sampling needs one seed per row")
-    lens = torch.tensor([len(p) for p in prompts])
-    T = int(lens.max())
+    # rows longest first, so that prefill groups of similar length are row ranges
+    perm = sorted(range(B), key=lambda i: -len(prompts[i]))
+    prompts = [prompts[i] for i in perm]
+    seeds = None if greedy else [seeds[i] for i in perm]
+    args = model.config
+    device, dtype = _device_dtype(model)
+    lens = [len(p) for p in prompts]
+    T = lens[0]
     max_len = T + max_new_tokens
-    pad = torch.tensor(T) - lens
 
     tokens = torch.zeros(B, T, dtype=torch.long)
     key_valid = torch.ones(B, max_len, dtype=torch.bool)
     for i, p in enumerate(prompts):
         tokens[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
         key_valid[i, :T - len(p)] = False
+    pad = T - torch.tensor(lens)
     positions = (torch.arange(T)[None] - pad[:, None]).clamp_min(0)
     tokens, key_valid, positions = tokens.to(device), key_valid.to(device), positions.to(device)
     window = args.sliding_window
 
-    # ---- prefill: the whole prompt at once, logits of the last slot only
+    # ---- prefill: each group of rows in one forward, written into its rows and slots of
+    # the batch cache; logits of the last slot only
     cache = (_StaticCache if compile else KVCache)(args, B, max_len, dtype, device)
-    n_pad = int(pad.sum())
-    if ragged_prefill is None:  # worth B small forwards instead of computing the padding?
-        ragged_prefill = n_pad * model.num_params() > B * 2e7
-    if n_pad == 0:
-        # no padding: the model's own causal (+ window) mask
-        h = model(tokens, positions, None, cache, 0, return_hidden=True)[:, -1]
-    elif ragged_prefill:
-        # each row alone, written straight into its own slots [pad, T) of the batch cache
-        h = torch.cat([model(tokens[i:i + 1, int(pad[i]):], None, None, _RowView(cache, i, int(pad[i])),
-                             0, return_hidden=True)[:, -1] for i in range(B)])
+    if ragged_prefill is None:
+        # one forward call, in params x tokens (measured on CPU: small GEMMs run slower too)
+        overhead = 1e9 if device.type == "cpu" else 5e11
+        groups = prefill_groups(lens, model.num_params(), overhead)
     else:
-        slots = torch.arange(T, device=device)
-        mask = attention_mask(slots, slots, key_valid[:, :T], window)
-        # a padding query sees only itself (never a fully masked row: NaN would spread)
-        mask = mask | torch.eye(T, dtype=torch.bool, device=device)
-        h = model(tokens, positions, mask, cache, 0, return_hidden=True)[:, -1]
+        groups = [(i, i + 1) for i in range(B)] if ragged_prefill else [(0, B)]
+    hs = []
+    for i, j in groups:
+        L = lens[i]  # the longest of the group
+        view = cache if (i, j) == (0, B) else _RowView(cache, i, j, T - L)
+        if lens[j - 1] == L:  # no padding: the model's own causal (+ window) mask
+            h = model(tokens[i:j, T - L:], None, None, view, 0, return_hidden=True)
+        else:
+            slots = torch.arange(L, device=device)
+            mask = attention_mask(slots, slots, key_valid[i:j, T - L:T], window)
+            # a padding query sees only itself (never a fully masked row: NaN would spread)
+            mask = mask | torch.eye(L, dtype=torch.bool, device=device)
+            h = model(tokens[i:j, T - L:], positions[i:j, T - L:], mask, view, 0, return_hidden=True)
+        hs.append(h[:, -1])
+    h = torch.cat(hs) if len(hs) > 1 else hs[0]
     logits = F.linear(h, model.output_weight)
     if window is not None and T >= window:
         key_valid[:, :T - window + 1] = False  # slots that leave the window at the first step
@@ -249,13 +284,13 @@ def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens:
         if stop:
             done |= tok == eos_id
 
-    result = []
-    for row in out.cpu().tolist():
+    result: List[List[int]] = [[] for _ in range(B)]
+    for i, row in zip(perm, out.cpu().tolist()):
         if stop and eos_id in row:
             row = row[:row.index(eos_id)]
         elif -1 in row:  # all rows stopped early: unused columns
             row = row[:row.index(-1)]
-        result.append(row)
+        result[i] = row
     return result
 
 
