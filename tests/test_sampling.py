@@ -30,10 +30,21 @@ def stories_hf():
     return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
 
 
+def sharpen(hf, path):
+    """Random init gives near-uniform attention, blind to positions; scaled q/k make the
+    scores large, so a wrong position or mask changes the tokens."""
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    hf.save_pretrained(path)
+    return hf
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
-    make_hf_model(d, "llama", num_key_value_heads=2)
+    sharpen(make_hf_model(d, "llama", num_key_value_heads=2), d)
     return load_model(str(d))
 
 
@@ -41,7 +52,7 @@ def tiny_llama(tmp_path_factory):
 def tiny_mistral(tmp_path_factory):
     """Window 8: prompts of up to 20 tokens plus 24 new ones decode far past it."""
     d = tmp_path_factory.mktemp("mistral")
-    hf = make_hf_model(d, "mistral", sliding_window=8, num_key_value_heads=2)
+    hf = sharpen(make_hf_model(d, "mistral", sliding_window=8, num_key_value_heads=2), d)
     return load_model(str(d)), hf
 
 
@@ -136,6 +147,19 @@ def test_batch_rows_equal_alone_stories(stories, ragged):
     assert generate_batch(stories, prompts, 32, temperature=0, eos_id=-1, ragged_prefill=ragged) == alone
     # generate() sorts and cuts into batches of 4; the order of results is the input order
     assert generate(stories, prompts, 32, temperature=0, eos_id=-1, batch_size=4) == alone
+
+
+def test_prefill_groups_split_and_equal_alone(tiny_mistral, monkeypatch):
+    from minispin import sampling
+    assert sampling.prefill_groups([9, 9, 9], 10 ** 6, 1e9) == [(0, 3)]
+    # padding of 30 + 31 tokens of a big model costs more than a second call: two groups
+    assert sampling.prefill_groups([40, 39, 10, 9], 50 * 10 ** 6, 1e9) == [(0, 2), (2, 4)]
+    assert sampling.prefill_groups([40, 39, 10, 9], 260_000, 1e9) == [(0, 4)]
+    model, _ = tiny_mistral
+    prompts = prompts_of([3, 20, 11, 12, 1, 16, 16], seed=9)  # sorted: 20 16 16 12 11 3 1
+    alone = [generate_batch(model, [p], 20, temperature=0, eos_id=-1)[0] for p in prompts]
+    monkeypatch.setattr(sampling, "prefill_groups", lambda lens, n, o: [(0, 1), (1, 3), (3, 7)])
+    assert generate_batch(model, prompts, 20, temperature=0, eos_id=-1) == alone
 
 
 def test_eos_stops_rows_and_compaction_keeps_the_rest(stories):
