@@ -3,7 +3,8 @@
     python bench/bench_generate.py                 # CPU: stories260K and a ~50M random Llama,
                                                    #      batch 1 and 32, greedy
     python bench/bench_generate.py --gpu           # GPU: Mistral-7B shape, random bf16 weights:
-                                                   #      batch 1 greedy 128+256, batch 64 sampling 256+256
+                                                   #      batch 1 greedy 128+256, batch 64 sampling
+                                                   #      256+256; ours eager, then compiled
     python bench/bench_generate.py --quick         # fewer tokens, one repetition (smoke test)
 
 Both sides produce exactly max_new_tokens per row (eos switched off on both), from the
@@ -131,26 +132,33 @@ def cpu_bench(args):
     print(f"min ratio {min(ratios):.2f}")
 
 
-def gpu_bench(args):
+def gpu_bench(args, device="cuda", shape=MISTRAL_7B, dtype=torch.bfloat16):
     from transformers import MistralConfig, MistralForCausalLM
     from minispin.config import ModelArgs
-    device = torch.device("cuda")
-    header(torch.cuda.get_device_name())
-    cfg = MistralConfig(**MISTRAL_7B)
+    device = torch.device(device)
+    header(torch.cuda.get_device_name() if device.type == "cuda" else str(device))
+    cfg = MistralConfig(**shape)
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = MistralForCausalLM(cfg).to(torch.bfloat16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build the random weights in bf16 straight away
+    try:
+        with torch.device(device):
+            hf = MistralForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     hf.generation_config.eos_token_id = None
-    margs = ModelArgs.from_hf(cfg.to_dict())
-    ours = build_model(margs, device="meta")
-    ours.load_state_dict(hf.state_dict(), assign=True, strict=True)  # shares the weights
+    ours = build_model(ModelArgs.from_hf(cfg.to_dict()), device="meta")
+    ours.load_state_dict(hf.state_dict(), assign=True, strict=True)  # the same tensors, no copy
     ours.eval()
+    n = ours.num_params() / 1e9
     new = 32 if args.quick else 256
     reps = 0 if args.quick else max(1, args.reps // 2)
-    run_case("mistral-7B shape bf16 greedy 128+%d" % new, ours, hf,
-             make_prompts(1, 128, 128, 32000), new, False, reps, args.compile)
-    run_case("mistral-7B shape bf16 sampling 256+%d" % new, ours, hf,
-             make_prompts(64, 256, 256, 32000), new, True, reps, args.compile)
+    for compiled in (False, True):  # eager (the reference), then the compiled decode step
+        tag = " compiled" if compiled else ""
+        run_case(f"mistral {n:.2f}B greedy 128+{new}{tag}", ours, hf,
+                 make_prompts(1, 128, 128, shape["vocab_size"]), new, False, reps, compiled)
+        run_case(f"mistral {n:.2f}B sampling 256+{new}{tag}", ours, hf,
+                 make_prompts(64, 256, 256, shape["vocab_size"]), new, True, reps, compiled)
 
 
 def main(argv=None):
@@ -160,7 +168,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row on CPU (default 64)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per side, best is kept (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="also use minispin's compiled decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU cases: use minispin's compiled decode step (GPU runs eager and compiled)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

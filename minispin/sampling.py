@@ -206,6 +206,8 @@ def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens:
     lens = [len(p) for p in prompts]
     T = lens[0]
     max_len = T + max_new_tokens
+    if compile:  # the compiled step's shapes depend on the cache length: few distinct ones
+        max_len = -(-max_len // 256) * 256
 
     tokens = torch.zeros(B, T, dtype=torch.long)
     key_valid = torch.ones(B, max_len, dtype=torch.bool)
