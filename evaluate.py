@@ -96,6 +96,13 @@ def _write(path: str, text: str):
     os.replace(tmp, path)
 
 
+def _finish_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.offline:  # before datasets is imported: it reads these once
@@ -140,6 +147,7 @@ def main(argv=None) -> int:
         _write(json_path, json.dumps(results, indent=2, default=str))
         print(f"{label}: lm-eval results in {json_path}")
         rows[label] = E.results_row(results, tasks)
+    _finish_distributed()
     if rank != 0:
         return 0
     table = E.markdown_table(rows)

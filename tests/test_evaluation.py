@@ -21,8 +21,20 @@ pytest.importorskip("transformers")
 
 from helpers import REPO, STORIES, make_hf_model  # noqa: E402
 
-import evaluate  # noqa: E402
 from minispin import evaluation as E  # noqa: E402
+
+
+def _load_cli():
+    """The repo's evaluate.py under another module name: Hugging Face's `evaluate`
+    package (an lm-eval dependency) owns the name `evaluate` in site-packages."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("minispin_evaluate_cli", os.path.join(REPO, "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = _load_cli()
 
 MC_TASKS = ["arc_challenge", "arc_easy", "truthfulqa_mc1", "truthfulqa_mc2", "winogrande",
             "hellaswag", "mmlu"]
@@ -240,7 +252,7 @@ def test_local_tasks_reuse_installed_definitions_and_ship_licensed_data():
 
 
 def test_missing_lm_eval_says_how_to_install():
-    code = ("import sys; sys.modules['lm_eval'] = None; import evaluate; "
+    code = ("import sys; sys.path.insert(0, '.'); sys.modules['lm_eval'] = None; import evaluate; "
             f"sys.exit(evaluate.main(['--model', {STORIES!r}, '--offline']))")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2
