@@ -40,7 +40,7 @@ lm-eval results into that table.
 """
 from __future__ import annotations
 
-import math
+import logging
 import os
 import re
 import tempfile
@@ -266,6 +266,8 @@ class MinispinLM(TemplateLM):
                  max_gen_toks: int = 256, gen_chunk: int = 64, **kwargs):
         super().__init__()
         import torch.distributed as dist
+        if kwargs:
+            logging.getLogger(__name__).warning("minispin backend ignores model_args %s", sorted(kwargs))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if device is None or device == "":
             device = "cuda" if torch.cuda.is_available() else "cpu"
