@@ -146,7 +146,10 @@ def test_batch_rows_equal_alone_stories(stories, ragged):
     alone = [generate_batch(stories, [p], 32, temperature=0, eos_id=-1)[0] for p in prompts]
     assert generate_batch(stories, prompts, 32, temperature=0, eos_id=-1, ragged_prefill=ragged) == alone
     # generate() sorts and cuts into batches of 4; the order of results is the input order
-    assert generate(stories, prompts, 32, temperature=0, eos_id=-1, batch_size=4) == alone
+    seen = []
+    assert generate(stories, prompts, 32, temperature=0, eos_id=-1, batch_size=4,
+                    on_batch=lambda idx, outs: seen.append(idx)) == alone
+    assert seen == [[1, 5, 3, 2], [0, 4]]  # longest prompts first
 
 
 def test_prefill_groups_split_and_equal_alone(tiny_mistral, monkeypatch):
