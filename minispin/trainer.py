@@ -148,6 +148,11 @@ class TrainConfig:
             raise TrainingError("the robust loss needs 0 <= label_smoothing < 0.5")
         if self.epochs < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
             raise TrainingError("epochs, batch_size and micro_batch_size must be >= 1")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or self.max_steps < 0:
+            raise TrainingError("checkpoint_every and max_steps must be >= 0 (0: only at the end / "
+                                "all epochs), keep_checkpoints >= 1")
+        if self.lr < 0 or not 0 <= self.warmup_ratio <= 1 or self.beta <= 0:
+            raise TrainingError("lr must be >= 0, warmup_ratio in [0, 1] and beta > 0")
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -498,7 +503,7 @@ class Trainer:
             bar.set_postfix(post)
             bar.update(1)
             done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == self.total_steps:
+            if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == self.total_steps:
                 last_ckpt = os.path.join(self.ckpt_root, f"step_{done}")
                 D.save_checkpoint(last_ckpt, policy, opt,
                                   {"step": done, "resume_key": self._resume_key(),

@@ -85,8 +85,19 @@ def torchrun(args, nproc=2, env=None, timeout=240, extra=("--standalone",)):
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs use one intra-op thread, as torchrun's workers do (OMP_NUM_THREADS=1):
+    on a shared 2-core machine, OpenMP threads of tiny matmuls wait on each other and a run
+    takes 15x longer."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("train")
     model = str(root / "model")
     make_hf_model(model, "llama")
@@ -153,7 +164,8 @@ def test_two_nodes_c10d_rendezvous_match(setup):
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "minispin-test",
-           os.path.join(REPO, "train.py"), *common(setup["model"]), "--run-dir", run]
+           os.path.join(REPO, "train.py"), *common(setup["model"]), "--run-dir", run,
+           "--activation-checkpointing"]   # sharded + checkpointed: still the same losses
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env_for_subprocess(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
@@ -208,6 +220,28 @@ def test_resume_refuses_changed_settings(setup, monkeypatch, capsys):
     capsys.readouterr()
     assert train.main(args + ["--beta", "0.5"]) == 1
     assert "beta: 0.1 -> 0.5" in capsys.readouterr().err
+
+
+def test_mistral_sliding_window_trains_and_exports(tmp_path):
+    """A Mistral whose window (16) is shorter than the rows: precompute == online, and the
+    export equals transformers' logits past the window."""
+    from transformers import AutoModelForCausalLM
+    from minispin import load_model
+    model = str(tmp_path / "mistral")
+    make_hf_model(model, "mistral", num_key_value_heads=2, sliding_window=16)
+    runs = []
+    for mode in ("precompute", "online"):
+        run = str(tmp_path / mode)
+        write_pairs(os.path.join(run, "iter0", "pairs.jsonl"))
+        assert train.main(common(model) + ["--run-dir", run, "--ref-mode", mode, "--max-steps", "2"]) == 0
+        runs.append(run)
+    assert_same_losses(metrics(runs[0]), metrics(runs[1]))
+    out = os.path.join(runs[0], "iter0", "model")
+    ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+        b = load_model(out)(ids)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------- outputs
