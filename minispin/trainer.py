@@ -38,9 +38,11 @@ Hook points for the relabeling / noise features:
   reference pass, or None. Default: each pair's "noise" σ on side `ref_noise_side`, drawn
   from noise.row_generators seeded by (seed, pair key, side) — a "frozen" draw that does
   not depend on batching, so it can be precomputed and online gives the same numbers; None
-  when every pair has σ = 0, so plain SPIN draws no random number. Override it (or set
-  `Trainer.reference_noise_fn`) for other schedules (e.g. fresh draws per epoch, which need
-  ref_mode="online").
+  when every pair has σ = 0, so plain SPIN draws no random number. Override it, or set
+  `Trainer.reference_noise_fn(trainer, batch)`, for other schedules — e.g. fresh draws per
+  epoch (`trainer.epoch` is the current epoch), which need ref_mode="online"; set
+  `Trainer.noise_tag` to a string describing the schedule so that precomputed reference
+  log-probs made under another schedule are recomputed, not reused.
 * `Trainer.policy_hooks`: callables(policy) run once the policy is loaded and sharded, e.g.
   `lambda m: noise.add_neftune(m, alpha)`. The precompute reference pass runs the same
   policy in eval mode under no_grad, so a hook must stay inactive there (add_neftune is).
@@ -221,6 +223,8 @@ class Trainer:
         self.noise_gen: Optional[torch.Generator] = None
         self.policy_hooks: List[Callable] = []
         self.reference_noise_fn: Optional[Callable] = None
+        self.noise_tag = ""        # set with reference_noise_fn: part of the reference cache key
+        self.step = self.epoch = 0  # the step being computed (0-based) and its epoch
 
     # ------------------------------------------------------------------ data order
     def global_batch(self, step: int) -> List[int]:
@@ -240,6 +244,8 @@ class Trainer:
     # ------------------------------------------------------------------ reference
     def _fingerprint(self, p: TokenizedPair) -> str:
         noise = [p.noise, self.cfg.ref_noise_side, self.cfg.seed] if p.noise else []
+        if self.noise_tag:
+            noise.append(self.noise_tag)
         blob = json.dumps([os.path.abspath(self.init_model), p.prompt, p.real, p.generated, noise])
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -451,6 +457,7 @@ class Trainer:
         last = {}
         for step in range(start, self.total_steps):
             t_step = time.perf_counter()
+            self.step, self.epoch = step, step // self.steps_per_epoch
             policy.train()
             micro = self.my_micro_batches(step)
             global_tokens = 0

@@ -222,6 +222,36 @@ def test_resume_refuses_changed_settings(setup, monkeypatch, capsys):
     assert "beta: 0.1 -> 0.5" in capsys.readouterr().err
 
 
+def test_pair_noise_reaches_the_reference_and_precompute_equals_online(setup):
+    """A pair's "noise" σ (set by the noise/adaptive modes) noises the REFERENCE logits of
+    its real answer with a frozen per-pair draw: precomputed and online references agree,
+    noised pairs move the step-1 loss away from ln 2, clean pairs do not."""
+    recs = [json.loads(line) for line in open(setup["pairs"])]
+    for i, r in enumerate(recs):
+        r["noise"] = 0.5 if i % 2 == 0 else 0.0
+    out = []
+    for mode in ("precompute", "online"):
+        run = fresh_run(setup, f"noise-{mode}")
+        with open(os.path.join(run, "iter0", "pairs.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        assert train.main(common(setup["model"]) + ["--run-dir", run, "--ref-mode", mode,
+                                                    "--max-steps", "2"]) == 0
+        out.append(metrics(run))
+    assert_same_losses(out[0], out[1])
+    assert abs(out[0][0]["loss"] - math.log(2)) > 1e-3
+    refs = {json.loads(line)["key"]: json.loads(line) for line in
+            open(os.path.join(setup["root"], "noise-precompute", "iter0", "ref_logps.jsonl"))}
+    clean = {json.loads(line)["key"]: json.loads(line) for line in
+             open(os.path.join(setup["base"], "iter0", "ref_logps.jsonl"))}
+    for i in range(16):
+        k = f"iter0/p{i}"
+        if i % 2:
+            assert abs(refs[k]["real"] - clean[k]["real"]) < 1e-4
+        else:
+            assert abs(refs[k]["real"] - clean[k]["real"]) > 1e-3
+        assert abs(refs[k]["generated"] - clean[k]["generated"]) < 1e-4  # side "real" only
+
+
 def test_mistral_sliding_window_trains_and_exports(tmp_path):
     """A Mistral whose window (16) is shorter than the rows: precompute == online, and the
     export equals transformers' logits past the window."""
