@@ -30,6 +30,8 @@ import sys
 from dataclasses import fields
 from typing import List, Optional
 
+import torch
+
 from minispin import distributed as D
 from minispin.data import DataError, read_pairs, read_sft, tokenize_pairs, tokenize_sft
 from minispin.layout import REPO_ROOT, export_path, iter_dir, load_recipe, pairs_path, theta_path
@@ -264,6 +266,19 @@ def run_sft(args, cfg: TrainConfig, env, log) -> Optional[dict]:
     return trainer.run()
 
 
+def summarize(recipe: dict, cfg: TrainConfig, export: str):
+    """Reward statistics of the iteration and, when the recipe names held-out data
+    (eval_data, heldout_examples), θ_t vs θ_{t+1} on it (minispin/heldout.py)."""
+    from minispin.heldout import format_summary, iteration_summary
+    t = cfg.iteration
+    summary = iteration_summary(
+        iter_dir(cfg.run_dir, t), theta_path(cfg.run_dir, t, cfg.model), export,
+        recipe.get("eval_data"), int(recipe.get("heldout_examples", 0)), template=cfg.template,
+        empty_system=cfg.empty_system, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, max_new_tokens=int(recipe.get("max_new_tokens", 256)))
+    print(format_summary(summary, t), flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -273,13 +288,19 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, TypeError, TrainingError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    # recipe-only switches: the tiny recipe generates missing pairs by itself, runs tiny
+    # models on one thread (OpenMP threads only stall each other on 64-wide matmuls) and
+    # ends with a held-out evaluation and a summary
+    args.generate = args.generate or bool(recipe.get("generate", False))
+    if recipe.get("cpu_threads"):
+        torch.set_num_threads(int(recipe["cpu_threads"]))
     env = D.init_distributed(cfg.device)
     log = (lambda *m: print(*m, flush=True)) if env.is_main else (lambda *m: None)
     try:
         if args.sft:
             run_sft(args, cfg, env, log)
-        else:
-            run_spin(args, cfg, env, log)
+        elif run_spin(args, cfg, env, log) is not None and env.is_main:
+            summarize(recipe, cfg, args.out or export_path(cfg.run_dir, cfg.iteration))
         return 0
     except TrainingError as e:
         if env.is_main:
