@@ -256,6 +256,8 @@ def _generate_all(args, cfg: dict, d: _Dist) -> dict:
     out, t = cfg["out"], args.iter
     if args.device:
         device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per rank
     elif torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
@@ -344,6 +346,9 @@ def _generate_all(args, cfg: dict, d: _Dist) -> dict:
     if bar is not None:
         bar.close()
     elapsed = time.time() - t0
+    del model  # a caller (train.py --generate) goes on to train: give the memory back
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     counts = torch.tensor([len(encoded), n_trunc, n_tokens], dtype=torch.long)
     if d.world > 1:
         d.dist.all_reduce(counts)
