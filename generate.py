@@ -351,6 +351,8 @@ def _generate_all(args, cfg: dict, d: _Dist) -> dict:
         torch.cuda.empty_cache()
     counts = torch.tensor([len(encoded), n_trunc, n_tokens], dtype=torch.long)
     if d.world > 1:
+        if d.dist.get_backend() == "nccl":  # nccl reduces GPU tensors only
+            counts = counts.to(device)
         d.dist.all_reduce(counts)
     d.barrier()
 
