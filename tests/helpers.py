@@ -15,7 +15,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             tie_word_embeddings=False)
 
 
-def make_hf_model(path, model_type="llama", seed=0, **overrides):
+def make_hf_model(path, model_type="llama", seed=0, sharpen=12.0, **overrides):
     """Save a random transformers Llama/Mistral (plus the tok512 tokenizer) to `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
     cfg = dict(TINY, **overrides)
@@ -25,10 +25,14 @@ def make_hf_model(path, model_type="llama", seed=0, **overrides):
         model = MistralForCausalLM(MistralConfig(**cfg))
     else:
         model = LlamaForCausalLM(LlamaConfig(**cfg))
-    with torch.no_grad():  # norms away from 1 so a missing norm weight would show
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name:  # norms away from 1 so a missing norm weight would show
                 p.uniform_(0.5, 1.5)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                # std-0.02 weights give near-uniform attention, where wrong positions (RoPE
+                # layout, window, padding) barely move the logits; sharpen the scores
+                p.mul_(sharpen)
     model = model.float().eval()
     model.save_pretrained(path)
     shutil.copy(TOK512, os.path.join(path, "tokenizer.model"))

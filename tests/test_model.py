@@ -85,3 +85,23 @@ def test_bf16_runs_on_cpu_and_matches_transformers_bf16():
         torch.testing.assert_close(out.float(), hf(x).logits.float(), atol=2e-2, rtol=0)
     # ... and within bf16's precision of the fp32 result (8 mantissa bits: ~3% of the range)
     assert (out.float() - fp32).abs().max() < 0.03 * fp32.abs().max()
+
+
+def test_rope_layout_matters(tmp_path):
+    """Guards the parity tests: interleaved-pair rotary (the llama2.c layout) on the same
+    weights must give visibly different logits, so rotate_half is really being checked."""
+    import minispin.model as M
+    make_hf_model(tmp_path, "llama")
+    m = load_model(str(tmp_path))
+    x = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        good = m(x)
+        original = M.rotate_half
+        try:
+            def interleaved(t):
+                return torch.stack((-t[..., 1::2], t[..., ::2]), dim=-1).flatten(-2)
+            M.rotate_half = interleaved
+            bad = m(x)
+        finally:
+            M.rotate_half = original
+    assert (good - bad).abs().max() > 1e-2
