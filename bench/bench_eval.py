@@ -83,9 +83,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = ap.parse_args(argv)
 
     import torch
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from lm_eval.models.huggingface import HFLM
     from minispin.evaluation import MinispinLM
 
