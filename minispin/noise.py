@@ -179,6 +179,35 @@ def add_ref_logit_noise(logits: torch.Tensor, mask: torch.Tensor, sigma, generat
     return out
 
 
+def reference_noise_fn(seed: int, mode: str = "frozen", side: str = "real"):
+    """A `Trainer.reference_noise_fn` for ref-logit noise drawn with its own seed and mode.
+
+    Returns fn(trainer, batch) -> (per-row σ (2B,), per-row generators) for a
+    [real; generated] batch, or None when no pair of the batch has σ > 0 (then no random
+    number is drawn). Each pair's σ is its "noise" field (batch["noise"]), put on `side`
+    by origin; row generators are `row_generators(keys, sides, seed, epoch)` with
+    epoch=None for "frozen" (precompute-compatible) and trainer.epoch for "fresh" (a new
+    draw each epoch: online reference only — train.py refuses it with precompute). With
+    seed = the training seed and mode "frozen" this draws exactly what the trainer's
+    default `reference_noise` draws.
+    """
+    from .loss import reference_noise_std
+    if mode not in MODES:
+        raise ValueError(f"noise mode must be one of {MODES}, got {mode!r}")
+    if side not in SIDES:
+        raise ValueError(f"noise side must be one of {SIDES}, got {side!r}")
+
+    def fn(trainer, batch):
+        if not bool((batch["noise"] > 0).any()):
+            return None
+        keys = list(batch["keys"])
+        sides = ["real"] * len(keys) + ["generated"] * len(keys)
+        epoch = int(trainer.epoch) if mode == "fresh" else None
+        gens = row_generators(keys + keys, sides, seed=seed, epoch=epoch)
+        return reference_noise_std(batch["noise"], side), gens
+    return fn
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) Σ_t mask·log softmax(logits_t)[labels_t], in fp32 (aligned tensors, see top)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
