@@ -228,29 +228,6 @@ def _block_mask(seg: torch.Tensor, pos: torch.Tensor, window: Optional[int]) -> 
     return allowed[:, None]
 
 
-def _keep_whitespace(tok):
-    """The tokenizer, encoding runs of spaces as transformers' Llama tokenizer does.
-
-    Some SentencePiece models (llama2.c's, e.g. stories260K's) ask the normalizer to
-    collapse runs of spaces and strip the text's ends (remove_extra_whitespaces); the
-    transformers tokenizer built from the same file ignores that flag, so the "hf" backend
-    scores "a.  B" with two spaces. For equal requests we do the same: the processors are
-    rebuilt with the flag off (a no-op for Llama-2/Mistral files, which do not set it).
-    """
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tok.sp.serialized_model_proto())
-    if not proto.normalizer_spec.remove_extra_whitespaces:
-        return tok
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    tok.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    proto.normalizer_spec.add_dummy_prefix = False
-    tok.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    return tok
-
-
 @register_model("minispin")
 class MinispinLM(TemplateLM):
     """lm-eval model over a minispin Transformer (an HF Llama/Mistral folder).
@@ -285,7 +262,7 @@ class MinispinLM(TemplateLM):
         self.dtype = parse_dtype(dtype)
         self.pretrained = str(pretrained)
         self.model = load_model(self.pretrained, dtype=self.dtype, device=self._device)
-        self.tok = _keep_whitespace(load_tokenizer(self.pretrained))
+        self.tok = load_tokenizer(self.pretrained)
         if isinstance(batch_size, str):
             batch_size = int(batch_size) if batch_size.isdigit() else (max_batch_size or 8)
         self._batch_size = max(1, int(batch_size))

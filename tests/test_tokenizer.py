@@ -77,6 +77,17 @@ def test_matches_transformers_tokenizer(tmp_path, path):
                                 {"role": "assistant", "content": "Once upon a time, a cat sat.\n\nThe end."}]):
         text = ours.apply_chat_template(conv, empty_system=True)
         assert ours.encode_chat(conv, empty_system=True)[0] == theirs(text).input_ids
+    # leading spaces, spaces after special tokens, single spaces everywhere
+    for text in (" x", "</s> x y", "Hello world. A</s>\nB"):
+        assert ours.encode(text, bos=True) == theirs(text).input_ids, text
+
+
+def test_runs_of_spaces_kept_like_transformers():
+    """stories260K's SentencePiece model asks to collapse spaces; transformers does not."""
+    from transformers import AutoTokenizer
+    ours, theirs = load_tokenizer(STORIES), AutoTokenizer.from_pretrained(STORIES)
+    for text in ("a.  B", "Hello  world ", "  x y", "A\n\n  b", "x</s>  y"):
+        assert ours.encode(text, bos=True) == theirs(text).input_ids, text
 
 
 def test_bad_messages(mistral):
