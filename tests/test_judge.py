@@ -282,8 +282,10 @@ def test_wrong_key_stops_the_run(server, tmp_path):
 # ---------------------------------------------------------------- the CLI, killed midway
 def _cli(run_dir, url, extra=()):
     env = dict(os.environ, OPENAI_API_KEY=KEY, OPENAI_BASE_URL=url, PYTHONUNBUFFERED="1")
+    # --backend openai: the tiny recipe's own judge_backend is "local"
     return subprocess.Popen([sys.executable, os.path.join(REPO, "judge.py"), "--iter", "0", "--run-dir", str(run_dir),
-                             "--concurrency", "2", "--timeout", "5", "--backoff", "0.05", *extra],
+                             "--backend", "openai", "--concurrency", "2", "--timeout", "5", "--backoff", "0.05",
+                             *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
