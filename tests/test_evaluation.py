@@ -81,17 +81,6 @@ def _compare(ours, theirs):
     return n_ll, n_gen, worst
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine (or after a test
-    that ran torch.compile'd OpenMP kernels) a thread pool on ops this small costs more
-    than the op itself."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def mistral_dir(tmp_path_factory):

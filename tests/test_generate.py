@@ -19,15 +19,6 @@ import generate as gen_cli  # noqa: E402  (the top-level CLI module)
 DATA = os.path.join(REPO, "assets", "data", "gsm8k", "train.jsonl")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores are shared with other test processes: oversubscribed OpenMP threads wait
-    on each other, one thread is faster and the results are identical."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def stories():

@@ -9,15 +9,6 @@ from minispin import generate, load_model, load_tokenizer
 from minispin.sampling import filtered_probs, generate_batch, row_seed, sample_next
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores are shared with other test processes: oversubscribed OpenMP threads wait
-    on each other, one thread is faster and gives the same results."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def stories():

@@ -85,19 +85,9 @@ def torchrun(args, nproc=2, env=None, timeout=240, extra=("--standalone",)):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one intra-op thread, as torchrun's workers do (OMP_NUM_THREADS=1):
-    on a shared 2-core machine, OpenMP threads of tiny matmuls wait on each other and a run
-    takes 15x longer."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, one_thread):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     model = str(root / "model")
     make_hf_model(model, "llama")
