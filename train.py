@@ -17,6 +17,16 @@ Iteration t (the run layout is in minispin/layout.py and docs/training.md):
 Re-running the same command resumes from the newest checkpoint; a finished iteration
 (its model/ exists) is skipped unless --force.
 
+The study's fixes (docs/fixes.md), all off by default — with none of these flags the run is
+plain SPIN, bit for bit:
+    python train.py --iter 0 --relabel                      # judge relabeling (fix 1)
+    python train.py --iter 0 --noise ref-logit=0.5,side=real  # reference-logit noise (fix 2)
+    python train.py --iter 0 --adaptive                     # judge or noise per pair (fix 3)
+--relabel and --adaptive read iter<t>/judged.jsonl (and iter<t-1>/judged.jsonl for the
+mixed-in pairs: every pair trained on goes through the same mode). When it is missing or
+out of date, --judge local|openai (recipe key judge_backend) runs judge.py first, on rank 0;
+without a backend the error prints the judge.py command.
+
 Precedence: built-in defaults < recipe top-level keys < the recipe's [iterations.<t>] table
 (or [sft] table for --sft) < command-line flags. Exit status: 0 done, 1 training stopped
 (e.g. non-finite loss), 2 setup/data error.
@@ -24,17 +34,20 @@ Precedence: built-in defaults < recipe top-level keys < the recipe's [iterations
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 import torch
 
 from minispin import distributed as D
-from minispin.data import DataError, read_pairs, read_sft, tokenize_pairs, tokenize_sft
-from minispin.layout import REPO_ROOT, export_path, iter_dir, load_recipe, pairs_path, theta_path
+from minispin import noise as N
+from minispin.data import DataError, read_jsonl, read_pairs, read_sft, tokenize_pairs, tokenize_sft
+from minispin.layout import (REPO_ROOT, export_path, iter_dir, judged_path, load_recipe, pairs_path,
+                             theta_path)
 from minispin.tokenizer import load_tokenizer
 from minispin.trainer import TrainConfig, Trainer, TrainingError
 
@@ -114,6 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no tqdm progress bar")
     for flag, name, typ, text in OVERRIDES:
         ap.add_argument(flag, dest=name, type=typ, default=None, help=f"{text} [recipe key: {name}]")
+    fx = ap.add_argument_group("the study's fixes (docs/fixes.md; all off by default)")
+    fx.add_argument("--relabel", action="store_true", default=None,
+                    help="fix 1: train on judged pairs (iter<t>/judged.jsonl), the generated answer "
+                    "becoming the chosen side where score(generated) - score(real) >= --threshold "
+                    "[recipe key: relabel]")
+    fx.add_argument("--threshold", type=float, default=None,
+                    help="judge margin threshold τ of --relabel and --adaptive (default 5; the "
+                    "study also ran 0) [recipe key: judge_threshold]")
+    fx.add_argument("--noise", default=None, metavar="SPEC",
+                    help="fix 2, comma-separated key=value: ref-logit=σ (Gaussian noise on the "
+                    "REFERENCE logits; the study: 0.5), side=real|generated|both (by the answer's "
+                    "origin; default real), mode=frozen|fresh (fresh: a new draw every epoch, needs "
+                    "--ref-mode online), neftune=α (NEFTune on the policy's input embeddings, "
+                    "training only), seed=N (default --seed). E.g. 'ref-logit=0.5,side=real' or "
+                    "'neftune=5' [recipe key: noise]")
+    fx.add_argument("--adaptive", action="store_true", default=None,
+                    help="fix 3: per judged pair, |margin| >= τ -> the judge decides (swap iff "
+                    "margin >= τ), |margin| < τ or unscored -> original label plus ref-logit noise "
+                    "σ = --adaptive-sigma [recipe key: adaptive]")
+    fx.add_argument("--adaptive-sigma", type=float, default=None,
+                    help="σ of the small-margin pairs under --adaptive (default 0.5) "
+                    "[recipe key: adaptive_sigma]")
+    fx.add_argument("--judge", default=None, choices=("local", "openai", "none"),
+                    help="when --relabel/--adaptive need iter<t>/judged.jsonl and it is missing or "
+                    "out of date, run judge.py with this backend first (rank 0; the others wait); "
+                    "none: print the judge.py command and stop [recipe key: judge_backend]")
+    fx.add_argument("--judge-model", default=None,
+                    help="the judge: an OpenAI model name (default gpt-4o-mini) or a local "
+                    "checkpoint folder (default θ_0, the recipe's SFT model) [recipe key: judge_model]")
+    ap.add_argument("--heldout-examples", type=int, default=None,
+                    help="held-out examples evaluated after the iteration when the recipe names "
+                    "eval_data (0 = no held-out evaluation) [recipe key: heldout_examples]")
     return ap
 
 
@@ -169,6 +214,202 @@ class SetupError(RuntimeError):
     pass
 
 
+# ---------------------------------------------------------------------- the study's fixes
+@dataclass
+class Fixes:
+    """What --relabel / --threshold / --noise / --adaptive / --judge resolve to."""
+    relabel: bool = False
+    adaptive: bool = False
+    threshold: float = 5
+    adaptive_sigma: float = 0.5
+    noise: N.NoiseConfig = field(default_factory=N.NoiseConfig)
+    judge_backend: Optional[str] = None    # run judge.py first when judged pairs are missing
+    judge_model: Optional[str] = None
+
+    @property
+    def judged(self) -> bool:
+        """Needs judge scores (iter<t>/judged.jsonl)."""
+        return self.relabel or self.adaptive
+
+    @property
+    def ref_noise(self) -> bool:
+        return self.noise.ref_sigma > 0 or self.adaptive
+
+    @property
+    def rewrites_pairs(self) -> bool:
+        """Sets every pair's "swap"/"noise" (apply_fixes); otherwise pairs are as read."""
+        return self.judged or self.noise.ref_sigma > 0
+
+    @property
+    def mode(self) -> str:
+        if self.adaptive:
+            return "adaptive"
+        parts = (["relabel"] if self.relabel else []) + (["noise"] if self.noise.active else [])
+        return "+".join(parts) or "plain"
+
+    def key(self) -> Optional[dict]:
+        """What a checkpoint must agree on (None: plain SPIN, as checkpoints before the fixes)."""
+        if self.mode == "plain":
+            return None
+        n = self.noise
+        return {"mode": self.mode, "threshold": self.threshold if self.judged else None,
+                "adaptive_sigma": self.adaptive_sigma if self.adaptive else None,
+                "ref_sigma": n.ref_sigma, "side": n.side, "noise_mode": n.mode,
+                "neftune": n.neftune_alpha, "noise_seed": n.seed}
+
+
+def _setting(recipe: dict, args, flag: Optional[object], key: str, default):
+    """flag < recipe [iterations.<t>] / [sft] table < recipe top level < default."""
+    if flag is not None:
+        return flag
+    table = recipe.get("sft") if args.sft else (recipe.get("iterations") or {}).get(str(args.iteration))
+    if isinstance(table, dict) and key in table:
+        return table[key]
+    return recipe.get(key, default)
+
+
+def resolve_fixes(recipe: dict, args, cfg: TrainConfig) -> Fixes:
+    """Flags and recipe keys -> Fixes; sets cfg.ref_noise_side from --noise side=. Raises
+    ValueError (exit 2) on a combination that cannot run."""
+    relabel = bool(_setting(recipe, args, args.relabel, "relabel", False))
+    adaptive = bool(_setting(recipe, args, args.adaptive, "adaptive", False))
+    threshold = float(_setting(recipe, args, args.threshold, "judge_threshold", 5))
+    if threshold.is_integer():
+        threshold = int(threshold)
+    sigma = float(_setting(recipe, args, args.adaptive_sigma, "adaptive_sigma", 0.5))
+    spec = _setting(recipe, args, args.noise, "noise", "") or ""
+    noise = N.parse_noise_spec(spec, N.NoiseConfig(side=cfg.ref_noise_side, seed=cfg.seed))
+    side_given = any(part.split("=", 1)[0].strip() == "side" for part in spec.split(","))
+    if side_given and args.ref_noise_side is not None and args.ref_noise_side != noise.side:
+        raise ValueError(f"--ref-noise-side {args.ref_noise_side} contradicts --noise side={noise.side}")
+    backend = _setting(recipe, args, args.judge, "judge_backend", None)
+    if backend not in (None, "local", "openai", "none"):
+        raise ValueError(f"judge_backend must be local, openai or none, got {backend!r}")
+    fx = Fixes(relabel=relabel, adaptive=adaptive, threshold=threshold, adaptive_sigma=sigma,
+               noise=noise, judge_backend=None if backend == "none" else backend,
+               judge_model=_setting(recipe, args, args.judge_model, "judge_model", None))
+    if args.adaptive_sigma is not None and not adaptive:
+        raise ValueError("--adaptive-sigma is the σ of --adaptive; add --adaptive (or use "
+                         "--noise ref-logit=σ for noise on every pair)")
+    if sigma < 0:
+        raise ValueError("--adaptive-sigma must be >= 0")
+    if adaptive and noise.ref_sigma > 0:
+        raise ValueError("--adaptive sets the reference noise per pair (σ = --adaptive-sigma on "
+                         "the small-margin pairs); do not also give --noise ref-logit=σ")
+    if adaptive and threshold < 0:
+        raise ValueError("--adaptive needs --threshold >= 0 (pairs with |margin| < τ get the noise)")
+    if args.sft and (fx.judged or fx.ref_noise):
+        raise ValueError("--relabel, --adaptive and --noise ref-logit act on SPIN pairs; --sft "
+                         "accepts only --noise neftune=α")
+    if fx.ref_noise and noise.mode == "fresh" and cfg.ref_mode == "precompute":
+        raise ValueError("--noise mode=fresh draws new reference noise every epoch, which needs the "
+                         "reference logits at every step: add --ref-mode online, or use "
+                         "mode=frozen (one fixed draw per answer, which the precompute pass stores)")
+    cfg.ref_noise_side = noise.side
+    return fx
+
+
+def judge_command(args, t: int, pairs_file: Optional[str] = None, out: Optional[str] = None,
+                  fx: Optional[Fixes] = None) -> str:
+    cmd = f"python judge.py --iter {t}"
+    if args.config:
+        cmd += f" --config {shlex.quote(args.config)}"
+    if args.run_dir:
+        cmd += f" --run-dir {shlex.quote(args.run_dir)}"
+    if pairs_file:
+        cmd += f" --pairs {shlex.quote(pairs_file)} --out {shlex.quote(out)}"
+    if fx is not None and fx.threshold != 5:
+        cmd += f" --threshold {fx.threshold}"
+    return cmd
+
+
+def judged_is_current(pairs_file: str, judged_file: str) -> bool:
+    """judged_file holds judge scores for exactly the pairs of pairs_file (same ids and
+    texts, same order) — else it was made from older pairs and must be made again."""
+    if not os.path.isfile(judged_file):
+        return False
+    try:
+        judged = read_jsonl(judged_file)
+    except (DataError, ValueError):
+        return False
+    sig = lambda ps: [(p.get("id"), p.get("prompt"), p.get("real"), p.get("generated")) for p in ps]
+    return "scores" in (judged[0] if judged else {"scores": 1}) and sig(judged) == sig(read_pairs(pairs_file))
+
+
+def run_judge(args, cfg: TrainConfig, fx: Fixes, env, t: int, pairs_file: str, out: str, log):
+    """judge.py for one pairs file, in this process on rank 0; the other ranks wait."""
+    argv = ["--iter", str(t), "--run-dir", cfg.run_dir, "--backend", fx.judge_backend,
+            "--threshold", str(fx.threshold), "--pairs", pairs_file, "--out", out]
+    if args.config:
+        argv += ["--config", args.config]
+    if fx.judge_backend == "local":
+        cuda = env.device.type == "cuda"
+        argv += ["--judge-model", fx.judge_model or cfg.model, "--device", str(env.device),
+                 "--dtype", "bfloat16" if cuda else "float32"]
+    elif fx.judge_model:
+        argv += ["--judge-model", fx.judge_model]
+    rc = 0
+    if env.is_main:
+        log(f"judged pairs {out} missing or out of date: judging {pairs_file} first "
+            f"(judge.py {' '.join(shlex.quote(a) for a in argv)})")
+        import importlib.util  # the judge CLI, loaded by path (its module name is generic)
+        spec = importlib.util.spec_from_file_location("minispin_judge_cli", os.path.join(REPO_ROOT, "judge.py"))
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+        rc = cli.main(argv)
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+    rc = D.broadcast_object(rc)   # every rank waits here for rank 0's judge
+    if rc != 0:
+        why = {1: "some answers failed after all retries (their pairs would keep their labels)",
+               2: "a setup error (see above)", 130: "it was interrupted"}.get(rc, f"exit status {rc}")
+        raise SetupError(f"judge.py stopped: {why}. Scores so far are cached; re-run this command "
+                         f"(or {judge_command(args, t, fx=fx)}) to finish judging")
+
+
+def judged_sources(args, cfg: TrainConfig, fx: Fixes, env, sources: list, log) -> list:
+    """[(tag, pairs file)] -> [(tag, judged file)], judging what is missing or stale first
+    (or naming the judge.py command). Mixed-in iteration t-1 pairs are judged too: every
+    pair trained on goes through the same mode (the cache makes re-judging them free)."""
+    out = []
+    for tag, path in sources:
+        t = int(tag[len("iter"):])
+        custom = path in (args.pairs, args.prev_pairs)
+        if custom:
+            # a file given by hand: used as it is if it carries scores, else judged beside it
+            if any(N.pair_margin(p) is not None for p in read_pairs(path)):
+                out.append((tag, path))
+                continue
+            target = os.path.splitext(path)[0] + ".judged.jsonl"
+        else:
+            target = judged_path(cfg.run_dir, t)
+        if not judged_is_current(path, target):
+            if not fx.judge_backend:
+                what = "out of date (made from other pairs)" if os.path.isfile(target) else "missing"
+                raise SetupError(
+                    f"--{'adaptive' if fx.adaptive else 'relabel'} trains on judged pairs, but {target} is "
+                    f"{what}. Judge them with:\n    "
+                    f"{judge_command(args, t, path if custom else None, target if custom else None, fx)}\n"
+                    "or add --judge local|openai to this command to judge them first "
+                    "(recipe key judge_backend).")
+            run_judge(args, cfg, fx, env, t, path, target, log)
+            if not judged_is_current(path, target):
+                raise SetupError(f"judge.py did not produce {target} for {path}")
+        summary = os.path.join(os.path.dirname(os.path.abspath(target)), "judge_summary.json")
+        if not custom and os.path.isfile(summary):
+            try:
+                with open(summary) as f:
+                    js = json.load(f)
+            except (OSError, ValueError):
+                js = {}
+            if js.get("failed"):
+                log(f"warning: {js['failed']} pairs of {target} have no score (requests failed): "
+                    f"they keep their labels{' and get the noise' if fx.adaptive else ''}. "
+                    f"Re-run {judge_command(args, t, fx=fx)} to retry them.")
+        out.append((tag, target))
+    return out
+
+
 def spin_sources(args, cfg: TrainConfig, env) -> list:
     """[(source tag, pairs file)] for iteration t, generating iteration t's pairs if asked."""
     t = cfg.iteration
@@ -201,17 +442,80 @@ def spin_sources(args, cfg: TrainConfig, env) -> list:
 
 
 def prepare_pairs(pairs: List[dict], tag: str, args, cfg: TrainConfig) -> List[dict]:
-    """The pairs of one source as training will see them. Plain SPIN: unchanged (a pair's
-    own "swap"/"noise" fields, if any, are honoured). The relabel/noise/adaptive modes
-    (docs/fixes.md) set "swap" and "noise" here."""
-    return pairs
+    """The pairs of one source as training will see them. Plain SPIN (and NEFTune alone):
+    unchanged (a pair's own "swap"/"noise" fields, if any, are honoured). --relabel,
+    --noise ref-logit=σ and --adaptive set every pair's "swap" and "noise"
+    (noise.apply_fixes); the summary lands in args.fix_summaries[tag]."""
+    fx: Optional[Fixes] = getattr(args, "fixes", None)
+    if fx is None or not fx.rewrites_pairs:
+        return pairs
+    out, summary = N.apply_fixes(pairs, relabel=fx.relabel, threshold=fx.threshold,
+                                 ref_sigma=fx.noise.ref_sigma, adaptive=fx.adaptive,
+                                 adaptive_sigma=fx.adaptive_sigma)
+    summary["noised"] = sum(1 for p in out if p["noise"] > 0)
+    summary["swapped"] = sum(1 for p in out if p["swap"])
+    if not hasattr(args, "fix_summaries"):
+        args.fix_summaries = {}
+    args.fix_summaries[tag] = summary
+    return out
+
+
+class _FixesTrainer(Trainer):
+    """A Trainer whose checkpoints also record the fixes' settings: resuming a relabel run
+    as a noise run (or plain) is refused like any other changed setting."""
+    fixes_key: Optional[dict] = None
+
+    def _resume_key(self) -> dict:
+        return dict(super()._resume_key(), fixes=self.fixes_key)
 
 
 def make_trainer(cfg: TrainConfig, env, items, theta: str, work_dir: str, export: str,
                  pad_id: int, mode: str, info: dict, args) -> Trainer:
     """The Trainer for this run; feature flags attach their hooks here (policy_hooks,
     reference_noise_fn)."""
-    return Trainer(cfg, env, items, theta, work_dir, export, pad_id, mode=mode, info=info)
+    fx: Optional[Fixes] = getattr(args, "fixes", None)
+    if fx is None:
+        return Trainer(cfg, env, items, theta, work_dir, export, pad_id, mode=mode, info=info)
+    info = dict(info, fixes=dict(fx.key() or {"mode": "plain"},
+                                 per_source=getattr(args, "fix_summaries", {})))
+    trainer = _FixesTrainer(cfg, env, items, theta, work_dir, export, pad_id, mode=mode, info=info)
+    trainer.fixes_key = fx.key()
+    n = fx.noise
+    if n.neftune_alpha > 0:
+        # training mode + autograd only: never in the precompute reference pass (eval,
+        # no_grad), the online reference (another model) or generation. Draws from the
+        # trainer's per-rank noise generator, which checkpoints save and resume restores.
+        trainer.policy_hooks.append(
+            lambda m: N.add_neftune(m, n.neftune_alpha, generator=trainer.noise_gen))
+    if mode == "spin" and fx.ref_noise and (n.seed != cfg.seed or n.mode == "fresh"):
+        # the trainer's default draw is frozen with seed = cfg.seed (and its reference-cache
+        # fingerprint holds σ, side and that seed); another seed or fresh draws go through
+        # this fn, and noise_tag puts them in the fingerprint
+        trainer.reference_noise_fn = N.reference_noise_fn(n.seed, n.mode, cfg.ref_noise_side)
+        trainer.noise_tag = f"ref-noise mode={n.mode} seed={n.seed}"
+    return trainer
+
+
+def describe_fixes(fx: Fixes, summaries: dict, cfg: TrainConfig) -> List[str]:
+    lines = []
+    for tag, s in summaries.items():
+        if fx.adaptive:
+            lines.append(f"{tag}: adaptive (τ {fx.threshold}, σ {fx.adaptive_sigma} on the "
+                         f"{cfg.ref_noise_side} side): {s['swapped']} swapped and {s['kept']} kept by "
+                         f"the judge, {s['noised']} small-margin pairs noised ({s['unscored']} "
+                         f"unscored) of {s['pairs']}")
+        else:
+            parts = []
+            if fx.relabel:
+                parts.append(f"relabel (τ {fx.threshold}): {s['swapped']} of {s['pairs']} pairs "
+                             f"swapped ({s.get('unscored', 0)} unscored)")
+            if fx.noise.ref_sigma > 0:
+                parts.append(f"ref-logit noise σ {fx.noise.ref_sigma} ({fx.noise.mode}) on the "
+                             f"{cfg.ref_noise_side} side of {s['noised']} pairs")
+            lines.append(f"{tag}: " + "; ".join(parts))
+    if fx.noise.neftune_alpha > 0:
+        lines.append(f"NEFTune α {fx.noise.neftune_alpha} on the policy's input embeddings (training only)")
+    return lines
 
 
 def run_spin(args, cfg: TrainConfig, env, log) -> Optional[dict]:
@@ -227,6 +531,9 @@ def run_spin(args, cfg: TrainConfig, env, log) -> Optional[dict]:
         raise SetupError(f"θ_{t} = {theta} does not exist: train iteration {t - 1} first "
                          f"(train.py --iter {t - 1} with the same recipe)")
     sources = spin_sources(args, cfg, env)
+    fx: Optional[Fixes] = getattr(args, "fixes", None)
+    if fx is not None and fx.judged:
+        sources = judged_sources(args, cfg, fx, env, sources, log)
     tok = load_tokenizer(theta, template=cfg.template)
     items, stats, per_source = [], None, {}
     for tag, path in sources:
@@ -234,9 +541,13 @@ def run_spin(args, cfg: TrainConfig, env, log) -> Optional[dict]:
         toks, stats = tokenize_pairs(tok, pairs, tag, cfg.max_length, cfg.max_prompt_length,
                                      empty_system=cfg.empty_system, stats=stats)
         items += toks
-        per_source[tag] = {"file": path, "pairs": len(toks), "swapped": sum(p.swap for p in toks)}
+        per_source[tag] = {"file": path, "pairs": len(toks), "swapped": sum(p.swap for p in toks),
+                           "noised": sum(p.noise > 0 for p in toks)}
     log(f"iteration {t}: θ_{t} = {theta}; " + "; ".join(
         f"{tag}: {v['pairs']} pairs from {v['file']}" for tag, v in per_source.items()))
+    if fx is not None:
+        for line in describe_fixes(fx, getattr(args, "fix_summaries", {}), cfg):
+            log(line)
     log(f"truncation (max_length {cfg.max_length}, max_prompt_length {cfg.max_prompt_length}): "
         f"{stats.prompts} prompts, {stats.real} real and {stats.generated} generated answers cut "
         f"of {stats.pairs} pairs")
@@ -285,6 +596,7 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.config)
         cfg = build_config(recipe, args)
         cfg.check()
+        args.fixes = resolve_fixes(recipe, args, cfg)
     except (FileNotFoundError, ValueError, TypeError, TrainingError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -292,6 +604,8 @@ def main(argv=None) -> int:
     # models on one thread (OpenMP threads only stall each other on 64-wide matmuls) and
     # ends with a held-out evaluation and a summary
     args.generate = args.generate or bool(recipe.get("generate", False))
+    if args.heldout_examples is not None:
+        recipe["heldout_examples"] = args.heldout_examples
     if recipe.get("cpu_threads"):
         torch.set_num_threads(int(recipe["cpu_threads"]))
     env = D.init_distributed(cfg.device)
