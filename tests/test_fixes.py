@@ -367,3 +367,24 @@ def test_tiny_recipe_runs_each_mode_from_the_command_line(tmp_path):
     noised = out["noise"]["refs"]
     assert all(noised[k][0] != v[0] and noised[k][1] == v[1] for k, v in out["plain"]["refs"].items())
     assert out["noise"]["info"]["sources"]["iter0"]["noised"] == 8
+
+
+def test_torchrun_judges_on_rank_0_only(base):
+    """Two processes, judged pairs missing, --judge local: rank 0 judges (each answer scored
+    once: one cache line per answer), rank 1 waits, then both train on the judged pairs."""
+    run = new_run(base["root"], "torchrun-judge", base["pairs"], judged=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "train.py"),
+           *args_for(run, "--relabel", "--judge", "local", "--judge-model", STORIES, steps="2")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 process(es)" in r.stdout and r.stdout.count("judge summary") == 1
+    with open(os.path.join(run, "judge_cache.jsonl")) as f:
+        keys = [json.loads(line)["key"] for line in f]
+    assert len(keys) == len(set(keys)) == 2 * len(MARGINS)
+    judged = [json.loads(line) for line in open(os.path.join(run, "iter0", "judged.jsonl"))]
+    assert [p["id"] for p in judged] == [p["id"] for p in base["pairs"]]
+    assert info(run)["sources"]["iter0"]["swapped"] == sum(bool(p["swap"]) for p in judged)
+    assert len(metrics(run)) == 2
