@@ -586,7 +586,7 @@ def summarize(recipe: dict, cfg: TrainConfig, export: str):
         iter_dir(cfg.run_dir, t), theta_path(cfg.run_dir, t, cfg.model), export,
         recipe.get("eval_data"), int(recipe.get("heldout_examples", 0)), template=cfg.template,
         empty_system=cfg.empty_system, max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length, max_new_tokens=int(recipe.get("max_new_tokens", 256)))
+        max_prompt_length=cfg.max_prompt_length, max_new_tokens=int(recipe.get("heldout_max_new_tokens", 256)))
     print(format_summary(summary, t), flush=True)
 
 
