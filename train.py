@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default=None, help="recompute each block's activations in backward (less memory)")
     ac.add_argument("--no-activation-checkpointing", dest="activation_checkpointing",
                     action="store_false", help="store activations (faster, more memory)")
-    ap.add_argument("--generate", action="store_true", help="if iteration t's pairs are missing, "
-                    "run generate.py for them first (in this same job)")
+    ap.add_argument("--generate", action=argparse.BooleanOptionalAction, default=None,
+                    help="if iteration t's pairs are missing, run generate.py for them first (in "
+                    "this same job); --no-generate: stop and print the command instead "
+                    "[recipe key: generate; the tiny recipe sets it]")
     ap.add_argument("--out", default=None, help="export folder (default iter<t>/model, or sft/model)")
     ap.add_argument("--force", action="store_true", help="train even if the export already exists")
     ap.add_argument("--keep-checkpoints-after-export", action="store_true", default=None,
@@ -600,10 +602,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, TypeError, TrainingError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    # recipe-only switches: the tiny recipe generates missing pairs by itself, runs tiny
-    # models on one thread (OpenMP threads only stall each other on 64-wide matmuls) and
-    # ends with a held-out evaluation and a summary
-    args.generate = args.generate or bool(recipe.get("generate", False))
+    # the tiny recipe generates missing pairs by itself, runs tiny models on one thread
+    # (OpenMP threads only stall each other on 64-wide matmuls) and ends with a held-out
+    # evaluation and a summary
+    if args.generate is None:
+        args.generate = bool(recipe.get("generate", False))
     if args.heldout_examples is not None:
         recipe["heldout_examples"] = args.heldout_examples
     if recipe.get("cpu_threads"):
