@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "sentencepiece", "protobuf", "safetensors", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "lm-eval[hf]>=0.4.5"],
+        "test": ["pytest", "transformers>=4.45", "lm-eval[hf]>=0.4.5", "matplotlib"],
         "eval": ["lm-eval>=0.4.5"],
         "plot": ["matplotlib"],
         "judge": [],  # the OpenAI-compatible judge speaks HTTP with the standard library

@@ -59,3 +59,11 @@ def test_default_run_iteration_0_then_1_with_torchrun(tmp_path):
     x = torch.randint(0, theta1.config.vocab_size, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(load_model(os.path.join(run, "iter1", "model"))(x)).all()
+
+    # README: python plot.py runs/<name> draws the curves of both iterations
+    out = subprocess.run([sys.executable, "plot.py", run, "--out", str(tmp_path / "plots")],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("training.png", "heldout.png"):
+        png = tmp_path / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
