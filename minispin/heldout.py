@@ -19,12 +19,15 @@ order: the same model gives the same numbers on any machine with the same torch.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import List, Optional
 
 import torch
 
-from .data import SFTExample, collate_sft, tokenize_sft
+from .checkpoint import load_model
+from .data import SFTExample, collate_sft, read_jsonl, read_sft, tokenize_sft
 from .loss import sequence_logps
 from .sampling import generate
 
@@ -79,11 +82,6 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
     Reads work_dir/metrics.jsonl; writes work_dir/summary.json. The "before" numbers are
     cached in work_dir/heldout_before.json, so a re-run does not recompute them.
     """
-    import json
-    import os
-
-    from .checkpoint import load_model
-    from .data import read_jsonl, read_sft
     from .tokenizer import load_tokenizer
 
     metrics = [r for r in read_jsonl(os.path.join(work_dir, "metrics.jsonl")) if "rewards/accuracies" in r]
