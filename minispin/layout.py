@@ -22,6 +22,7 @@ Layout of a run (run_dir defaults to runs/<recipe name>):
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Optional
 
@@ -56,6 +57,20 @@ def load_recipe(path: Optional[str] = None) -> dict:
             recipe[key] = os.path.join(REPO_ROOT, val)
     recipe.setdefault("run_dir", os.path.join("runs", recipe["name"]))
     return recipe
+
+
+def write_recipe_variant(out_path: str, overrides: dict, base: str = DEFAULT_RECIPE) -> str:
+    """Copy a recipe with some top-level keys given new values (comments kept), e.g. the
+    tiny recipe with more prompts for an experiment or fewer for a test."""
+    with open(base) as f:
+        text = f.read()
+    for key, value in overrides.items():
+        text, n = re.subn(rf"^{re.escape(key)} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
+        if n != 1:
+            raise ValueError(f"{base} has no top-level key '{key}' to override")
+    with open(out_path, "w") as f:
+        f.write(text)
+    return out_path
 
 
 def iter_dir(run_dir: str, t: int) -> str:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from minispin.layout import write_recipe_variant  # noqa: E402
+
 DOC = os.path.join(REPO, "docs", "experiments.md")
 START, END = "<!-- table:start -->", "<!-- table:end -->"
 
@@ -39,16 +41,7 @@ FIXES = {
 
 
 def recipe(root: str) -> str:
-    with open(os.path.join(REPO, "configs", "tiny.toml")) as f:
-        text = f.read()
-    for key, value in OVERRIDES.items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
-        if n != 1:
-            raise SystemExit(f"configs/tiny.toml has no top-level '{key}'")
-    path = os.path.join(root, "experiment.toml")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return write_recipe_variant(os.path.join(root, "experiment.toml"), OVERRIDES)
 
 
 def train(cfg: str, run_dir: str, t: int, extra=()):
@@ -87,8 +80,8 @@ def table(root: str) -> str:
         s = summary(run, 1)
         rows.append((f"{name} iter1 (θ_2)", s["heldout"]["after"], s, fix_stats(run, 1)))
     n = summary(spin, 0)["heldout"]["examples"]
-    lines = [f"| model | held-out answer NLL/token ↓ | format rate ↑ | exact match ↑ | "
-             f"train reward acc. | train margin | pairs changed |",
+    lines = ["| model | held-out answer NLL/token ↓ | format rate ↑ | exact match ↑ | "
+             "train reward acc. | train margin | pairs changed |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for label, h, s, changed in rows:
         acc = f"{s['rewards/accuracies_last_quarter']:.3f}" if s else "-"

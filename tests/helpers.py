@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random HF models (made and saved by transformers, the oracle)."""
 import os
 import shutil
+import socket
 
 import torch
 
@@ -43,3 +44,10 @@ def make_hf_model(path, model_type="llama", seed=0, sharpen=12.0, **overrides):
 def copy_stories(dst):
     shutil.copytree(STORIES, dst)
     return dst
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for torchrun)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

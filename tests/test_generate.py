@@ -2,15 +2,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 
-from helpers import REPO, STORIES
+from helpers import REPO, STORIES, free_port
 from minispin import generate as sample, load_model, load_tokenizer
 
 sys.path.insert(0, REPO)
@@ -186,11 +184,6 @@ def test_help_documents_every_flag():
 
 
 # ---------------------------------------------------------------- processes
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def cli_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)

@@ -2,29 +2,22 @@
 iteration 1 under torchrun with 2 processes, checking what a user would look at."""
 import json
 import os
-import re
 import subprocess
 import sys
 
 import torch
 
-from helpers import REPO
+from helpers import REPO, free_port
 from minispin import load_model
-from minispin.layout import DEFAULT_RECIPE
+from minispin.layout import write_recipe_variant
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def short_recipe(tmp_path):
     """configs/tiny.toml with fewer prompts, steps and held-out examples."""
-    text = open(DEFAULT_RECIPE).read()
-    for key, value in {"num_prompts": 16, "max_new_tokens": 48, "heldout_examples": 8,
-                       "batch_size": 4, "epochs": 1}.items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
-        assert n == 1, key
-    path = tmp_path / "short.toml"
-    path.write_text(text)
-    return str(path)
+    return write_recipe_variant(str(tmp_path / "short.toml"), {
+        "num_prompts": 16, "max_new_tokens": 48, "heldout_examples": 8, "batch_size": 4, "epochs": 1})
 
 
 def test_default_run_iteration_0_then_1_with_torchrun(tmp_path):
@@ -46,7 +39,7 @@ def test_default_run_iteration_0_then_1_with_torchrun(tmp_path):
     moved = max((a - b).abs().max().item() for a, b in zip(theta1.parameters(), theta0.parameters()))
     assert moved > 0, "iteration 0 did not change the weights"
 
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master-port", str(port), "train.py", "--config", recipe, "--iter", "1",
                           "--run-dir", run, "--no-progress"],

@@ -12,14 +12,13 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import REPO, STORIES, make_hf_model
+from helpers import REPO, STORIES, free_port, make_hf_model
 
 sys.path.insert(0, REPO)
 import train  # noqa: E402
@@ -64,11 +63,6 @@ def assert_same_losses(a, b, tol=TOL, first=None):
         assert abs(x["rewards/margins"] - y["rewards/margins"]) <= 10 * tol
         assert x["rewards/accuracies"] == y["rewards/accuracies"]
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for_subprocess(**extra):
