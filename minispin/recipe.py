@@ -1,0 +1,547 @@
+"""Recipes: every setting of a SPIN run, typed, from one TOML file plus the command line.
+
+A recipe is a TOML file (configs/*.toml; a name like "tiny" means configs/tiny.toml). Its
+keys are flat — `lr = 5e-7`, `max_new_tokens = 256` — and each key belongs to exactly one
+section of the typed `Recipe`:
+
+    recipe.model       θ_0 and how text becomes tokens (template, device, dtype)
+    recipe.data        the SFT records, truncation, mixing of iteration t-1's pairs, row rules
+    recipe.generation  sampling y' ~ p_θt (generate.py, train.py --generate)
+    recipe.training    the optimizer, the loss, batches, checkpoints (train.py)
+    recipe.fixes       the study's fixes: judge relabeling, noise, the adaptive mode (judge.py)
+    recipe.eval        the held-out check and the lm-eval suite (evaluate.py)
+
+One precedence rule, applied by `resolve` and nowhere else:
+
+    built-in defaults < recipe top-level keys < the recipe's [iterations.<t>] table
+    (or its [sft] table for supervised fine-tuning) < command-line flags
+
+Anything that cannot be computed is refused here, before a model is loaded: an unknown key
+(named with its file and the closest valid key), a value of the wrong type, a number out of
+range or not finite, a choice outside its list, a device that does not exist, settings that
+contradict each other. Each refusal is one line (RecipeError).
+
+The CLIs build their flags from the same table (`add_flags`): a flag's help text, its type
+and its recipe key are written once, on the dataclass field below.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import sys
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+DEFAULT_RECIPE = os.path.join(CONFIG_DIR, "tiny.toml")
+PATH_KEYS = ("model", "data", "eval_data", "judge_model")  # resolved against the repo root too
+
+
+class RecipeError(UserError):
+    """A recipe key or flag that cannot be used; the message names it and its source."""
+
+
+def key(default, help: str, *, choices: Tuple = (), lo=None, hi=None, lo_open=False,
+        flag: Optional[str] = None, name: Optional[str] = None):
+    """A recipe key: its default, help text, allowed values, and (if not --<name>) its flag."""
+    return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi,
+                                            "lo_open": lo_open, "flag": flag, "name": name})
+
+
+# ---------------------------------------------------------------------- the sections
+@dataclass
+class Model:
+    path: str = key("", "θ_0, the SFT model folder (Hugging Face format)", name="model")
+    template: str = key("zephyr", "chat template: zephyr (with SPIN's empty system turn) | "
+                        "instruction (SPIN's original generation prompt) | checkpoint (the "
+                        "folder's tokenizer_config.json chat_template)",
+                        choices=("zephyr", "instruction", "checkpoint"))
+    empty_system: bool = key(True, "put SPIN's empty system turn in front of each prompt")
+    device: str = key("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    dtype: str = key("auto", "inference dtype of generation, the local judge and held-out "
+                     "checks: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    cpu_threads: int = key(0, "torch intra-op threads on CPU (0 = torch's default; tiny models "
+                           "run fastest on 1)", lo=0)
+
+
+@dataclass
+class Data:
+    path: str = key("", "SFT records: .jsonl/.json/.parquet with {messages}, {prompt, completion} "
+                    "or {question, answer} records", name="data")
+    num_prompts: int = key(0, "use the first N usable records only; 0 = all", lo=0)
+    shuffle_seed: int = key(-1, "shuffle the SFT records before taking num_prompts, as uclaml/SPIN "
+                            "and the study did (datasets' shuffle(seed): numpy default_rng(seed)."
+                            "permutation); -1 = file order", lo=-1)
+    max_length: int = key(1024, "prompt + answer tokens at most (SPIN's truncation rule)", lo=3)
+    max_prompt_length: int = key(512, "prompt tokens kept (its END) when a pair is too long", lo=2)
+    mix_previous: bool = key(True, "for t >= 1 also train on iteration t-1's pairs (SPIN's recipe)")
+    rows: str = key("minispin", "how a pair becomes training rows: minispin (the prompt with <s>, "
+                    "answers as its continuation, the whole conversation's tokens; truncation "
+                    "cuts answers to fit) | spin (uclaml/SPIN's rows token for token: no <s>, "
+                    "each piece tokenized alone, attention 0 on every eos inside, SPIN's "
+                    "truncation)", choices=("minispin", "spin"))
+
+
+@dataclass
+class Generation:
+    generate: bool = key(False, "if iteration t's pairs are missing, generate them first in "
+                         "the same job (train.py)")
+    max_new_tokens: int = key(256, "most tokens sampled per answer (SPIN: 256)", lo=1)
+    temperature: float = key(1.0, "sampling temperature; 0 = greedy (SPIN: 1.0)", lo=0)
+    top_p: float = key(1.0, "nucleus sampling: keep the most likely tokens up to probability P "
+                       "(SPIN: 1.0 = off)", lo=0, lo_open=True, hi=1)
+    top_k: int = key(0, "keep only the K most likely tokens; 0 = off", lo=0)
+    gen_batch_size: int = key(32, "prompts per sampling batch, per process", lo=1)
+    compile: bool = key(False, "torch.compile the decode step (CUDA graphs on GPU); eager is "
+                        "the reference")
+    gen_template: str = key("", "chat template of the GENERATION prompt; empty = the training "
+                            "template. uclaml/SPIN generated with 'instruction' while training "
+                            "on zephyr (their issues #9, #33): set it to reproduce that",
+                            choices=("", "zephyr", "instruction", "checkpoint"))
+    gen_bos: bool = key(True, "start the generation prompt with <s> (uclaml/SPIN: no, "
+                        "add_special_tokens=False)")
+    decode: str = key("minispin", "how y' becomes text: minispin (decode without special "
+                      "tokens) | spin (uclaml/SPIN: decode with them, remove '</s>', strip "
+                      "leading whitespace)", choices=("minispin", "spin"))
+
+
+@dataclass
+class Training:
+    beta: float = key(0.1, "β (the paper's λ): inverse temperature of the implicit reward",
+                      lo=0, lo_open=True)
+    loss_type: str = key("sigmoid", "sigmoid (SPIN) | hinge | ipo | robust",
+                         choices=("sigmoid", "hinge", "ipo", "robust"))
+    label_smoothing: float = key(0.0, "ε for sigmoid (conservative) and robust losses; 0 = SPIN",
+                                 lo=0, hi=1)
+    ref_mode: str = key("precompute", "precompute: θ_t's log-probs once per iteration, stored in "
+                        "iter<t>/ref_logps.jsonl | online: a frozen sharded θ_t recomputed "
+                        "every step", choices=("precompute", "online"))
+    optimizer: str = key("rmsprop", "rmsprop (SPIN) | adamw", choices=("rmsprop", "adamw"))
+    lr: float = key(5e-7, "peak learning rate", lo=0)
+    weight_decay: float = key(0.0, "weight decay", lo=0)
+    adam_beta1: float = key(0.9, "AdamW β1", lo=0, hi=1)
+    adam_beta2: float = key(0.999, "AdamW β2", lo=0, hi=1)
+    optim_eps: float = key(1e-8, "ε of RMSprop / AdamW", lo=0, lo_open=True)
+    rmsprop_alpha: float = key(0.99, "RMSprop smoothing constant", lo=0, hi=1)
+    lr_scheduler: str = key("linear", "linear | cosine | constant, after warmup",
+                            choices=("linear", "cosine", "constant"))
+    warmup_ratio: float = key(0.1, "fraction of the steps spent warming up linearly from 0",
+                              lo=0, hi=1)
+    epochs: int = key(2, "passes over the pairs", lo=1)
+    batch_size: int = key(64, "GLOBAL batch: pairs per optimizer step over all processes "
+                          "(accumulation = batch / (micro batch x processes))", lo=1)
+    micro_batch_size: int = key(8, "pairs per process per forward (each pair = 2 rows)", lo=1)
+    ref_batch_size: int = key(0, "pairs per process in the reference pass (0 = 2 x micro)", lo=0)
+    max_grad_norm: float = key(1.0, "clip the global gradient norm (0 = no clipping)", lo=0)
+    max_steps: int = key(0, "stop after this many optimizer steps (0 = all epochs)", lo=0)
+    mixed_precision: str = key("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32: compute "
+                               "dtype; master weights and gradient reduction stay fp32",
+                               choices=("auto", "bf16", "fp32"))
+    activation_checkpointing: bool = key(False, "recompute each block's activations in backward "
+                                         "(less memory)")
+    checkpoint_every: int = key(500, "save a sharded checkpoint every N steps (0 = only at the end)",
+                                lo=0)
+    keep_checkpoints: int = key(2, "how many checkpoints to keep", lo=1)
+    keep_checkpoints_after_export: bool = key(False, "keep ckpt/ after the export is written")
+    export_dtype: str = key("float32", "dtype of the exported HF model (float32 keeps every small "
+                            "update; bfloat16 halves the size)",
+                            choices=("float32", "bfloat16", "float16"))
+    sft_limit: int = key(0, "--sft: use only the first N records (0 = all)", lo=0)
+
+
+@dataclass
+class Fixes:
+    relabel: bool = key(False, "fix 1: train on judged pairs, the generated answer becoming the "
+                        "chosen side where score(generated) - score(real) >= the threshold")
+    adaptive: bool = key(False, "fix 3: per judged pair, |margin| >= τ -> the judge decides (swap "
+                         "iff margin >= τ), |margin| < τ or unscored -> original label plus "
+                         "ref-logit noise σ = adaptive_sigma")
+    adaptive_sigma: float = key(0.5, "σ of the small-margin pairs under --adaptive", lo=0)
+    noise: str = key("", "fix 2, comma-separated key=value: ref-logit=σ (Gaussian noise on the "
+                     "REFERENCE logits; the study: 0.5), side=real|generated|both (by the "
+                     "answer's origin; default real), mode=frozen|fresh (fresh: a new draw at "
+                     "every step, needs --ref-mode online), neftune=α (NEFTune on the policy's "
+                     "input embeddings, training only), seed=N (default: the run's seed). E.g. "
+                     "'ref-logit=0.5,side=real' or 'neftune=5'", flag="--noise")
+    judge_threshold: float = key(5, "judge margin threshold τ of relabel and adaptive (the study "
+                                 "also ran 0)", flag="--threshold")
+    judge_backend: str = key("none", "who judges when judged pairs are missing or out of date: "
+                             "local (a checkpoint, by expected score) | openai (any OpenAI-"
+                             "compatible endpoint) | none (print the judge.py command and stop)",
+                             choices=("none", "local", "openai"), flag="--judge")
+    judge_model: str = key("", "the judge: an OpenAI model name (default gpt-4o-mini) or a local "
+                           "checkpoint folder (default θ_0, the recipe's SFT model)")
+    judge_base_url: str = key("", "chat-completions base URL (default $OPENAI_BASE_URL, else "
+                              "https://api.openai.com/v1)")
+    judge_concurrency: int = key(8, "parallel judge requests", lo=1)
+    judge_timeout: float = key(60.0, "seconds per judge request", lo=0, lo_open=True)
+    judge_max_retries: int = key(6, "retries per judge request", lo=0)
+
+
+@dataclass
+class Eval:
+    eval_data: str = key("", "held-out SFT records for the check after each iteration")
+    heldout_examples: int = key(0, "held-out examples evaluated after the iteration (0 = none)",
+                                lo=0)
+    heldout_max_new_tokens: int = key(256, "greedy tokens per held-out answer", lo=1)
+
+
+SECTIONS = {"model": Model, "data": Data, "generation": Generation, "training": Training,
+            "fixes": Fixes, "eval": Eval}
+TOP_KEYS = ("name", "run_dir", "seed")  # plain Recipe fields, not in a section
+
+
+@dataclass
+class Recipe:
+    name: str = "tiny"
+    run_dir: str = ""                  # default runs/<name> (relative to the current folder)
+    seed: int = 42                     # data order, noise and sampling seeds derive from it
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    generation: Generation = field(default_factory=Generation)
+    training: Training = field(default_factory=Training)
+    fixes: Fixes = field(default_factory=Fixes)
+    eval: Eval = field(default_factory=Eval)
+    source: str = ""                   # the TOML file it came from
+    given: frozenset = frozenset()     # keys set by a command-line flag
+
+    def noise_settings(self) -> "NoiseSettings":
+        return parse_noise(self.fixes.noise, self.seed)
+
+
+# ---------------------------------------------------------------------- the key table
+@dataclass(frozen=True)
+class KeyInfo:
+    key: str            # TOML key
+    section: str        # "" for the top-level Recipe fields
+    attr: str           # dataclass attribute
+    type: type
+    default: Any
+    meta: dict
+
+    @property
+    def flag(self) -> str:
+        return self.meta.get("flag") or "--" + self.key.replace("_", "-")
+
+
+def _table() -> Dict[str, KeyInfo]:
+    table = {
+        "name": KeyInfo("name", "", "name", str, "tiny", {"help": "recipe name (default: the file's stem)"}),
+        "run_dir": KeyInfo("run_dir", "", "run_dir", str, "", {"help": "where iterations live (default runs/<name>)"}),
+        "seed": KeyInfo("seed", "", "seed", int, 42, {"help": "seed of the data order, of any noise and of "
+                                                      "sampling ((seed, prompt id) per prompt)"}),
+    }
+    types = {"str": str, "int": int, "float": float, "bool": bool}
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            name = f.metadata.get("name") or f.name
+            assert name not in table, f"recipe key {name} defined twice"
+            table[name] = KeyInfo(name, sec, f.name, types[f.type] if isinstance(f.type, str) else f.type,
+                                  f.default, dict(f.metadata))
+    return table
+
+
+KEYS = _table()
+
+
+# ---------------------------------------------------------------------- values
+def _convert(info: KeyInfo, value, where: str):
+    """A TOML or flag value -> the key's type, checked (RecipeError names `where`)."""
+    t = info.type
+    if t is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: '{info.key}' must be true or false, got {value!r}")
+    elif t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise RecipeError(f"{where}: '{info.key}' must be a whole number, got {value!r}")
+    elif t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: '{info.key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}: '{info.key}' must be a finite number, got {value!r}")
+        value = float(value)
+    elif not isinstance(value, str):
+        raise RecipeError(f"{where}: '{info.key}' must be a string, got {value!r}")
+    m = info.meta
+    if m.get("choices") and value not in m["choices"]:
+        raise RecipeError(f"{where}: '{info.key}' must be one of {', '.join(m['choices'])}, got {value!r}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
+        raise RecipeError(f"{where}: '{info.key}' must be {'>' if m.get('lo_open') else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise RecipeError(f"{where}: '{info.key}' must be <= {hi}, got {value!r}")
+    return value
+
+
+def _unknown(k: str, where: str, valid: Iterable[str]) -> RecipeError:
+    close = difflib.get_close_matches(k, list(valid), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return RecipeError(f"{where}: unknown key '{k}'{hint}; the keys are listed in minispin/recipe.py")
+
+
+def find_recipe(path: Optional[str]) -> str:
+    """A TOML path, or the name of a recipe in configs/ (default: the tiny recipe)."""
+    path = path or DEFAULT_RECIPE
+    if os.path.isfile(path):
+        return path
+    named = os.path.join(CONFIG_DIR, f"{path}.toml")
+    if os.path.isfile(named):
+        return named
+    shipped = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".toml"))
+    raise RecipeError(f"recipe {path} not found (a TOML file, or one of: {', '.join(shipped)})")
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not valid UTF-8 text") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _resolve_path(value: str) -> str:
+    """Relative paths in a recipe: as given when they exist from the current folder, else
+    against the repository root (so `configs/tiny.toml` works from anywhere)."""
+    if value and not os.path.isabs(value) and not os.path.exists(value):
+        alt = os.path.join(REPO_ROOT, value)
+        if os.path.exists(alt):
+            return alt
+    return value
+
+
+def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
+            iteration: Optional[int] = None, sft: bool = False) -> Recipe:
+    """THE precedence rule: defaults < recipe < [iterations.<t>] / [sft] table < flags.
+
+    flags: {recipe key: value} of the flags actually given (None values are ignored).
+    """
+    path = find_recipe(config)
+    raw = read_toml(path)
+    values: Dict[str, Any] = {}
+    where_of: Dict[str, str] = {}
+
+    def take(items: dict, where: str):
+        for k, v in items.items():
+            if k not in KEYS:
+                raise _unknown(k, where, KEYS)
+            values[k] = _convert(KEYS[k], v, where)
+            where_of[k] = where
+
+    tables = {"iterations", "sft"}
+    take({k: v for k, v in raw.items() if k not in tables}, path)
+    its = raw.get("iterations", {})
+    if not isinstance(its, dict):
+        raise RecipeError(f"{path}: [iterations] must be a table of [iterations.<t>] tables")
+    for t, table in its.items():
+        if not (isinstance(t, str) and t.isdigit()) or not isinstance(table, dict):
+            raise RecipeError(f"{path}: [iterations.{t}]: expected tables named by iteration number")
+    for name, table in (("sft", raw.get("sft")),) + tuple(its.items()):
+        for k, v in (table or {}).items():  # check every table, used or not
+            if k not in KEYS:
+                raise _unknown(k, f"{path} [{'sft' if name == 'sft' else 'iterations.' + name}]", KEYS)
+            _convert(KEYS[k], v, f"{path} [{name}]")
+    if sft:
+        table, label = raw.get("sft") or {}, "[sft]"
+    else:
+        table, label = its.get(str(iteration if iteration is not None else 0), {}), f"[iterations.{iteration}]"
+    take(table, f"{path} {label}")
+    given = set()
+    for k, v in (flags or {}).items():
+        if v is None:
+            continue
+        if k not in KEYS:
+            raise RecipeError(f"internal: flag for unknown recipe key '{k}'")
+        values[k] = _convert(KEYS[k], v, KEYS[k].flag)
+        where_of[k] = KEYS[k].flag
+        given.add(k)
+    for k in PATH_KEYS:
+        if k in values and where_of.get(k) != KEYS[k].flag:
+            values[k] = _resolve_path(values[k])
+
+    recipe = Recipe(source=path, given=frozenset(given))
+    recipe.name = values.get("name", os.path.splitext(os.path.basename(path))[0])
+    recipe.run_dir = values.get("run_dir") or os.path.join("runs", recipe.name)
+    recipe.seed = values.get("seed", 42)
+    for sec, cls in SECTIONS.items():
+        kw = {KEYS[k].attr: v for k, v in values.items() if KEYS[k].section == sec}
+        setattr(recipe, sec, cls(**kw))
+    check(recipe, where_of)
+    return recipe
+
+
+def check(recipe: Recipe, where_of: Optional[Dict[str, str]] = None):
+    """Settings that contradict each other, or that this machine cannot run."""
+    where = lambda k: (where_of or {}).get(k, recipe.source or "recipe")  # noqa: E731
+    d, t, fx = recipe.data, recipe.training, recipe.fixes
+    if d.max_prompt_length >= d.max_length:
+        raise RecipeError(f"{where('max_prompt_length')}: max_prompt_length ({d.max_prompt_length}) "
+                          f"must be smaller than max_length ({d.max_length})")
+    if t.loss_type == "robust" and not t.label_smoothing < 0.5:
+        raise RecipeError(f"{where('label_smoothing')}: the robust loss needs label_smoothing < 0.5")
+    check_device(recipe.model.device, where("device"))
+    noise = parse_noise(fx.noise, recipe.seed, where("noise"))
+    if fx.adaptive and noise.ref_sigma > 0:
+        raise RecipeError(f"{where('noise')}: --adaptive sets the reference noise per pair (σ = "
+                          "--adaptive-sigma on the small-margin pairs); do not also give "
+                          "--noise ref-logit=σ")
+    if "adaptive_sigma" in recipe.given and not fx.adaptive:
+        raise RecipeError("--adaptive-sigma is the σ of --adaptive; add --adaptive (or use "
+                          "--noise ref-logit=σ for noise on every pair)")
+    if fx.adaptive and fx.judge_threshold < 0:
+        raise RecipeError(f"{where('judge_threshold')}: --adaptive needs a threshold >= 0 "
+                          "(pairs with |margin| < τ get the noise)")
+    if (noise.ref_sigma > 0 or fx.adaptive) and noise.mode == "fresh" and t.ref_mode == "precompute":
+        raise RecipeError(f"{where('noise')}: mode=fresh draws new reference noise at every step, "
+                          "which needs the reference logits at every step: add --ref-mode online, "
+                          "or use mode=frozen (one fixed draw per answer, which the precompute "
+                          "pass stores)")
+
+
+def check_device(device: str, where: str = "device"):
+    import torch
+    if device in ("auto", "cpu"):
+        return
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{where}: device '{device}' asked for, but this machine has no "
+                              "CUDA GPU (use --device cpu or auto)")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            raise RecipeError(f"{where}: device '{device}' does not exist "
+                              f"({torch.cuda.device_count()} GPU(s) visible)")
+        return
+    raise RecipeError(f"{where}: device must be auto, cpu, cuda or cuda:N, got '{device}'")
+
+
+# ---------------------------------------------------------------------- the noise spec
+@dataclass(frozen=True)
+class NoiseSettings:
+    """What the `noise` key / --noise flag says (all off by default)."""
+    ref_sigma: float = 0.0       # σ of the reference-logit noise (0 = off)
+    side: str = "real"           # which answers' reference logits get it: real | generated | both
+    mode: str = "frozen"         # frozen: one draw per answer | fresh: a new draw every step
+    neftune_alpha: float = 0.0   # NEFTune α (0 = off)
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.ref_sigma > 0 or self.neftune_alpha > 0
+
+
+NOISE_KEYS = {"ref-logit": "ref_sigma", "ref_logit": "ref_sigma", "sigma": "ref_sigma",
+              "side": "side", "mode": "mode", "neftune": "neftune_alpha", "seed": "seed"}
+
+
+def parse_noise(spec: str, seed: int, where: str = "--noise") -> NoiseSettings:
+    """'ref-logit=0.5,side=real,mode=frozen,neftune=5,seed=1' -> NoiseSettings."""
+    out: Dict[str, Any] = {"seed": seed}
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        k, eq, v = (s.strip() for s in part.partition("="))
+        if not eq:
+            raise RecipeError(f"{where}: expected key=value, got {part!r} (keys: ref-logit, side, "
+                              "mode, neftune, seed)")
+        if k not in NOISE_KEYS:
+            raise RecipeError(f"{where}: unknown key {k!r} (keys: ref-logit, side, mode, neftune, seed)")
+        name = NOISE_KEYS[k]
+        if name == "side" and v not in ("real", "generated", "both"):
+            raise RecipeError(f"{where}: side must be real, generated or both, got {v!r}")
+        if name == "mode" and v not in ("frozen", "fresh"):
+            raise RecipeError(f"{where}: mode must be frozen or fresh, got {v!r}")
+        if name in ("ref_sigma", "neftune_alpha"):
+            try:
+                num = float(v)
+            except ValueError:
+                num = float("nan")
+            if not math.isfinite(num) or num < 0:
+                raise RecipeError(f"{where}: {k} must be a finite number >= 0, got {v!r}")
+            v = num
+        if name == "seed":
+            try:
+                v = int(v)
+            except ValueError:
+                raise RecipeError(f"{where}: seed must be a whole number, got {v!r}") from None
+        out[name] = v
+    return NoiseSettings(**out)
+
+
+# ---------------------------------------------------------------------- flags
+def add_flags(parser: argparse.ArgumentParser, keys: Iterable[str], group: Optional[str] = None,
+              rename: Optional[Dict[str, str]] = None):
+    """--flags for these recipe keys (help text, type and choices from the table). Each flag
+    stores into dest = the key, default None (= not given)."""
+    target = parser.add_argument_group(group) if group else parser
+    for k in keys:
+        info = KEYS[k]
+        flag = (rename or {}).get(k) or info.flag
+        text = info.meta.get("help", "") + f" [recipe key: {k}]"
+        if info.type is bool:
+            target.add_argument(flag, dest=k, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
+        else:
+            target.add_argument(flag, dest=k, type=info.type, default=None, help=text,
+                                choices=info.meta.get("choices") or None,
+                                metavar=None if info.meta.get("choices") else k.split("_")[-1].upper())
+
+
+def given_flags(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def with_values(recipe: Recipe, **changes) -> Recipe:
+    """A copy with some keys set (by key name), e.g. with_values(r, lr=1e-6)."""
+    out = replace(recipe)
+    for k, v in changes.items():
+        info = KEYS[k]
+        v = _convert(info, v, k)
+        if info.section:
+            setattr(out, info.section, replace(getattr(out, info.section), **{info.attr: v}))
+        else:
+            setattr(out, info.attr, v)
+    check(out)
+    return out
+
+
+def as_dict(recipe: Recipe) -> Dict[str, Any]:
+    """{key: value} of every recipe key (what train_info.json and fingerprints record)."""
+    out = {}
+    for k, info in KEYS.items():
+        holder = getattr(recipe, info.section) if info.section else recipe
+        out[k] = getattr(holder, info.attr)
+    return out
+
+
+def write_variant(out_path: str, overrides: dict, base: str = DEFAULT_RECIPE) -> str:
+    """Copy a recipe with some top-level keys given new values (comments kept), e.g. the
+    tiny recipe with more prompts for an experiment or fewer for a test."""
+    import re
+    with open(base) as f:
+        text = f.read()
+    for k, value in overrides.items():
+        if k not in KEYS:
+            raise _unknown(k, "write_variant", KEYS)
+        text, n = re.subn(rf"^{re.escape(k)} = .*$", f"{k} = {value}", text, count=1, flags=re.M)
+        if n != 1:
+            raise RecipeError(f"{base} has no top-level key '{k}' to override")
+    with open(out_path, "w") as f:
+        f.write(text)
+    return out_path
