@@ -32,41 +32,25 @@ Logged per pair (and averaged by the trainer): the implicit rewards
 rewards/margins = reward(chosen) − reward(rejected), rewards/accuracies = [margin > 0],
 logps/real, logps/generated = log p_θ of each answer.
 
-API (what the trainer calls, and what the relabeling/noise features plug into)
-------------------------------------------------------------------------------
+API (what the trainer calls)
+----------------------------
+`spin_step(policy, batch, reference, beta, loss_type, label_smoothing) -> (losses (B,), stats)`
+    One SPIN micro-batch: ONE forward of the concatenated [real; generated] rows, their
+    log-probs, and `spin_loss` against the reference's log-probs of the same rows.
+`sft_step(policy, batch) -> (Σ token NLL, stats)`: the cross-entropy of `train.py --sft`.
 `sequence_logps(logits, input_ids, loss_mask, noise_std=None, generator=None) -> (B,)`
-    logits (B, T, V) of the model on input_ids (B, T); loss_mask (B, T) is 1 on the tokens
-    whose log-prob counts (answer tokens and their eos), aligned with input_ids:
-    logits[:, t] predicts input_ids[:, t + 1]. Returns fp32 sums per row (fp64 for fp64
-    logits).
-    noise_std: optional (B,) per-row standard deviation σ. When given, Gaussian noise
-    N(0, σ²) is added to each row's fp32 logits at its answer positions before the
-    log-softmax — the study's "noised reference". Meant for the REFERENCE pass only; rows
-    with σ = 0 are untouched and draw nothing. Row b's noise is one (n_b, V) draw, n_b =
-    its number of answer tokens, from `generator[b]` when generator is a list (one per
-    row, e.g. noise.row_generators: the draw then does not depend on the batch the row
-    lands in) or from the one shared generator, rows in order — the same draws as
-    noise.add_ref_logit_noise. With noise_std=None no random number is drawn and the
-    result is bit-identical to a run that has no noise feature at all.
-
-`reference_noise_std(pair_noise, side) -> (2B,)`
-    Expands a per-pair σ (B,) to the rows of the concatenated [real; generated] batch,
-    on side "real", "generated" or "both" (0 on the other side).
-
-`spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta=0.1,
-           loss_type="sigmoid", label_smoothing=0.0, swap=None) -> (losses (B,), stats)`
-    All inputs (B,) fp32 sequence log-probs. swap: optional (B,) bool — True where the
-    pair is relabeled (a judge preferred y'): the generated answer becomes the chosen
-    side, i.e. Δ changes sign for that pair. rewards/real and rewards/generated keep
-    their meaning; margins and accuracies are measured chosen-minus-rejected.
-    stats: dict of (B,) detached tensors named as in the metrics file.
-
-`sft_loss(logits, input_ids, loss_mask) -> (sum of token NLL, number of tokens)`
-    Cross-entropy on the masked tokens, for `train.py --sft`.
-
-The NEFTune hook (noise on the POLICY's input embeddings, training mode only) is not a
-loss: it is a forward hook on `model.model.embed_tokens` (noise.add_neftune), installed
-through `Trainer.policy_hooks` in trainer.py.
+    logits (B, T, V) predict input_ids shifted by one (logits[:, t] predicts
+    input_ids[:, t + 1]); loss_mask (B, T) is 1 on the tokens whose log-prob counts (answer
+    tokens and their eos). Returns fp32 sums per row. noise_std (B,) and one generator per
+    row add the study's reference noise (noise.reference_noise draws the generators):
+    N(0, σ²) on the row's fp32 logits at its answer positions, before the log-softmax, as
+    one (n_b, V) draw from the row's own generator. Rows with σ = 0 draw nothing and are
+    bit-identical to a run without noise.
+`spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta, loss_type,
+           label_smoothing, swap=None) -> (losses (B,), stats)`
+    swap (B,) bool: True where a judge made y' the chosen side — Δ changes sign for that
+    pair; margins and accuracies are measured chosen-minus-rejected. stats: per-pair
+    detached tensors named as in the metrics file.
 
 Nothing here knows about processes or devices; trainer.py is where this meets FSDP.
 """
@@ -79,7 +63,6 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
-NOISE_SIDES = ("real", "generated", "both")
 LN2 = math.log(2.0)
 
 
@@ -109,16 +92,6 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
             start += n
     token_logps = x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
     return torch.zeros(B, device=logits.device, dtype=x.dtype).index_add(0, rows, token_logps)
-
-
-def reference_noise_std(pair_noise: torch.Tensor, side: str = "real") -> torch.Tensor:
-    """Per-pair σ (B,) -> per-row σ (2B,) of the [real; generated] batch."""
-    if side not in NOISE_SIDES:
-        raise ValueError(f"noise side must be one of {NOISE_SIDES}, got {side!r}")
-    zero = torch.zeros_like(pair_noise)
-    real = pair_noise if side in ("real", "both") else zero
-    gen = pair_noise if side in ("generated", "both") else zero
-    return torch.cat([real, gen])
 
 
 def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor,
@@ -162,3 +135,23 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
     """(Σ token negative log-likelihood over masked tokens, number of those tokens)."""
     n = int(loss_mask[:, 1:].sum())
     return -sequence_logps(logits, input_ids, loss_mask).sum(), n
+
+
+def spin_step(policy, batch: dict, reference: torch.Tensor, beta: float = 0.1,
+              loss_type: str = "sigmoid", label_smoothing: float = 0.0
+              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One SPIN micro-batch. batch: collate_pairs' [real; generated] rows (2B of them);
+    reference: (2B,) log p_θt of the same rows. Returns per-pair losses (B,) and stats."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    seen = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}  # SPIN's rows
+    logps = sequence_logps(policy(ids, **seen), ids, mask)   # log p_θ of all 2B rows, one forward
+    B = logps.shape[0] // 2
+    return spin_loss(logps[:B], logps[B:], reference[:B], reference[B:], beta=beta,
+                     loss_type=loss_type, label_smoothing=label_smoothing, swap=batch.get("swap"))
+
+
+def sft_step(policy, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Supervised fine-tuning: Σ token NLL of the answers, and the token count."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    nll, n = sft_loss(policy(ids), ids, mask)
+    return nll, {"nll": float(nll.detach()), "tokens": n}

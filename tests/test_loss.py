@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minispin.data import collate_pairs, truncate_pair, TokenizedPair
-from minispin.loss import LN2, reference_noise_std, sequence_logps, sft_loss, spin_loss
+from minispin.loss import LN2, sequence_logps, sft_loss, spin_loss
 
 
 def _hand_logps(logits, ids, mask):
@@ -154,15 +154,6 @@ def test_noise_off_is_bit_identical_and_per_row():
     gens2 = [torch.Generator().manual_seed(100 + b) for b in range(4)]
     only3 = sequence_logps(logits, ids, mask, noise_std=torch.tensor([0, 0, 0, 2.0]), generator=gens2)
     assert torch.equal(a[3], only3[3])
-
-
-def test_reference_noise_std_sides():
-    s = torch.tensor([0.5, 0.0, 1.0])
-    assert reference_noise_std(s, "real").tolist() == [0.5, 0.0, 1.0, 0.0, 0.0, 0.0]
-    assert reference_noise_std(s, "generated").tolist() == [0.0, 0.0, 0.0, 0.5, 0.0, 1.0]
-    assert reference_noise_std(s, "both").tolist() == [0.5, 0.0, 1.0, 0.5, 0.0, 1.0]
-    with pytest.raises(ValueError):
-        reference_noise_std(s, "chosen")
 
 
 def test_sft_loss_is_cross_entropy_on_answer_tokens():
