@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from .errors import UserError
 from .config import ModelArgs, parse_dtype, read_config
 from .model import Transformer, build_model
 
@@ -46,7 +47,7 @@ _ST_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """Weights that do not fit the model. The message names the file and the tensors."""
 
 

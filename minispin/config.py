@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from .errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear")
@@ -33,7 +34,7 @@ DTYPES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json we cannot (or must not) run. The message names file and field."""
 
 

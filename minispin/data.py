@@ -30,11 +30,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from .errors import UserError
 
 PAIR_REQUIRED = ("id", "prompt", "real", "generated")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message starts with file:line."""
 
 
@@ -230,6 +231,16 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]):
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: str, obj):
+    """One JSON document, written via a temporary sibling and rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------- training batches
 # Tokenization, SPIN's truncation rule and collation for train.py. A pair becomes
 # prompt ids (with <s>), real answer ids and generated answer ids, each answer encoded
@@ -244,6 +255,8 @@ class TokenizedPair:
     generated: List[int]
     swap: bool = False       # judge relabeling: y' is the chosen side
     noise: float = 0.0       # per-pair reference-noise scale (0 = none)
+    attention: Optional[Tuple[List[int], List[int], List[int]]] = None  # per-token attention
+    #                          masks of (prompt, real, generated); None = attend everywhere
 
 
 @dataclass
@@ -287,24 +300,87 @@ def truncate_pair(prompt: List[int], real: List[int], generated: List[int], max_
     return prompt, real, generated, (cut_p, cut_r, cut_g)
 
 
+def truncate_pair_spin(prompt, real, generated, max_length: int, max_prompt_length: int):
+    """uclaml/SPIN's own truncation rule (spin/alignment/utils.py, tokenize_batch_element),
+    on (ids, attention) pairs; returns (prompt, real, generated, (cut_p, cut_r, cut_g)).
+
+    When prompt + the longer answer exceeds max_length, the prompt keeps its last
+    max_prompt_length tokens; if that is still too long, BOTH answers are cut to
+    max_length - max_prompt_length tokens — even when the prompt is shorter than that, so
+    the row can end well below max_length. Cut answers lose their appended eos."""
+    longer = max(len(real[0]), len(generated[0]))
+    cut_p = cut_r = cut_g = False
+    if len(prompt[0]) + longer > max_length:
+        cut_p = len(prompt[0]) > max_prompt_length
+        prompt = tuple(x[-max_prompt_length:] for x in prompt)
+    if len(prompt[0]) + longer > max_length:
+        room = max_length - max_prompt_length
+        cut_r, cut_g = len(real[0]) > room, len(generated[0]) > room
+        real = tuple(x[:room] for x in real)
+        generated = tuple(x[:room] for x in generated)
+    return prompt, real, generated, (cut_p, cut_r, cut_g)
+
+
+def spin_tokens(tok, text: str):
+    """uclaml/SPIN's tokenization of one piece: tokenizer(text, add_special_tokens=False)
+    (no BOS; the checkpoint's own tokenizer.json), attention 0 at every eos inside it."""
+    ids = tok.encode(text)
+    return ids, [0 if i == tok.eos_id else 1 for i in ids]
+
+
+def spin_row_texts(tok, rec: dict, empty_system: bool = True):
+    """uclaml/SPIN's texts (spin/alignment/data.py, apply_chat_template): the prompt is the
+    chat template of [system "", first user turn] with the generation prompt; each answer is
+    the template of its assistant message alone, with the generation prompt stripped from
+    its front — for zephyr "{answer}</s>\n"."""
+    prompt = tok.apply_chat_template(rec["prompt"], add_generation_prompt=True, empty_system=empty_system)
+    prefix = tok.apply_chat_template([], add_generation_prompt=True)
+    answers = []
+    for side in ("real", "generated"):
+        text = tok.apply_chat_template([{"role": "assistant", "content": rec[side]}])
+        answers.append(text[len(prefix):] if prefix and text.startswith(prefix) else text)
+    return prompt, answers[0], answers[1]
+
+
 def tokenize_pairs(tok, pairs: List[dict], source: str, max_length: int, max_prompt_length: int,
-                   empty_system: bool = True, stats: Optional[TruncationStats] = None):
-    """Pairs records -> TokenizedPair list (truncated by SPIN's rule, counted in stats)."""
+                   empty_system: bool = True, stats: Optional[TruncationStats] = None,
+                   rows: str = "minispin"):
+    """Pairs records -> TokenizedPair list, truncated and counted in stats.
+
+    rows="minispin" (default): the prompt is encode_chat's ids (with <s>), each answer is
+    encoded as the continuation of the prompt plus eos — exactly the tokens of the whole
+    rendered conversation, i.e. what generation produced and what the model will see —
+    and truncation cuts answers to the room left (truncate_pair).
+    rows="spin": uclaml/SPIN's rows, token for token — no <s>; prompt and answers each
+    tokenized on their own (spin_row_texts, spin_tokens) with attention 0 at every eos
+    inside them; one more eos appended to each answer; SPIN's truncation
+    (truncate_pair_spin)."""
+    if rows not in ("minispin", "spin"):
+        raise ValueError(f"rows must be minispin or spin, got {rows!r}")
     stats = stats if stats is not None else TruncationStats()
     out = []
     for rec in pairs:
-        prompt, _ = tok.encode_chat(rec["prompt"], add_generation_prompt=True, empty_system=empty_system)
-        real = tok.encode(rec["real"], continuation=True) + [tok.eos_id]
-        gen = tok.encode(rec["generated"], continuation=True) + [tok.eos_id]
-        prompt, real, gen, cut = truncate_pair(prompt, real, gen, max_length, max_prompt_length,
-                                               bos_id=tok.bos_id)
+        attention = None
+        if rows == "spin":
+            texts = spin_row_texts(tok, rec, empty_system)
+            prompt, real, gen = (spin_tokens(tok, t) for t in texts)
+            real, gen = (real[0] + [tok.eos_id], real[1] + [1]), (gen[0] + [tok.eos_id], gen[1] + [1])
+            prompt, real, gen, cut = truncate_pair_spin(prompt, real, gen, max_length, max_prompt_length)
+            (prompt, att_p), (real, att_r), (gen, att_g) = prompt, real, gen
+            attention = (list(att_p), list(att_r), list(att_g))
+        else:
+            prompt, _ = tok.encode_chat(rec["prompt"], add_generation_prompt=True, empty_system=empty_system)
+            real = tok.encode(rec["real"], continuation=True) + [tok.eos_id]
+            gen = tok.encode(rec["generated"], continuation=True) + [tok.eos_id]
+            prompt, real, gen, cut = truncate_pair(prompt, real, gen, max_length, max_prompt_length,
+                                                   bos_id=tok.bos_id)
         stats.pairs += 1
         stats.prompts += cut[0]
         stats.real += cut[1]
         stats.generated += cut[2]
         noise = rec.get("noise") or 0.0
-        out.append(TokenizedPair(f"{source}/{rec['id']}", prompt, real, gen,
-                                 swap=bool(rec.get("swap", False)), noise=float(noise)))
+        out.append(TokenizedPair(f"{source}/{rec['id']}", list(prompt), list(real), list(gen),
+                                 swap=bool(rec.get("swap", False)), noise=float(noise), attention=attention))
     return out, stats
 
 
@@ -349,9 +425,16 @@ def collate_pairs(items: List[TokenizedPair], pad_id: int) -> dict:
     rows = [(p.prompt + p.real, [0] * len(p.prompt) + [1] * len(p.real)) for p in items]
     rows += [(p.prompt + p.generated, [0] * len(p.prompt) + [1] * len(p.generated)) for p in items]
     input_ids, loss_mask = _pad_rows(rows, pad_id)
-    return {"input_ids": input_ids, "loss_mask": loss_mask, "keys": [p.key for p in items],
-            "swap": torch.tensor([p.swap for p in items], dtype=torch.bool),
-            "noise": torch.tensor([p.noise for p in items], dtype=torch.float32)}
+    batch = {"input_ids": input_ids, "loss_mask": loss_mask, "keys": [p.key for p in items],
+             "swap": torch.tensor([p.swap for p in items], dtype=torch.bool),
+             "noise": torch.tensor([p.noise for p in items], dtype=torch.float32)}
+    if any(p.attention is not None for p in items):
+        # uclaml/SPIN's rows hide some tokens (every eos inside the prompt and the answers)
+        # from attention; padding is hidden too
+        atts = [[a for _, _, a in pair_rows(p)] for p in items]
+        att_rows = [(r, r) for r in [a[0] for a in atts] + [a[1] for a in atts]]
+        batch["attention_mask"] = _pad_rows(att_rows, 0)[0]
+    return batch
 
 
 def collate_sft(items: List[TokenizedPair], pad_id: int) -> dict:
@@ -359,3 +442,26 @@ def collate_sft(items: List[TokenizedPair], pad_id: int) -> dict:
     rows = [(p.prompt + p.real, [0] * len(p.prompt) + [1] * len(p.real)) for p in items]
     input_ids, loss_mask = _pad_rows(rows, pad_id)
     return {"input_ids": input_ids, "loss_mask": loss_mask, "keys": [p.key for p in items]}
+
+
+def pair_rows(p: TokenizedPair):
+    """The two rows of a pair as training sees them: [(side, input_ids, labels,
+    attention_mask)] for the real and the generated answer; labels are -100 where no loss
+    is taken (the prompt)."""
+    att_p, att_r, att_g = p.attention or ([1] * len(p.prompt), [1] * len(p.real), [1] * len(p.generated))
+    out = []
+    for side, ans, att in (("real", p.real, att_r), ("generated", p.generated, att_g)):
+        out.append((side, p.prompt + ans, [-100] * len(p.prompt) + list(ans), list(att_p) + list(att)))
+    return out
+
+
+def dump_rows(path: str, items: List[TokenizedPair]):
+    """train.py --dump-rows: one JSON line per answer row, unpadded, in training's input
+    order: {"id", "source", "side", "input_ids", "labels", "attention_mask"}."""
+    def records():
+        for p in items:
+            source, _, pid = p.key.partition("/")
+            for side, ids, labels, att in pair_rows(p):
+                yield {"id": pid, "source": source, "side": side, "input_ids": ids, "labels": labels,
+                       "attention_mask": att}
+    write_jsonl_atomic(path, records())

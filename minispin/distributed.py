@@ -55,27 +55,47 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: Optional[str] = None) -> DistEnv:
+def pick_device(setting: Optional[str] = "auto") -> torch.device:
+    """THE device rule: "auto" -> this process's GPU (cuda:LOCAL_RANK) if there is one, else
+    the CPU; "cuda" -> cuda:LOCAL_RANK; "cuda:N" and "cpu" as given."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if setting in (None, "", "auto"):
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(setting)
+
+
+def compute_dtype(setting: Optional[str], device: torch.device) -> torch.dtype:
+    """THE dtype rule: "auto" computes in bfloat16 on a GPU and float32 on the CPU (where
+    bf16 matmuls are slow and tiny models gain nothing); anything else as named."""
+    from .config import parse_dtype
+    if setting in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(setting)
+
+
+def init_distributed(device: Optional[str] = "auto") -> DistEnv:
     """Join (or create) the default process group; pick the device and backend.
 
-    device: "cuda", "cpu" or None (cuda when available).
+    Under torchrun (RANK/WORLD_SIZE in the environment) this joins the job's group, nccl on
+    GPUs and gloo on CPU; started as plain `python`, it makes a group of one, so every code
+    path is the same for 1 process or 64. An existing group (train.py --generate calling
+    the generation step) is used as it is and left for its owner to close.
     """
-    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        dev = torch.device("cuda", local_rank)
+    dev = pick_device(device)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    backend = "nccl" if use_cuda else "gloo"
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     owns = False
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, device_id=dev if use_cuda else None)
+            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
         else:  # plain `python train.py`: a group of one, no ports needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, owns)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                   dev, dist.get_backend(), owns)
 
 
 def close_distributed(env: DistEnv):
@@ -107,10 +127,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 # ---------------------------------------------------------------------- model sharding
 def mixed_precision_policy(mode: str, device: torch.device):
     """'bf16' -> MixedPrecisionPolicy(bf16 compute, fp32 reduce); 'fp32' -> None;
-    'auto' -> bf16 on CUDA, fp32 on CPU."""
+    'auto' -> compute_dtype's rule (bf16 on CUDA, fp32 on CPU)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
+        mode = "bf16" if compute_dtype("auto", device) == torch.bfloat16 else "fp32"
     if mode == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if mode == "fp32":

@@ -61,7 +61,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .checkpoint import load_model
 from .config import parse_dtype
-from .layout import REPO_ROOT
+from . import distributed as D
+from .errors import UserError
+from .recipe import REPO_ROOT
 from .sampling import generate
 from .tokenizer import load_tokenizer
 
@@ -180,7 +182,7 @@ def resolve_tasks(names: Optional[Sequence[str]] = None, suite: Optional[str] = 
             tasks.append(by_name.get(base) or SuiteTask(base, 0, "", base))
     else:
         if suite not in SUITES:
-            raise ValueError(f"unknown suite {suite!r} (choose from {sorted(SUITES)})")
+            raise UserError(f"unknown suite {suite!r} (choose from {sorted(SUITES)})")
         tasks = list(SUITES[suite])
     if num_fewshot is not None:
         tasks = [SuiteTask(t.name, num_fewshot, t.metric,
@@ -195,7 +197,7 @@ def run_tasks(lm, tasks: Sequence[SuiteTask], offline: bool = False, limit=None,
     if offline:
         missing = [t.name for t in tasks if local_name(t.name) not in local_tasks()]
         if missing:
-            raise ValueError(f"no offline copy of {missing}; offline tasks: "
+            raise UserError(f"no offline copy of {missing}; offline tasks: "
                              f"{', '.join(local_name(t.name) for t in SPIN_SUITE)}")
     names = [local_name(t.name) if offline else t.name for t in tasks]
     tm = task_manager(offline)
@@ -242,24 +244,13 @@ class MinispinLM(TemplateLM):
                  batch_size=8, max_batch_size: Optional[int] = None, max_length: Optional[int] = None,
                  max_gen_toks: int = 256, gen_chunk: int = 64, **kwargs):
         super().__init__()
-        import torch.distributed as dist
         if kwargs:
             logging.getLogger(__name__).warning("minispin backend ignores model_args %s", sorted(kwargs))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if device is None or device == "":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if world > 1:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            if str(device).startswith("cuda"):
-                device = f"cuda:{local}"
-                torch.cuda.set_device(device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        self._device = torch.device(device)
-        if dtype in (None, "", "auto"):
-            dtype = "bfloat16" if self._device.type == "cuda" else "float32"
-        self.dtype = parse_dtype(dtype)
+        self._device = D.pick_device(device)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: lm-eval splits the documents
+            env = D.init_distributed(str(self._device) if device else "auto")
+            self._device, self._rank, self._world_size = env.device, env.rank, env.world_size
+        self.dtype = D.compute_dtype(dtype, self._device)
         self.pretrained = str(pretrained)
         self.model = load_model(self.pretrained, dtype=self.dtype, device=self._device)
         self.tok = load_tokenizer(self.pretrained)
@@ -516,3 +507,55 @@ class MinispinLM(TemplateLM):
                     text = text.split(s)[0]
             texts.append(text)
         return texts
+
+
+# ---------------------------------------------------------------------------- files
+_ITER_MODEL = re.compile(r"^(?P<run>.*)/(?P<iter>iter\d+)/model/?$")
+
+
+def results_paths(models: List[str], output: Optional[str] = None):
+    """(labels, per-model results.json paths, table path) for evaluate.py.
+
+    A model at runs/<name>/iter<t>/model is labelled iter<t> and writes
+    runs/<name>/iter<t>/eval/results.json (the run layout); other folders are labelled by
+    their name. The table goes to runs/<name>/eval/results.md when every model belongs to
+    one run, else runs/eval/results.md. With `output`, everything goes under that folder."""
+    labels, taken = [], set()
+    for path in models:
+        m = _ITER_MODEL.match(os.path.normpath(path).replace(os.sep, "/"))
+        label = m.group("iter") if m else os.path.basename(os.path.normpath(path))
+        label = os.path.normpath(path) if label in taken else label
+        taken.add(label)
+        labels.append(label)
+    if output:
+        return labels, [os.path.join(output, lab.replace(os.sep, "_"), "results.json") for lab in labels], \
+            os.path.join(output, "results.md")
+    runs, jsons = set(), []
+    for path, lab in zip(models, labels):
+        m = _ITER_MODEL.match(os.path.normpath(path).replace(os.sep, "/"))
+        runs.add(m.group("run") if m else None)
+        jsons.append(os.path.join(m.group("run"), m.group("iter"), "eval", "results.json") if m
+                     else os.path.join("runs", "eval", lab.replace(os.sep, "_"), "results.json"))
+    run = runs.pop() if len(runs) == 1 else None
+    return labels, jsons, os.path.join(run or "runs", "eval", "results.md")
+
+
+def results_json(results: dict) -> str:
+    import json
+    return json.dumps(results, indent=2, default=str)
+
+
+def write_text(path: str, text: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def finish_distributed():
+    """End a torchrun evaluation cleanly (every rank waits for rank 0's files)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

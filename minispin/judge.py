@@ -67,6 +67,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .errors import UserError
 from .data import JsonlAppender, read_jsonl
 
 TEMPLATE_VERSION = "v1"
@@ -84,7 +85,7 @@ USER_TEMPLATE = (
 )
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError):
     """A problem that stops the whole judge run (bad key, wrong URL, ...)."""
 
 
@@ -370,46 +371,8 @@ class LocalJudge:
 
 
 # ---------------------------------------------------------------- relabeling
-def margin_histogram(margins: Iterable[int], width: int = 10) -> Dict[str, int]:
-    """Counts of integer margins in [-100, 100] in bins of `width`: "-10..-1", "0..9", ...,
-    the top bin closed ("90..100"). Every bin is listed, empty ones with 0."""
-    lo_edges = list(range(-100, 100, width))
-    hist = {f"{lo}..{min(lo + width - 1, 100) if lo + width < 100 else 100}": 0 for lo in lo_edges}
-    labels = list(hist)
-    for m in margins:
-        m = max(-100, min(100, int(m)))
-        i = min((m + 100) // width, len(labels) - 1)
-        hist[labels[i]] += 1
-    return hist
-
-
-def relabel(pairs: Sequence[dict], threshold: float = DEFAULT_THRESHOLD) -> Tuple[List[dict], dict]:
-    """Pure: pairs carrying "scores" -> copies with "margin" and "swap" set, and a summary.
-
-    margin = scores.generated - scores.real; swap iff margin >= threshold. A pair missing
-    either score gets margin None and keeps its original "swap" (False when absent).
-    Re-applying with another threshold needs no judge: relabel(read_pairs(judged), 0).
-    """
-    out, margins, swapped, unscored = [], [], 0, 0
-    for p in pairs:
-        q = dict(p)
-        sc = p.get("scores") or {}
-        r, g = sc.get("real"), sc.get("generated")
-        if isinstance(r, (int, float)) and isinstance(g, (int, float)):
-            q["margin"] = g - r
-            q["swap"] = bool(q["margin"] >= threshold)
-            margins.append(q["margin"])
-            swapped += q["swap"]
-        else:
-            q["margin"] = None
-            q["swap"] = bool(p.get("swap", False))
-            unscored += 1
-        out.append(q)
-    summary = {"pairs": len(out), "judged": len(margins), "swapped": swapped,
-               "unscored": unscored, "threshold": threshold,
-               "mean_margin": round(sum(margins) / len(margins), 3) if margins else None,
-               "margin_histogram": margin_histogram(margins)}
-    return out, summary
+# the swap rule lives in fixes.py; judge_pairs applies it to the scores it collects
+from .fixes import margin_histogram, relabel  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------- the run
@@ -537,3 +500,20 @@ def format_summary(s: dict) -> str:
 
 def log_stderr(msg: str):
     print(msg, file=sys.stderr, flush=True)
+
+
+def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = log_stderr):
+    """The judge a recipe names: "local" (a checkpoint; default θ_0, the recipe's SFT model)
+    or "openai" (any OpenAI-compatible endpoint; the key comes from OPENAI_API_KEY only)."""
+    fx = recipe.fixes
+    if backend == "local":
+        from .distributed import compute_dtype, pick_device
+        device = device or pick_device(recipe.model.device)
+        return LocalJudge(fx.judge_model or recipe.model.path, device=device,
+                          dtype=compute_dtype(recipe.model.dtype, device),
+                          template=recipe.model.template, empty_system=recipe.model.empty_system)
+    if backend == "openai":
+        return OpenAIJudge(model=fx.judge_model or DEFAULT_MODEL, base_url=fx.judge_base_url or None,
+                           timeout=fx.judge_timeout, max_retries=fx.judge_max_retries,
+                           concurrency=fx.judge_concurrency, log=log)
+    raise JudgeError(f"unknown judge backend {backend!r} (local or openai)")

@@ -32,11 +32,12 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 import sentencepiece as spm
+from .errors import UserError
 
 TEMPLATES = ("zephyr", "instruction")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     pass
 
 

@@ -26,7 +26,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from minispin.layout import write_recipe_variant  # noqa: E402
+from minispin.recipe import write_variant as write_recipe_variant  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "experiments.md")
 START, END = "<!-- table:start -->", "<!-- table:end -->"

@@ -51,3 +51,36 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_cli(script, *argv):
+    """Run one of the repo's command-line tools in this process, as `python script argv`
+    would (its output goes to this process's stdout/stderr, so capsys sees it); returns
+    the exit status. Tests reach logic through minispin; this runs the CLI as a program."""
+    import runpy
+    import sys
+    old = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return 0
+
+
+def undocumented_flags(help_text):
+    """The options of an argparse --help text that come without a description."""
+    lines = help_text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not line.startswith("  ") or not stripped.startswith("-"):
+            continue
+        parts = stripped.split("  ", 1)
+        described = len(parts) == 2 and parts[1].strip()
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if not described and not (nxt.startswith(" " * 8) and not nxt.strip().startswith("-")):
+            missing.append(parts[0])
+    return missing

@@ -19,22 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from helpers import REPO, STORIES, make_hf_model  # noqa: E402
+from helpers import REPO, STORIES, make_hf_model, run_cli  # noqa: E402
 
 from minispin import evaluation as E  # noqa: E402
 
 
-def _load_cli():
-    """The repo's evaluate.py under another module name: Hugging Face's `evaluate`
-    package (an lm-eval dependency) owns the name `evaluate` in site-packages."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("minispin_evaluate_cli", os.path.join(REPO, "evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_cli()
+class evaluate:  # the evaluate.py command, run in this process
+    main = staticmethod(lambda args: run_cli("evaluate.py", *args))
 
 MC_TASKS = ["arc_challenge", "arc_easy", "truthfulqa_mc1", "truthfulqa_mc2", "winogrande",
             "hellaswag", "mmlu"]
@@ -264,8 +255,9 @@ def test_local_tasks_reuse_installed_definitions_and_ship_licensed_data():
 
 
 def test_missing_lm_eval_says_how_to_install():
-    code = ("import sys; sys.path.insert(0, '.'); sys.modules['lm_eval'] = None; import evaluate; "
-            f"sys.exit(evaluate.main(['--model', {STORIES!r}, '--offline']))")
+    code = ("import runpy, sys; sys.modules['lm_eval'] = None; "
+            f"sys.argv = ['evaluate.py', '--model', {STORIES!r}, '--offline']; "
+            "runpy.run_path('evaluate.py', run_name='__main__')")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2
     assert "pip install -e .[eval]" in p.stderr

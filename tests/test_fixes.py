@@ -18,10 +18,11 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, STORIES
+from helpers import REPO, STORIES, run_cli
 
-sys.path.insert(0, REPO)
-import train  # noqa: E402
+
+class train:  # the train.py command, run in this process
+    main = staticmethod(lambda args: run_cli("train.py", *args))
 
 WORDS = ("the cat sat on a mat and then ran to see dog bird tree sun moon star red blue "
          "big small happy sad jumped over under").split()
@@ -139,35 +140,34 @@ def test_noise_off_is_bit_identical_to_plain_spin(base):
 def test_fix_settings_resolve_and_refuse(base, capsys):
     """The swap rule is applied by train.py at its own threshold (exact at τ), the adaptive
     plan matches the margins, and impossible combinations stop with exit status 2."""
-    def prepared(*flags):
-        args = train.build_parser().parse_args(["--model", STORIES, *flags])
-        recipe = train.load_recipe(None)
-        cfg = train.build_config(recipe, args)
-        args.fixes = train.resolve_fixes(recipe, args, cfg)
-        return train.prepare_pairs(judged_of(base["pairs"]), "iter0", args, cfg), cfg, args
+    from minispin.fixes import apply_recipe_fixes
+    from minispin.recipe import resolve
 
-    out, _, _ = prepared("--relabel")
+    def prepared(**flags):
+        recipe = resolve(None, dict(model=STORIES, **flags))
+        return apply_recipe_fixes(judged_of(base["pairs"]), recipe) + (recipe,)
+
+    out, _, _ = prepared(relabel=True)
     assert {i for i, p in enumerate(out) if p["swap"]} == SWAPPED  # margin 5 swaps, 4 does not
     assert all(p["noise"] == 0 for p in out)
-    out, _, _ = prepared("--relabel", "--threshold", "0")
+    out, _, _ = prepared(relabel=True, judge_threshold=0)
     assert {i for i, p in enumerate(out) if p["swap"]} == {i for i, m in enumerate(MARGINS)
                                                            if m is not None and m >= 0}
-    out, cfg, args = prepared("--adaptive", "--adaptive-sigma", "0.25", "--noise", "side=both")
+    out, summary, recipe = prepared(adaptive=True, adaptive_sigma=0.25, noise="side=both")
     assert {i for i, p in enumerate(out) if p["swap"]} == SWAPPED
     assert {i for i, p in enumerate(out) if p["noise"] == 0.25} == SMALL
     assert all(p["noise"] == 0 for i, p in enumerate(out) if i not in SMALL)
-    assert cfg.ref_noise_side == "both"
-    assert args.fix_summaries["iter0"]["noised"] == len(SMALL)
-    out, _, _ = prepared("--relabel", "--noise", "ref-logit=0.5")
+    assert recipe.noise_settings().side == "both"
+    assert summary["noised"] == len(SMALL)
+    out, _, _ = prepared(relabel=True, noise="ref-logit=0.5")
     assert {i for i, p in enumerate(out) if p["swap"]} == SWAPPED and all(p["noise"] == 0.5 for p in out)
-    out, _, _ = prepared("--noise", "neftune=5")  # NEFTune alone leaves the pairs as read
+    out, _, _ = prepared(noise="neftune=5")  # NEFTune alone leaves the pairs as read
     assert out == judged_of(base["pairs"])
 
     run = new_run(base["root"], "refuse", base["pairs"])
     for flags, msg in ((["--noise", "ref-logit=0.5,mode=fresh"], "--ref-mode online"),
                        (["--adaptive", "--noise", "ref-logit=0.5"], "per pair"),
                        (["--adaptive-sigma", "0.3"], "add --adaptive"),
-                       (["--noise", "ref-logit=0.5,side=both", "--ref-noise-side", "real"], "contradicts"),
                        (["--noise", "colour=1"], "unknown key")):
         capsys.readouterr()
         assert train.main(args_for(run, *flags)) == 2, flags
@@ -195,7 +195,8 @@ def test_relabel_swaps_exactly_the_judged_pairs(base):
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a[1:], plain[1:])) > 1e-4  # it matters
     src = info(run)["sources"]["iter0"]
     assert src["swapped"] == len(SWAPPED) and src["file"].endswith("judged.jsonl")
-    assert info(run)["fixes"]["mode"] == "relabel" and info(run)["fixes"]["threshold"] == TAU
+    fixes = info(run)["sources"]["iter0"]["fixes"]
+    assert fixes["mode"] == "relabel" and fixes["threshold"] == TAU
 
 
 # ---------------------------------------------------------------------- adaptive
@@ -254,9 +255,9 @@ def test_neftune_is_absent_from_the_reference_pass_and_generation(base):
     h.remove()
 
 
-def test_fresh_noise_redraws_each_epoch_online(base):
-    """mode=fresh (online reference): the same pairs get a new draw in epoch 2; frozen
-    gives them the same one. Batch = all 16 pairs, lr 0, 2 epochs."""
+def test_fresh_noise_redraws_each_step_online(base):
+    """mode=fresh (online reference): the same pairs get a new draw at the next step (here
+    epoch 2); frozen gives them the same one. Batch = all 16 pairs, lr 0, 2 epochs."""
     losses = {}
     for mode in ("fresh", "frozen"):
         run = new_run(base["root"], f"mode-{mode}", base["pairs"])
@@ -310,7 +311,7 @@ def test_missing_or_stale_judged_pairs_name_the_judge_command_and_mixed_pairs_ar
     capsys.readouterr()
     assert train.main(args) == 2
     err = capsys.readouterr().err
-    assert f"python judge.py --iter 0 --run-dir {run}\n" in err and "missing" in err
+    assert f"`python judge.py --iter 0 --run-dir {run}`" in err and "missing" in err
     write(os.path.join(run, "iter0", "judged.jsonl"), judged_of(make_pairs(seed=2)))
     assert train.main(args) == 2
     assert "out of date" in capsys.readouterr().err
@@ -350,7 +351,7 @@ def test_tiny_recipe_runs_each_mode_from_the_command_line(tmp_path):
         out[name] = {"stdout": r.stdout, "stderr": r.stderr, "info": info(str(run)),
                      "refs": refs(str(run)), "metrics": metrics(str(run))}
         assert len(out[name]["metrics"]) == 2
-    assert out["plain"]["info"]["fixes"]["mode"] == "plain"
+    assert out["plain"]["info"]["sources"]["iter0"]["fixes"]["mode"] == "plain"
     for name in ("relabel", "adaptive"):
         run = tmp_path / name
         judged = [json.loads(line) for line in open(run / "iter0" / "judged.jsonl")]

@@ -1,4 +1,5 @@
-"""generate.py: the pairs file, bad input, resume after a kill, torchrun == one process."""
+"""generate.py and minispin.pairs: the pairs file, bad input, resume after a kill, torchrun ==
+one process."""
 import json
 import os
 import signal
@@ -8,11 +9,11 @@ import time
 
 import pytest
 
-from helpers import REPO, STORIES, free_port
+from helpers import REPO, STORIES, free_port, run_cli, undocumented_flags
+from minispin import distributed as D
 from minispin import generate as sample, load_model, load_tokenizer
-
-sys.path.insert(0, REPO)
-import generate as gen_cli  # noqa: E402  (the top-level CLI module)
+from minispin.pairs import generate_pairs_file
+from minispin.recipe import resolve
 
 DATA = os.path.join(REPO, "assets", "data", "gsm8k", "train.jsonl")
 
@@ -23,8 +24,14 @@ def stories():
     return load_model(STORIES), load_tokenizer(STORIES)
 
 
-def run(*argv):
-    return gen_cli.main([str(a) for a in argv] + ["--no-progress"])
+def run(out, model=STORIES, overwrite=False, strict=False, **keys):
+    """generate.py's job through the library: recipe keys -> generate_pairs_file's summary."""
+    env = D.init_distributed("cpu")   # an existing group is used, and left open
+    try:
+        return generate_pairs_file(resolve(None, keys), 0, env, model_dir=str(model), out=str(out),
+                                   overwrite=overwrite, strict=strict, progress=False)
+    finally:
+        D.close_distributed(env)
 
 
 def lines(path):
@@ -56,8 +63,7 @@ def test_pairs_file_format_template_and_greedy_output(tmp_path, stories):
     model, tok = stories
     data = write_jsonl(tmp_path / "sft.jsonl", RECORDS)
     out = tmp_path / "pairs.jsonl"
-    summary = run("--model", STORIES, "--data", data, "--out", out, "--temperature", 0,
-                  "--max-new-tokens", 20, "--seed", 3)
+    summary = run(out, data=data, temperature=0, max_new_tokens=20, seed=3)
     assert summary["skipped"] == {"no assistant answer": 1} and summary["generated"] == 4
     got = lines(out)
     assert [r["id"] for r in got][0] == "p-ultra"  # the record's own prompt_id
@@ -86,32 +92,36 @@ def test_prompt_rendering_is_the_training_template(stories):
     assert text == "<|system|>\n</s>\n<|user|>\nQ</s>\n<|assistant|>\n"
 
 
+def cli_error(capsys, *argv):
+    """generate.py's exit status 2 and its one-line error."""
+    capsys.readouterr()
+    assert run_cli("generate.py", *argv, "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 def test_bad_input_errors(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [RECORDS[1], RECORDS[3], '{"prompt": "x", oops'])
-    with pytest.raises(SystemExit) as e:
-        run("--model", STORIES, "--data", bad, "--out", tmp_path / "o.jsonl")
-    assert f"{bad}:3: malformed JSON" in str(e.value) and "\n" not in str(e.value)
+    err = cli_error(capsys, "--model", STORIES, "--data", bad, "--out", tmp_path / "o.jsonl")
+    assert f"{bad}:3: malformed JSON" in err
 
     no_answer = write_jsonl(tmp_path / "strict.jsonl", [RECORDS[1], RECORDS[2]])
-    with pytest.raises(SystemExit) as e:
-        run("--model", STORIES, "--data", no_answer, "--out", tmp_path / "o.jsonl", "--strict")
-    assert f"{no_answer}:2: record has no assistant answer" in str(e.value)
+    err = cli_error(capsys, "--model", STORIES, "--data", no_answer, "--out", tmp_path / "o.jsonl", "--strict")
+    assert f"{no_answer}:2: record has no assistant answer" in err
 
-    with pytest.raises(SystemExit) as e:
-        run("--model", tmp_path / "nowhere", "--data", no_answer, "--out", tmp_path / "o.jsonl")
-    msg = str(e.value)
-    assert msg == f"generate.py: error: model folder '{tmp_path / 'nowhere'}' does not exist"
+    err = cli_error(capsys, "--model", tmp_path / "nowhere", "--data", no_answer, "--out", tmp_path / "o.jsonl")
+    assert err == f"generate.py: error: model folder '{tmp_path / 'nowhere'}' does not exist"
 
-    with pytest.raises(SystemExit) as e:
-        run("--iter", 2, "--run-dir", tmp_path / "run", "--data", no_answer)
-    assert "iter1/model' does not exist" in str(e.value) and "train.py --iter 1" in str(e.value)
+    err = cli_error(capsys, "--iter", 2, "--run-dir", tmp_path / "run", "--data", no_answer)
+    assert "iter1/model' does not exist" in err and "train.py --iter 1" in err
     assert not os.path.exists(tmp_path / "o.jsonl")
 
 
 def test_missing_model_is_one_line_from_the_shell(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), "--model", str(tmp_path / "x")],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"generate.py: error: model folder '{tmp_path / 'x'}' does not exist"]
 
 
@@ -120,8 +130,7 @@ def test_long_prompt_keeps_its_end_and_is_counted(tmp_path, stories):
     long_q = " ".join(f"word{i}" for i in range(200)) + " What is the last word?"
     data = write_jsonl(tmp_path / "sft.jsonl", [RECORDS[1], {"prompt": long_q, "completion": "word199"}])
     out = tmp_path / "pairs.jsonl"
-    s = run("--model", STORIES, "--data", data, "--out", out, "--temperature", 0, "--max-new-tokens", 16,
-            "--max-length", 200, "--max-prompt-length", 64)
+    s = run(out, data=data, temperature=0, max_new_tokens=16, max_length=200, max_prompt_length=64)
     assert s["truncated"] == 1
     short, long_ = lines(out)
     assert short["gen"]["truncated"] is False
@@ -139,16 +148,15 @@ def test_long_prompt_keeps_its_end_and_is_counted(tmp_path, stories):
 
 def test_rerun_keeps_lines_and_generates_only_the_rest(tmp_path):
     out = tmp_path / "pairs.jsonl"
-    a = run("--model", STORIES, "--data", DATA, "--out", out, "--num-prompts", 4, "--max-new-tokens", 12)
+    a = run(out, data=DATA, num_prompts=4, max_new_tokens=12)
     first = open(out).read().splitlines()
-    b = run("--model", STORIES, "--data", DATA, "--out", out, "--num-prompts", 7, "--max-new-tokens", 12)
+    b = run(out, data=DATA, num_prompts=7, max_new_tokens=12)
     second = open(out).read().splitlines()
     assert (a["generated"], b["already_done"], b["generated"]) == (4, 4, 3)
     assert second[:4] == first and len(second) == 7
-    c = run("--model", STORIES, "--data", DATA, "--out", out, "--num-prompts", 7, "--max-new-tokens", 12)
+    c = run(out, data=DATA, num_prompts=7, max_new_tokens=12)
     assert c["generated"] == 0 and open(out).read().splitlines() == second
-    d = run("--model", STORIES, "--data", DATA, "--out", out, "--num-prompts", 2, "--max-new-tokens", 12,
-            "--overwrite", "--seed", 9)
+    d = run(out, data=DATA, num_prompts=2, max_new_tokens=12, overwrite=True, seed=9)
     assert d["generated"] == 2 and len(lines(out)) == 2 and lines(out)[0]["gen"]["seed"] == 9
 
 
@@ -159,7 +167,7 @@ def test_parquet_input(tmp_path):
             {"prompt_id": "b2", "messages": RECORDS[4]["messages"]}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train_sft.parquet")
     out = tmp_path / "pairs.jsonl"
-    run("--model", STORIES, "--data", tmp_path / "train_sft.parquet", "--out", out, "--max-new-tokens", 8)
+    run(out, data=str(tmp_path / "train_sft.parquet"), max_new_tokens=8)
     assert [r["id"] for r in lines(out)] == ["a1", "b2"]
 
 
@@ -168,19 +176,16 @@ def test_existing_process_group_is_used_not_destroyed(tmp_path):
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        s = run("--model", STORIES, "--data", DATA, "--out", tmp_path / "p.jsonl", "--num-prompts", 2,
-                "--max-new-tokens", 8)
+        s = run(tmp_path / "p.jsonl", data=DATA, num_prompts=2, max_new_tokens=8)
         assert dist.is_initialized() and s["world_size"] == 1 and s["generated"] == 2
     finally:
         dist.destroy_process_group()
 
 
-def test_help_documents_every_flag():
-    parser = gen_cli.build_parser()
-    text = parser.format_help()
-    for action in parser._actions:
-        assert action.help and len(action.help) > 15, action.option_strings
-        assert action.option_strings[0] in text
+def test_help_documents_every_flag(capsys):
+    assert run_cli("generate.py", "--help") == 0
+    text = capsys.readouterr().out
+    assert undocumented_flags(text) == [] and "--max-new-tokens" in text and "--batch-size" in text
 
 
 # ---------------------------------------------------------------- processes
@@ -204,7 +209,7 @@ def test_torchrun_two_processes_write_the_same_pairs(tmp_path, temperature):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 2 process(es)" in r.stderr
     one = tmp_path / "one" / "pairs.jsonl"
-    gen_cli.main(["--out", str(one), "--batch-size", "4"] + [str(a) for a in common[:-3]] + ["--no-progress"])
+    assert run_cli("generate.py", "--out", one, "--batch-size", 4, *common[:-3], "--no-progress") == 0
     assert open(two).read() == open(one).read()  # same lines, same (SFT) order
     assert len(lines(one)) == 10 and not [p for p in os.listdir(two.parent) if ".part-" in p]
 
@@ -235,7 +240,7 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     assert 3 <= len(before) < 40
     with open(part, "a") as f:  # as if the kill tore the line being written
         f.write('{"id": "torn", "prompt": [{"role": "us')
-    s = gen_cli.main([str(a) for a in args[2:]])
+    s = run(out, data=DATA, num_prompts=40, max_new_tokens=64, gen_batch_size=1)
     assert s["already_done"] == len(before) and s["generated"] == 40 - len(before)
     after = open(out).read().splitlines()
     ids = [json.loads(line)["id"] for line in after]

@@ -18,10 +18,11 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, STORIES, free_port, make_hf_model
+from helpers import REPO, STORIES, free_port, make_hf_model, run_cli, undocumented_flags
 
-sys.path.insert(0, REPO)
-import train  # noqa: E402
+
+class train:  # the train.py command, run in this process
+    main = staticmethod(lambda args: run_cli("train.py", *args))
 
 WORDS = ("the cat sat on a mat and then ran to see dog bird tree sun moon star red blue "
          "big small happy sad jumped over under").split()
@@ -67,14 +68,17 @@ def assert_same_losses(a, b, tol=TOL, first=None):
 
 def env_for_subprocess(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MINISPIN_FAULT", None)
     env.update(extra)
     return env
 
 
-def torchrun(args, nproc=2, env=None, timeout=240, extra=("--standalone",)):
+def torchrun(args, nproc=2, env=None, timeout=240, extra=("--standalone",), fault=None):
+    """train.py under torchrun; fault="kill@N" runs it through tests/fault_train.py, which
+    installs a trainer hook that SIGKILLs rank 0 after step N."""
+    script = ([os.path.join(REPO, "tests", "fault_train.py"), fault] if fault
+              else [os.path.join(REPO, "train.py")])
     cmd = [sys.executable, "-m", "torch.distributed.run", *extra, "--nproc_per_node", str(nproc),
-           os.path.join(REPO, "train.py"), *args]
+           *script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env or env_for_subprocess(), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -166,7 +170,7 @@ def test_kill_midway_and_resume(setup):
     resumes from step_3 and the remaining losses equal the uninterrupted run's."""
     run = fresh_run(setup, "kill")
     args = common(setup["model"]) + ["--run-dir", run, "--micro-batch-size", "2"]
-    r = torchrun(args, env=env_for_subprocess(MINISPIN_FAULT="kill@5"))
+    r = torchrun(args, fault="kill@5")
     assert r.returncode != 0
     ckpt = os.path.join(run, "iter0", "ckpt")
     assert sorted(os.listdir(ckpt)) == ["step_3"]
@@ -181,31 +185,44 @@ def test_kill_midway_and_resume(setup):
     assert os.path.isfile(os.path.join(run, "iter0", "model", "config.json"))
 
 
-def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, monkeypatch, capsys):
+def nan_at(n):
+    """A trainer hook: the loss of step n (1-based) becomes NaN."""
+    from minispin.trainer import add_hook
+    add_hook("loss", lambda step, loss: loss * float("nan") if step + 1 == n else loss)
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, capsys):
+    from minispin.trainer import clear_hooks
     run = fresh_run(setup, "nan")
     args = common(setup["model"]) + ["--run-dir", run, "--checkpoint-every", "2"]
-    monkeypatch.setenv("MINISPIN_FAULT", "nan@5")
-    assert train.main(args) == 1
+    nan_at(5)
+    try:
+        assert train.main(args) == 1
+    finally:
+        clear_hooks()
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at step 5" in err and "step_4" in err and "left intact" in err
     ckpt = os.path.join(run, "iter0", "ckpt")
     assert sorted(os.listdir(ckpt)) == ["step_2", "step_4"]  # nothing after step 4, no .tmp
     assert len(metrics(run)) == 4 and not os.path.exists(os.path.join(run, "iter0", "model"))
-    monkeypatch.delenv("MINISPIN_FAULT")
     assert train.main(args) == 0  # the checkpoint is intact: the run resumes and finishes
     assert "resumed from" in capsys.readouterr().out
     assert_same_losses(metrics(run), setup["base_metrics"], tol=1e-6)
 
 
-def test_resume_refuses_changed_settings(setup, monkeypatch, capsys):
+def test_resume_refuses_changed_settings(setup, capsys):
+    from minispin.trainer import clear_hooks
     run = fresh_run(setup, "changed")
     args = common(setup["model"]) + ["--run-dir", run, "--checkpoint-every", "2"]
-    monkeypatch.setenv("MINISPIN_FAULT", "nan@3")
-    assert train.main(args) == 1
-    monkeypatch.delenv("MINISPIN_FAULT")
+    nan_at(3)
+    try:
+        assert train.main(args) == 1
+    finally:
+        clear_hooks()
     capsys.readouterr()
-    assert train.main(args + ["--beta", "0.5"]) == 1
-    assert "beta: 0.1 -> 0.5" in capsys.readouterr().err
+    assert train.main(args + ["--beta", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "beta: 0.1 -> 0.5" in err and "start fresh" in err and len(err.strip().splitlines()) == 1
 
 
 def test_pair_noise_reaches_the_reference_and_precompute_equals_online(setup):
@@ -372,16 +389,16 @@ def test_truncation_is_applied_and_counted(tmp_path, setup, capsys):
 def test_batch_size_must_divide(setup, capsys):
     run = str(setup["root"] / "div")
     write_pairs(os.path.join(run, "iter0", "pairs.jsonl"))
-    assert train.main(common(setup["model"]) + ["--run-dir", run, "--micro-batch-size", "3"]) == 1
+    assert train.main(common(setup["model"]) + ["--run-dir", run, "--micro-batch-size", "3"]) == 2
     assert "not a multiple" in capsys.readouterr().err
 
 
-def test_help_documents_every_flag():
-    text = train.build_parser().format_help()
-    for action in train.build_parser()._actions:
-        for opt in action.option_strings:
-            assert opt in text
-        assert action.help, action.option_strings
+def test_help_documents_every_flag(capsys):
+    assert train.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--iter", "--sft", "--lr", "--batch-size", "--relabel", "--noise", "--dump-rows"):
+        assert flag in text
+    assert undocumented_flags(text) == []
 
 
 # ---------------------------------------------------------------------- a small real task

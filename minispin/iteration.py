@@ -1,0 +1,272 @@
+"""One SPIN iteration, start to end: records -> pairs -> judged -> fixes -> rows -> train -> export.
+
+    run_iteration(recipe, t, env)      θ_t -> θ_{t+1}
+      1. ensure_pairs    iter<t>/pairs.jsonl: y' ~ p_θt for every SFT prompt (pairs.py),
+                         sampled now if missing and the recipe says `generate`; for t >= 1
+                         also iter<t-1>/pairs.jsonl, mixed in (SPIN's recipe)
+      2. ensure_judged   only for relabel / adaptive: judge scores for every pair
+                         (judge.py scores, fixes.relabel decides), judged now if missing
+                         or out of date and the recipe names a judge backend
+      3. train_iteration fixes.apply_fixes sets each pair's swap / noise, data.tokenize_pairs
+                         builds the rows, Trainer.run() trains θ_{t+1} against the frozen
+                         reference θ_t and exports it
+
+Chaining is the run layout (layout.py): θ_0 is the recipe's SFT model and θ_t, for
+t >= 1, is iter<t-1>/model — the export of the previous iteration. Every step skips what
+is already done (the pairs, the judged file, the reference log-probs, the checkpoints),
+so re-running a command after a crash resumes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from typing import Callable, List, Optional, Tuple
+
+from . import distributed as D
+from .data import (read_jsonl, read_pairs, read_sft, tokenize_pairs, tokenize_sft, write_json_atomic,
+                   write_jsonl_atomic)
+from .errors import UserError
+from .fixes import apply_recipe_fixes, pair_margin
+from .layout import export_path, iter_dir, judge_cache_path, judged_path, pairs_path, theta_path
+from .pairs import generate_pairs_file
+from .recipe import DEFAULT_RECIPE, Recipe
+from .tokenizer import load_tokenizer
+from .trainer import SFTTrainer, Trainer, items_fingerprint
+
+Source = Tuple[str, str]  # (tag "iter<s>", pairs file)
+
+
+class SetupError(UserError):
+    """Something an iteration needs is missing; the message says which command makes it."""
+
+
+def command(recipe: Recipe, tool: str, t: int, *extra: str, world: int = 1) -> str:
+    """The shell command that runs `tool` for iteration t with this recipe."""
+    cmd = f"torchrun --nproc_per_node {world} {tool}" if world > 1 else f"python {tool}"
+    cmd += f" --iter {t}"
+    if recipe.source and os.path.abspath(recipe.source) != os.path.abspath(DEFAULT_RECIPE):
+        cmd += f" --config {shlex.quote(recipe.source)}"
+    if recipe.run_dir != os.path.join("runs", recipe.name):
+        cmd += f" --run-dir {shlex.quote(recipe.run_dir)}"
+    return " ".join([cmd, *extra])
+
+
+# ---------------------------------------------------------------------- 1. pairs
+def ensure_pairs(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
+                 prev_pairs_file: Optional[str] = None, progress: bool = True,
+                 log: Callable = print) -> List[Source]:
+    """[(tag, pairs file)] that iteration t trains on, sampling iteration t's if needed."""
+    mine = pairs_file or pairs_path(recipe.run_dir, t)
+    if not os.path.isfile(mine):
+        if pairs_file or not recipe.generation.generate:
+            hint = "" if pairs_file else (
+                f"; make them with `{command(recipe, 'generate.py', t, world=env.world_size)}`, "
+                "or add --generate to this command to sample them first")
+            raise SetupError(f"pairs file {mine} not found{hint}")
+        log(f"pairs for iteration {t} missing: sampling them first with θ_{t}")
+        generate_pairs_file(recipe, t, env, progress=progress)
+        if not os.path.isfile(mine):
+            raise SetupError(f"generation did not produce {mine}")
+    sources = [(f"iter{t}", mine)]
+    if t >= 1 and recipe.data.mix_previous:
+        prev = prev_pairs_file or pairs_path(recipe.run_dir, t - 1)
+        if not os.path.isfile(prev):
+            raise SetupError(
+                f"iteration {t} mixes in iteration {t - 1}'s pairs (SPIN's recipe), but {prev} is "
+                f"missing; make them with `{command(recipe, 'generate.py', t - 1, world=env.world_size)}`, "
+                "or pass --no-mix-previous to train on iteration t's pairs only")
+        sources.append((f"iter{t - 1}", prev))
+    return sources
+
+
+# ---------------------------------------------------------------------- 2. judged pairs
+def judged_is_current(pairs_file: str, judged_file: str) -> bool:
+    """judged_file holds judge scores for exactly the pairs of pairs_file (same ids and
+    texts, same order) — else it was made from other pairs and must be made again."""
+    if not os.path.isfile(judged_file):
+        return False
+    try:
+        judged = read_jsonl(judged_file)
+    except UserError:
+        return False
+    sig = lambda ps: [(p.get("id"), p.get("prompt"), p.get("real"), p.get("generated")) for p in ps]  # noqa: E731
+    return bool(judged) and "scores" in judged[0] and sig(judged) == sig(read_pairs(pairs_file))
+
+
+def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: str,
+               retry_unparsable: bool = False, limit: Optional[int] = None,
+               log: Callable = print) -> dict:
+    """Score both answers of every pair of pairs_file (cached), apply the swap rule at the
+    recipe's threshold, and write `out` (judged pairs) and judge_summary.json beside it."""
+    from .judge import ScoreCache, judge_pairs
+    pairs = read_pairs(pairs_file)[:limit]
+    cache = ScoreCache(cache_path)
+    try:
+        judged, summary = judge_pairs(pairs, backend, cache, threshold=recipe.fixes.judge_threshold, log=log,
+                                      retry_unparsable=retry_unparsable)
+    finally:
+        cache.close()
+    summary.update({"pairs_file": pairs_file, "output": out, "cache": cache_path})
+    write_jsonl_atomic(out, judged)
+    write_json_atomic(os.path.join(os.path.dirname(os.path.abspath(out)), "judge_summary.json"), summary)
+    return summary
+
+
+def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str, ...] = (),
+                  log: Callable = print) -> List[Source]:
+    """[(tag, pairs file)] -> [(tag, judged file)], judging what is missing or stale first
+    (on rank 0; the others wait) or naming the judge.py command. Mixed-in iteration t-1
+    pairs are judged too: every pair trained on goes through the same mode (the cache makes
+    re-judging them free)."""
+    fx = recipe.fixes
+    out = []
+    for tag, path in sources:
+        t = int(tag[len("iter"):])
+        if path in custom:  # a file given by hand: used as it is if it carries scores
+            if any(pair_margin(p) is not None for p in read_pairs(path)):
+                out.append((tag, path))
+                continue
+            target = os.path.splitext(path)[0] + ".judged.jsonl"
+        else:
+            target = judged_path(recipe.run_dir, t)
+        if not judged_is_current(path, target):
+            if fx.judge_backend == "none":
+                what = "out of date (made from other pairs)" if os.path.isfile(target) else "missing"
+                extra = (f"--pairs {shlex.quote(path)} --out {shlex.quote(target)}",) if path in custom else ()
+                raise SetupError(
+                    f"--{'adaptive' if fx.adaptive else 'relabel'} trains on judged pairs, but {target} "
+                    f"is {what}; judge them with `{command(recipe, 'judge.py', t, *extra)}`, or add "
+                    "--judge local|openai to this command to judge them first (recipe key judge_backend)")
+            failure = None
+            if env.is_main:
+                from .judge import format_summary, make_judge
+                log(f"judged pairs {target} missing or out of date: judging {path} first "
+                    f"({fx.judge_backend} judge)")
+                try:
+                    s = judge_file(recipe, path, target, make_judge(recipe, fx.judge_backend, env.device),
+                                   judge_cache_path(recipe.run_dir), log=log)
+                    log(format_summary(s))
+                    if s["failed"]:
+                        failure = (f"{s['failed']} pairs could not be scored (requests failed after all "
+                                   "retries); scores so far are cached: re-run this command to retry them")
+                except UserError as e:
+                    failure = str(e)
+            failure = D.broadcast_object(failure)   # every rank waits here for rank 0's judge
+            if failure:
+                raise SetupError(f"judging {path} stopped: {failure}")
+        out.append((tag, target))
+    return out
+
+
+# ---------------------------------------------------------------------- 3. train
+def build_rows(recipe: Recipe, tok, sources: List[Source], log: Callable = print):
+    """The rows training sees: each source's pairs with the fixes applied, tokenized and
+    truncated. Returns (rows, per-source info, truncation stats)."""
+    noise = recipe.noise_settings()
+    rows, stats, per_source = [], None, {}
+    for tag, path in sources:
+        pairs, summary = apply_recipe_fixes(read_pairs(path), recipe)
+        items, stats = tokenize_pairs(tok, pairs, tag, recipe.data.max_length,
+                                      recipe.data.max_prompt_length,
+                                      empty_system=recipe.model.empty_system, stats=stats,
+                                      rows=recipe.data.rows)
+        rows += items
+        per_source[tag] = {"file": path, "pairs": len(items), "swapped": sum(p.swap for p in items),
+                           "noised": sum(p.noise > 0 for p in items), "fixes": summary,
+                           "sha": items_fingerprint(items)}
+        if summary["mode"] != "plain":
+            log(f"{tag}: {describe(summary, noise.side)}")
+    if noise.neftune_alpha > 0:
+        log(f"NEFTune α {noise.neftune_alpha:g} on the policy's input embeddings (training only)")
+    return rows, per_source, stats
+
+
+def describe(s: dict, side: str) -> str:
+    if s["mode"] == "adaptive":
+        return (f"adaptive (τ {s['threshold']:g}, σ {s['sigma']:g} on the {side} side): {s['swapped']} "
+                f"swapped and {s['kept']} kept by the judge, {s['noised']} small-margin pairs noised "
+                f"({s['unscored']} unscored) of {s['pairs']}")
+    parts = []
+    if "relabel" in s["mode"]:
+        parts.append(f"relabel (τ {s['threshold']:g}): {s['swapped']} of {s['pairs']} pairs swapped "
+                     f"({s['unscored']} unscored)")
+    if "noise" in s["mode"]:
+        parts.append(f"ref-logit noise σ {s['sigma']:g} on the {side} side of {s['noised']} pairs")
+    return "; ".join(parts)
+
+
+def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
+                  prev_pairs_file: Optional[str] = None, out: Optional[str] = None,
+                  force: bool = False, dump_rows: Optional[str] = None, progress: bool = True,
+                  log: Callable = print) -> Optional[dict]:
+    """SPIN iteration t: θ_t -> θ_{t+1}. Returns the last step's metrics, or None when the
+    iteration was already trained (or only its rows were dumped)."""
+    theta = theta_path(recipe.run_dir, t, recipe.model.path)
+    export = out or export_path(recipe.run_dir, t)
+    if os.path.isfile(os.path.join(export, "config.json")) and not force and not dump_rows:
+        log(f"iteration {t} is already trained: {export} exists (pass --force to train it again)")
+        return None
+    if not os.path.isfile(os.path.join(theta, "config.json")):
+        if t == 0:
+            raise SetupError(f"θ_0 = {theta} (the recipe's 'model') is not a model folder")
+        raise SetupError(f"θ_{t} = {theta} does not exist: train iteration {t - 1} first "
+                         f"(`{command(recipe, 'train.py', t - 1)}`)")
+    sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
+    if recipe.fixes.relabel or recipe.fixes.adaptive:
+        sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p), log)
+    tok = load_tokenizer(theta, template=recipe.model.template)
+    rows, per_source, stats = build_rows(recipe, tok, sources, log)
+    log(f"iteration {t}: θ_{t} = {theta}; " + "; ".join(
+        f"{tag}: {v['pairs']} pairs from {v['file']}" for tag, v in per_source.items()))
+    log(f"truncation (max_length {recipe.data.max_length}, max_prompt_length "
+        f"{recipe.data.max_prompt_length}): {stats.prompts} prompts, {stats.real} real and "
+        f"{stats.generated} generated answers cut of {stats.pairs} pairs")
+    if dump_rows:
+        from .data import dump_rows as write_rows
+        if env.is_main:
+            write_rows(dump_rows, rows)
+            log(f"wrote {len(rows)} pairs as {2 * len(rows)} rows to {dump_rows}")
+        return None
+    info = {"iteration": t, "theta": theta, "sources": per_source, "truncation": stats.as_dict(),
+            "fingerprints": {tag: {"file": v["file"], "sha": v["sha"]} for tag, v in per_source.items()}}
+    trainer = Trainer(recipe, env, rows, theta, iter_dir(recipe.run_dir, t), export, tok.pad_id,
+                      info, progress=progress)
+    return trainer.run()
+
+
+def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
+            progress: bool = True, log: Callable = print) -> Optional[dict]:
+    """Supervised fine-tuning on the recipe's real answers (the SFT baseline, θ_0)."""
+    work = os.path.join(recipe.run_dir, "sft")
+    export = out or os.path.join(work, "model")
+    if os.path.isfile(os.path.join(export, "config.json")) and not force:
+        log(f"SFT model already trained: {export} exists (pass --force to train it again)")
+        return None
+    if not os.path.isfile(os.path.join(recipe.model.path, "config.json")):
+        raise SetupError(f"model {recipe.model.path} is not a model folder")
+    tok = load_tokenizer(recipe.model.path, template=recipe.model.template)
+    examples, rstats = read_sft(recipe.data.path, limit=recipe.training.sft_limit or None)
+    items, stats = tokenize_sft(tok, examples, recipe.data.max_length, recipe.data.max_prompt_length,
+                                empty_system=recipe.model.empty_system)
+    log(f"SFT: {len(items)} examples from {recipe.data.path} (skipped: {rstats.skipped or 'none'}); "
+        f"truncated {stats.prompts} prompts and {stats.real} answers")
+    info = {"data": recipe.data.path, "read": {"records": rstats.records, "skipped": rstats.skipped},
+            "truncation": stats.as_dict(),
+            "fingerprints": {"sft": {"file": recipe.data.path, "sha": items_fingerprint(items)}}}
+    return SFTTrainer(recipe, env, items, recipe.model.path, work, export, tok.pad_id, info,
+                      progress=progress).run()
+
+
+def summarize(recipe: Recipe, t: int, export: Optional[str] = None) -> str:
+    """Reward statistics of iteration t and, when the recipe names held-out data, θ_t vs
+    θ_{t+1} on it (heldout.py); written to iter<t>/summary.json, returned as text."""
+    from .heldout import format_summary, iteration_summary
+    ev = recipe.eval
+    summary = iteration_summary(
+        iter_dir(recipe.run_dir, t), theta_path(recipe.run_dir, t, recipe.model.path),
+        export or export_path(recipe.run_dir, t), ev.eval_data, ev.heldout_examples,
+        template=recipe.model.template, empty_system=recipe.model.empty_system,
+        max_length=recipe.data.max_length, max_prompt_length=recipe.data.max_prompt_length,
+        max_new_tokens=ev.heldout_max_new_tokens)
+    return format_summary(summary, t)
