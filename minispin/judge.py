@@ -235,18 +235,15 @@ def redact(text, secrets: Iterable[Optional[str]], min_fragment: int = MIN_SECRE
             continue
         n = min(min_fragment, len(secret))
         grams = {secret[i:i + n] for i in range(len(secret) - n + 1)}
-        out, i = [], 0
-        while i < len(text):
-            if text[i:i + n] in grams:
-                j = i + n
-                while j < len(text) and text[i:j + 1] in secret:
-                    j += 1
-                out.append("***")
-                i = j
-            else:
-                out.append(text[i])
-                i += 1
-        text = "".join(out)
+        first_piece = re.compile("|".join(map(re.escape, sorted(grams))))  # finds where a run starts
+        out, pos = [], 0
+        while (m := first_piece.search(text, pos)) is not None:
+            end = m.end()
+            while end < len(text) and text[m.start():end + 1] in secret:
+                end += 1
+            out += [text[pos:m.start()], "***"]
+            pos = end
+        text = "".join(out) + text[pos:]
     return text
 
 

@@ -7,7 +7,11 @@ utils/gpt_reward.py), not read from our file, so the file is checked against it.
 import hashlib
 import json
 import os
+import random
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -231,6 +235,16 @@ def test_redact_leaves_no_fragment_and_nothing_else():
     assert redact("sk- and the rest: nothing secret here", [KEY]) == "sk- and the rest: nothing secret here"
     assert redact(KEY + KEY, [KEY]) == "******"  # one *** per run, each as long as it can be
     assert redact("abc abcd", ["abc"]) == "*** ***d"  # a short secret: its whole occurrences
+    # texts glued from random pieces of the key and other characters: no piece survives
+    rng = random.Random(0)
+    for _ in range(2000):
+        parts = []
+        for _ in range(rng.randint(1, 6)):
+            i = rng.randrange(len(KEY))
+            parts.append(KEY[i:rng.randint(i, len(KEY))] if rng.random() < 0.5 else
+                         "".join(rng.choice("abXZ -:/sk*") for _ in range(rng.randint(0, 8))))
+        text = "".join(parts)
+        assert key_fragments(redact(text, [KEY])) == [], text
 
 
 # ---------------------------------------------------------------- timeouts
@@ -263,6 +277,32 @@ def test_whole_request_timeout_beats_a_trickling_server(servers, head_too):
     assert "score" not in res and "timeout" in res["error"], res
     assert elapsed <= 2 * 1.0, f"a trickled reply held one request {elapsed:.1f} s under timeout=1"
     assert len(server.requests) == 1
+
+
+def test_tls_timeout_and_certificate(servers, tmp_path, monkeypatch):
+    """Under TLS the watchdog still ends a trickled reply, an honest reply is scored, and a
+    certificate the client does not trust is an error (no fallback to no verification)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate for 127.0.0.1")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    trickle = trickler(head_too=False)
+    server = servers(lambda h, rec, n: trickle(h, rec, n) if n == 0 else send(h, 200, completion("77")))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.httpd.socket = tls.wrap_socket(server.httpd.socket, server_side=True)
+    url = server.url.replace("http://", "https://")
+    untrusting = judge_for(url, max_retries=0)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # read when the judge makes its TLS context
+    judge = judge_for(url, timeout=1.0, max_retries=0)
+    t0 = time.monotonic()
+    res = judge.score("q", "a")
+    assert "timeout" in res["error"] and time.monotonic() - t0 <= 2 * 1.0
+    assert judge.score("q", "a")["score"] == 77
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusting.score("q", "a")["error"]
+    assert len(server.requests) == 2  # the untrusted handshake never got to send a request
 
 
 # ---------------------------------------------------------------- what is never scored
