@@ -431,8 +431,9 @@ class OpenAIJudge:
         return resp.status, resp.headers, raw
 
     def _detail(self, raw: bytes) -> str:
-        """An error body for a message: decoded, redacted, on one line, then cut."""
-        return " ".join(self._clean(raw.decode("utf-8", "replace")).split())[:200]
+        """A body for a message: decoded, redacted, on one line, then cut (redacting at most
+        ERROR_BODY_LIMIT bytes of it: the cut keeps 200 characters)."""
+        return " ".join(self._clean(raw[:ERROR_BODY_LIMIT].decode("utf-8", "replace")).split())[:200]
 
     def _completion(self, raw: bytes) -> Tuple[Optional[str], Optional[str]]:
         """(reply text, None) from a chat-completion body, or (None, what is wrong)."""
@@ -486,7 +487,7 @@ class OpenAIJudge:
                 if 200 <= status < 300:
                     reply, problem = self._completion(raw)
                     if problem is None:
-                        return {"score": parse_score(reply), "reply": self._clean(reply)[:200],
+                        return {"score": parse_score(reply), "reply": self._clean(reply[:ERROR_BODY_LIMIT])[:200],
                                 "attempts": attempt + 1}
                     last = problem
                 elif 300 <= status < 400:
