@@ -24,7 +24,7 @@ from minispin.judge import format_summary, log_stderr, make_judge
 from minispin.layout import judge_cache_path, judged_path, pairs_path
 
 KEYS = ("judge_model", "judge_threshold", "judge_base_url", "judge_concurrency", "judge_timeout",
-        "judge_max_retries", "device", "dtype")
+        "judge_max_retries", "judge_prompt", "judge_system", "judge_api_defaults", "device", "dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         print(f"\njudge.py: interrupted; the scores so far are safe in {cache} "
               "(re-run the same command to resume)", file=sys.stderr)
         return 130
-    print(format_summary(dict(summary, backend=backend)))
+    print(format_summary(summary))
     print(f"wrote {out} and its judge_summary.json")
     if summary["failed"]:
         print(f"judge.py: {summary['items_failed']} answers failed after all retries; their "

@@ -107,7 +107,8 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
                                       retry_unparsable=retry_unparsable)
     finally:
         cache.close()
-    summary.update({"pairs_file": pairs_file, "output": out, "cache": cache_path})
+    summary.update({"pairs_file": pairs_file, "output": out, "cache": cache_path,
+                    "backend": backend.judge_id.split(":")[0]})
     write_jsonl_atomic(out, judged)
     write_json_atomic(os.path.join(os.path.dirname(os.path.abspath(out)), "judge_summary.json"), summary)
     return summary

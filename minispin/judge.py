@@ -4,8 +4,22 @@ judge clearly prefers are relabeled (swapped) before training.
 What is scored. Each (prompt, answer) on its own, 0-100, on the study's criteria —
 relevance, clarity, accuracy, completeness — whole numbers, the reply being the score
 only. The real answer y and the generated answer y' of a pair are two separate items.
-The prompt text (`judge_messages`) is versioned by TEMPLATE_VERSION: change the wording,
-bump the version, and the cache no longer matches the old scores.
+
+The prompt. Ours by default: SYSTEM_PROMPT, then USER_TEMPLATE, temperature 0, at most 8
+reply tokens; TEMPLATE_VERSION names exactly that set. Any other prompt is a template
+text with the placeholders {question} and {answer} (`load_prompt_template` reads one from
+a file), used VERBATIM: the two placeholders are filled in one pass and nothing else in
+the text is touched (no stripping; other braces stay as written, so a question that
+itself contains "{answer}" is not filled twice). The system message, the temperature and
+max_tokens are settings too; None leaves a message out, or a field out of the request so
+the API's own default applies.
+
+The study's judge (Joyyang158/self-improvement-of-LLMs, utils/gpt_reward.py) is
+configs/prompts/study-judge.txt — its prompt string exactly, leading space and final
+newline included — sent as a system message with empty content and then the user
+prompt, with no temperature and no max_tokens (the API's defaults):
+    OpenAIJudge(prompt_template=load_prompt_template("configs/prompts/study-judge.txt"),
+                system_prompt="", temperature=None, max_tokens=None)
 
 Relabeling (`relabel`). margin = score(generated) - score(real); the pair is swapped
 (y' becomes the chosen side, `"swap": true`) iff margin >= threshold (default 5; the
@@ -14,15 +28,26 @@ failed after all retries) keeps its original label and is counted.
 
 Backends.
 * `OpenAIJudge`: any OpenAI-compatible chat-completions endpoint, standard library only
-  (urllib + a thread pool). Model default gpt-4o-mini; base URL and key from
-  OPENAI_BASE_URL / OPENAI_API_KEY. Bounded concurrency, a timeout per request and
-  exponential backoff with jitter on 429 (Retry-After honoured), 5xx, timeouts,
-  connection errors and malformed response bodies. 401/403/404 stop the run (every
-  request would fail the same way). The key only ever goes into the Authorization
-  header: it is not stored on any object that is printed, and every message that could
-  carry text from the server is passed through `redact` first.
-* `LocalJudge`: any Llama/Mistral checkpoint minispin loads. It scores by the EXPECTED
-  SCORE over the candidate answers "0".."100", not by generating and parsing:
+  (http.client + a thread pool). Model default gpt-4o-mini; base URL and key from
+  OPENAI_BASE_URL / OPENAI_API_KEY; $HTTPS_PROXY / $HTTP_PROXY / $NO_PROXY honoured as
+  urllib does. Bounded concurrency and exponential backoff with jitter on 429
+  (Retry-After honoured), 5xx, timeouts, connection errors and malformed bodies.
+  The key stays with its endpoint:
+  - redirects are never followed: a 3xx stops the run (JudgeError naming the endpoint
+    and where it pointed), as 401/403/404 do. urllib would resend the Authorization
+    header to the new address and turn the POST into a GET whose reply got scored;
+  - `timeout` bounds the WHOLE request — connect, send, headers and body: a watchdog
+    shuts the socket at the deadline. A per-read socket timeout alone lets a server
+    that trickles a byte at a time hold one request for minutes;
+  - only a 2xx reply whose body is a chat completion in JSON is ever scored;
+  - every text that may carry bytes from the server (retry logs, errors, cached
+    replies) is read whole (an error body up to 64 KiB), then redacted, then cut:
+    `redact` removes every run of 4 or more characters that also occurs in the key, so
+    a server that echoes the Authorization header, or a part of it ("sk-…Ga0E"), leaks
+    no fragment. The key is not stored on any attribute (repr/vars never show it).
+* `LocalJudge`: any Llama/Mistral checkpoint minispin loads, with the same prompt
+  templates. It scores by the EXPECTED SCORE over the candidate answers "0".."100",
+  not by generating and parsing:
   p(n) = P(tokens of str(n), eos | judge prompt) for n = 0..100 (teacher-forced, one
   batched pass over a KV cache of the prompt), renormalised over the 101 candidates;
   score = round(sum_n n·p(n)). Why: (1) it always yields a score — a small or weak
@@ -42,27 +67,35 @@ Backends.
 
 Cache (`ScoreCache`). Every score is appended to a JSONL file the moment it arrives
 (JsonlAppender: one line, flushed and fsynced), keyed by
-sha256(judge model id, TEMPLATE_VERSION, prompt text, answer text). A re-run — after a
-crash, SIGKILL or Ctrl-C — looks every item up first and never requests a cached one
-again. Unparsable replies are cached too (the reply was paid for; they stay unparsable,
-`--retry-unparsable` re-asks); requests that failed after all retries are not cached,
-so a re-run retries them. Records hold the key, the judge, the score (or null), the
-redacted reply (first 200 characters) — never the key, never the texts (the pairs file
-has them).
+sha256(judge model id, settings tag, prompt text, answer text). The settings tag is
+TEMPLATE_VERSION for our default settings (so caches made before templates existed stay
+valid) and otherwise a hash of every setting that shapes the request: the template text,
+the system message, temperature and max_tokens (local: the template text, the chat
+template, the empty system turn and the dtype). A cache made under one prompt is never
+reused under another. A re-run — after a crash, SIGKILL or Ctrl-C — looks every item up
+first and never requests a cached one again. Unparsable replies are cached too (the
+reply was paid for; they stay unparsable, `--retry-unparsable` re-asks); requests that
+failed after all retries are not cached, so a re-run retries them. Records hold the key,
+the judge, the settings tag, the score (or null), the redacted reply (first 200
+characters) — never the key, never the texts (the pairs file has them).
 """
 from __future__ import annotations
 
+import base64
 import email.utils
 import hashlib
+import http.client
 import json
 import math
 import os
 import random
 import re
+import socket
+import ssl
 import sys
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -78,15 +111,19 @@ SIDES = ("real", "generated")
 
 SYSTEM_PROMPT = "You are a strict, fair grader of answers to user requests."
 USER_TEMPLATE = (
-    "Question:\n{prompt}\n\n"
+    "Question:\n{question}\n\n"
     "Answer:\n{answer}\n\n"
     "Rate the answer above from 0 to 100 based on its relevance, clarity, accuracy and "
     "completeness. Use whole numbers only. Reply with the score only."
 )
+PLACEHOLDERS = ("{question}", "{answer}")
+MIN_SECRET_FRAGMENT = 4                 # no run of this many key characters is ever shown
+ERROR_BODY_LIMIT = 64 * 1024            # bytes of an error body read (then redacted, then cut)
+REPLY_BODY_LIMIT = 4 * 1024 * 1024      # a chat completion is a few KiB; more is not a reply
 
 
 class JudgeError(UserError):
-    """A problem that stops the whole judge run (bad key, wrong URL, ...)."""
+    """A problem that stops the whole judge run (bad key, wrong URL, a redirect, ...)."""
 
 
 # ---------------------------------------------------------------- prompt and reply
@@ -98,10 +135,58 @@ def prompt_text(messages: Sequence[dict]) -> str:
     return "\n\n".join(users)
 
 
-def judge_messages(prompt: str, answer: str, system: bool = True) -> List[dict]:
-    """The chat sent to the judge for one item (TEMPLATE_VERSION names this wording)."""
-    user = {"role": "user", "content": USER_TEMPLATE.format(prompt=prompt, answer=answer)}
-    return ([{"role": "system", "content": SYSTEM_PROMPT}] if system else []) + [user]
+def check_template(template: str, where: str = "the judge prompt template"):
+    """JudgeError unless `template` holds both {question} and {answer}."""
+    if not isinstance(template, str):
+        raise JudgeError(f"{where}: a judge prompt template must be text, not {type(template).__name__}")
+    missing = [p for p in PLACEHOLDERS if p not in template]
+    if missing:
+        raise JudgeError(f"{where}: the judge prompt lacks {' and '.join(missing)}; write both "
+                         "{question} and {answer} where the question and the answer go")
+
+
+def load_prompt_template(path: str) -> str:
+    """A judge prompt template from a UTF-8 text file, exactly as written (line endings,
+    leading and trailing whitespace kept); JudgeError naming the file when it cannot be
+    read or lacks a placeholder."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise JudgeError(f"{path}: judge prompt file not found (give the path of a text file "
+                         "with {question} and {answer} in it)") from None
+    except UnicodeDecodeError as e:
+        raise JudgeError(f"{path}: judge prompt is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise JudgeError(f"{path}: cannot read the judge prompt ({e.strerror})") from None
+    check_template(text, path)
+    return text
+
+
+def fill_template(template: str, question: str, answer: str) -> str:
+    """`template` with {question} and {answer} replaced, in one pass: a text that itself
+    contains a placeholder is inserted as it is. For the study's prompt this equals its
+    `prompt.format(question=..., answer=...)`."""
+    values = {"{question}": question, "{answer}": answer}
+    return re.sub(r"\{question\}|\{answer\}", lambda m: values[m.group(0)], template)
+
+
+def judge_messages(prompt: str, answer: str, template: Optional[str] = None,
+                   system: Optional[str] = SYSTEM_PROMPT) -> List[dict]:
+    """The chat sent to the judge for one item: a system message unless `system` is None
+    ("" sends one with empty content, as the study did), then the filled template
+    (default USER_TEMPLATE)."""
+    user = {"role": "user", "content": fill_template(template or USER_TEMPLATE, prompt, answer)}
+    return ([] if system is None else [{"role": "system", "content": system}]) + [user]
+
+
+def settings_tag(settings: dict, defaults: dict) -> str:
+    """What the cache keys a backend's prompt settings by: TEMPLATE_VERSION for our
+    defaults, else a hash of the settings (template text included)."""
+    if settings == defaults:
+        return TEMPLATE_VERSION
+    blob = json.dumps(settings, sort_keys=True, ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def parse_score(reply: Optional[str]) -> Optional[int]:
@@ -135,16 +220,31 @@ def parse_score(reply: Optional[str]) -> Optional[int]:
 
 
 def item_key(judge_id: str, prompt: str, answer: str, template: str = TEMPLATE_VERSION) -> str:
+    """The cache key of one item; `template` is the backend's `settings_tag`."""
     blob = json.dumps([judge_id, template, prompt, answer], ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def redact(text, secrets: Iterable[Optional[str]]) -> str:
-    """`text` with every secret replaced by ***."""
+def redact(text, secrets: Iterable[Optional[str]], min_fragment: int = MIN_SECRET_FRAGMENT) -> str:
+    """`text` with every run of `min_fragment` or more characters that also occurs in a
+    secret replaced by ***: the whole secret, and any part a server echoed ("sk-ab…wxyz",
+    a header cut short). A secret shorter than `min_fragment` is replaced where it occurs
+    whole. Left to right, each run as long as it can be, so no such fragment survives."""
     text = str(text)
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
+    for secret in secrets:
+        if not secret:
+            continue
+        n = min(min_fragment, len(secret))
+        grams = {secret[i:i + n] for i in range(len(secret) - n + 1)}
+        first_piece = re.compile("|".join(map(re.escape, sorted(grams))))  # finds where a run starts
+        out, pos = [], 0
+        while (m := first_piece.search(text, pos)) is not None:
+            end = m.end()
+            while end < len(text) and text[m.start():end + 1] in secret:
+                end += 1
+            out += [text[pos:m.start()], "***"]
+            pos = end
+        text = "".join(out) + text[pos:]
     return text
 
 
@@ -185,43 +285,171 @@ class OpenAIJudge:
     """Chat-completions client (OpenAI or any compatible server), standard library only.
 
     `score(prompt, answer, stop)` returns {"score": int|None, "reply": str} for a reply,
-    or {"error": str} when every attempt failed; it raises JudgeError on 401/403/404.
+    or {"error": str} when every attempt failed; it raises JudgeError on a redirect and
+    on 401/403/404. `prompt_template` None means USER_TEMPLATE; `system_prompt`,
+    `temperature` and `max_tokens` None leave the system message, or the field, out.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, base_url: Optional[str] = None,
                  api_key: Optional[str] = None, timeout: float = 60.0, max_retries: int = 6,
                  backoff: float = 1.0, max_backoff: float = 60.0, max_retry_after: float = 300.0,
-                 concurrency: int = 8, max_tokens: int = 8, log: Callable[[str], None] = print):
-        self.model = model
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+                 concurrency: int = 8, max_tokens: Optional[int] = 8,
+                 log: Callable[[str], None] = print, *, prompt_template: Optional[str] = None,
+                 system_prompt: Optional[str] = SYSTEM_PROMPT, temperature: Optional[float] = 0):
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not key:
             raise JudgeError("the OpenAI judge needs an API key: set OPENAI_API_KEY "
                              "(for a local server that ignores it, any value works)")
-        # kept in a closure, not an attribute: repr/vars of this object never show it
+        # kept in closures, not attributes: repr/vars of this object never show it
         self._auth = lambda: {"Authorization": "Bearer " + key}
-        self._secret = lambda: (key, "Bearer " + key)
-        self.timeout, self.max_retries = timeout, max_retries
+        self._secret = lambda: (key,)
+        self.model = model
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.endpoint = self.base_url + "/chat/completions"
+        try:
+            self._url = urllib.parse.urlsplit(self.endpoint)
+            self._port = self._url.port or (443 if self._url.scheme == "https" else 80)  # ValueError if bad
+        except ValueError as e:
+            raise JudgeError(self._clean(f"judge base URL {self.base_url!r}: {e}")) from None
+        if self._url.scheme not in ("http", "https") or not self._url.hostname:
+            raise JudgeError(self._clean(f"judge base URL {self.base_url!r} is not an http(s) URL: "
+                                         f"set OPENAI_BASE_URL or --base-url (e.g. {DEFAULT_BASE_URL})"))
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise JudgeError(f"judge timeout must be a positive number of seconds, not {timeout!r}")
+        if temperature is not None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                                            and temperature >= 0):
+            raise JudgeError(f"judge temperature must be a number >= 0 or None, not {temperature!r}")
+        if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise JudgeError(f"judge max_tokens must be an integer >= 1 or None, not {max_tokens!r}")
+        if prompt_template is not None:
+            check_template(prompt_template)
+        self._tls = ssl.create_default_context() if self._url.scheme == "https" else None
+        self.timeout, self.max_retries = float(timeout), max_retries
         self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
-        self.concurrency, self.max_tokens = max(1, int(concurrency)), max_tokens
+        self.concurrency = max(1, int(concurrency))
+        self.prompt_template = prompt_template
+        self.system_prompt, self.temperature, self.max_tokens = system_prompt, temperature, max_tokens
         self.log = log
         self.judge_id = f"openai:{self.model}"
+        self.settings_tag = settings_tag(
+            {"template": prompt_template or USER_TEMPLATE, "system": system_prompt,
+             "temperature": None if temperature is None else float(temperature), "max_tokens": max_tokens},
+            {"template": USER_TEMPLATE, "system": SYSTEM_PROMPT, "temperature": 0.0, "max_tokens": 8})
         self.requests = 0
         self._count_lock = threading.Lock()
 
     def __repr__(self):
-        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r})"
+        return self._clean(f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, "
+                           f"settings={self.settings_tag!r})")
 
     def _clean(self, text) -> str:
         return redact(text, self._secret())
 
-    def _post(self, body: bytes):
-        req = urllib.request.Request(self.base_url + "/chat/completions", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **self._auth()})
+    def request_body(self, prompt: str, answer: str) -> dict:
+        """The JSON sent for one item; a setting that is None is left out (API default)."""
+        body = {"model": self.model,
+                "messages": judge_messages(prompt, answer, self.prompt_template, self.system_prompt)}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+    def _connection(self) -> Tuple[http.client.HTTPConnection, str, dict]:
+        """(unopened connection, request target, extra headers): straight to the endpoint,
+        or through the proxy $HTTPS_PROXY/$HTTP_PROXY names unless $NO_PROXY exempts the
+        host (urllib's rules). https goes through a CONNECT tunnel, so the proxy never
+        sees the Authorization header; plain http hands the proxy the whole request."""
+        u, port = self._url, self._port
+        target = u.path + (f"?{u.query}" if u.query else "")
+        tls = {"context": self._tls} if self._tls else {}
+        cls = http.client.HTTPSConnection if self._tls else http.client.HTTPConnection
+        proxy = urllib.request.getproxies().get(u.scheme)
+        if not proxy or urllib.request.proxy_bypass(u.hostname):
+            return cls(u.hostname, port, timeout=self.timeout, **tls), target, {}
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        proxy_auth = {}
+        if p.username:
+            cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+            proxy_auth = {"Proxy-Authorization": "Basic " + base64.b64encode(cred.encode()).decode()}
+        if self._tls:
+            conn = cls(p.hostname, p.port or 80, timeout=self.timeout, **tls)
+            conn.set_tunnel(u.hostname, port, headers=proxy_auth)
+            return conn, target, {}
+        return http.client.HTTPConnection(p.hostname, p.port or 80, timeout=self.timeout), self.endpoint, proxy_auth
+
+    def _post(self, body: bytes) -> Tuple[int, object, bytes]:
+        """One POST, whole within `timeout`: (status, headers, body of at most
+        REPLY_BODY_LIMIT + 1 bytes for 2xx, ERROR_BODY_LIMIT otherwise). Redirects are
+        returned as they are, never followed (http.client follows none)."""
+        conn, target, extra = self._connection()
+        expired = threading.Event()
+
+        def expire():  # unblocks a read that trickles on past the deadline
+            expired.set()  # (while the name resolves there is no socket yet: checked below)
+            sock = conn.sock
+            if sock is not None:
+                try:  # the plain socket's shutdown: safe from another thread, under TLS too
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.timeout, expire)
+        watchdog.daemon = True
         with self._count_lock:
             self.requests += 1
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return resp.status, resp.read()
+        watchdog.start()
+        timed_out = TimeoutError(f"no complete reply within the {self.timeout:g} s timeout")
+        try:
+            conn.request("POST", target, body=body,
+                         headers={"Content-Type": "application/json", "Accept": "application/json",
+                                  **extra, **self._auth()})
+            if expired.is_set():
+                raise timed_out
+            resp = conn.getresponse()
+            limit = REPLY_BODY_LIMIT + 1 if 200 <= resp.status < 300 else ERROR_BODY_LIMIT
+            chunks, size = [], 0
+            while size < limit:
+                chunk = resp.read(min(65536, limit - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            raw = b"".join(chunks)
+            expected = resp.getheader("Content-Length")
+            if (not expired.is_set() and not resp.chunked and size < limit and expected
+                    and expected.isdigit() and int(expected) != size):  # the server hung up early
+                raise http.client.IncompleteRead(raw, int(expected) - size)
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise timed_out from None
+            raise
+        finally:
+            watchdog.cancel()
+            conn.close()
+        if expired.is_set():  # whatever arrived in time is incomplete by definition
+            raise timed_out
+        return resp.status, resp.headers, raw
+
+    def _detail(self, raw: bytes) -> str:
+        """A body for a message: decoded, redacted, on one line, then cut (redacting at most
+        ERROR_BODY_LIMIT bytes of it: the cut keeps 200 characters)."""
+        return " ".join(self._clean(raw[:ERROR_BODY_LIMIT].decode("utf-8", "replace")).split())[:200]
+
+    def _completion(self, raw: bytes) -> Tuple[Optional[str], Optional[str]]:
+        """(reply text, None) from a chat-completion body, or (None, what is wrong)."""
+        if len(raw) > REPLY_BODY_LIMIT:
+            return None, f"reply body over {REPLY_BODY_LIMIT} bytes"
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            reply = data["choices"][0]["message"]["content"]
+            if reply is None:
+                reply = ""
+            if not isinstance(reply, str):
+                raise TypeError("content is not text")
+        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
+            return None, f"malformed response body ({type(e).__name__}): {self._detail(raw)[:120]}"
+        return reply, None
 
     def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
         d = min(self.max_backoff, self.backoff * (2 ** attempt)) * (0.5 + 0.5 * random.random())
@@ -246,43 +474,38 @@ class OpenAIJudge:
 
     def score(self, prompt: str, answer: str, stop: Optional[threading.Event] = None) -> dict:
         stop = stop or threading.Event()
-        body = json.dumps({"model": self.model, "messages": judge_messages(prompt, answer),
-                           "temperature": 0, "max_tokens": self.max_tokens}).encode("utf-8")
-        last = "no attempt"
+        body = json.dumps(self.request_body(prompt, answer)).encode("utf-8")
+        last = "no attempt"  # always redacted before it is stored, so cutting it is safe
         for attempt in range(self.max_retries + 1):
             if stop.is_set():
                 return {"error": "interrupted"}
             retry_after = None
             try:
-                status, raw = self._post(body)
-                try:
-                    data = json.loads(raw.decode("utf-8"))
-                    reply = data["choices"][0]["message"]["content"]
-                    if reply is None:
-                        reply = ""
-                    if not isinstance(reply, str):
-                        raise TypeError("content is not text")
-                except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
-                    last = f"malformed response body ({type(e).__name__}): {raw[:120]!r}"
-                else:
-                    return {"score": parse_score(reply), "reply": self._clean(reply)[:200],
-                            "attempts": attempt + 1}
-            except urllib.error.HTTPError as e:
-                try:
-                    detail = e.read()[:200].decode("utf-8", "replace")
-                except Exception:
-                    detail = ""
-                if e.code in (401, 403, 404):
+                status, headers, raw = self._post(body)
+            except (OSError, http.client.HTTPException) as e:
+                last = self._clean(f"{type(e).__name__}: {e}")
+            else:
+                if 200 <= status < 300:
+                    reply, problem = self._completion(raw)
+                    if problem is None:
+                        return {"score": parse_score(reply), "reply": self._clean(reply[:ERROR_BODY_LIMIT])[:200],
+                                "attempts": attempt + 1}
+                    last = problem
+                elif 300 <= status < 400:
+                    where = " ".join(self._clean(headers.get("Location") or "nowhere (no Location header)").split())
                     raise JudgeError(self._clean(
-                        f"HTTP {e.code} from {self.base_url}/chat/completions: {detail} "
-                        "(check OPENAI_BASE_URL, OPENAI_API_KEY and --judge-model)")) from None
-                if e.code != 429 and e.code < 500:
-                    return {"error": self._clean(f"HTTP {e.code}: {detail}")}
-                retry_after = self._retry_after(e.headers)
-                last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"{type(e).__name__}: {reason}"
+                        f"HTTP {status} from {self.endpoint}: it redirects to {where[:200]}; redirects are "
+                        "not followed (the API key would go with them): set OPENAI_BASE_URL or --base-url "
+                        "to the final address"))
+                elif status in (401, 403, 404):
+                    raise JudgeError(self._clean(
+                        f"HTTP {status} from {self.endpoint}: {self._detail(raw)} "
+                        "(check OPENAI_BASE_URL, OPENAI_API_KEY and --judge-model)"))
+                elif status == 429 or status >= 500:
+                    retry_after = self._retry_after(headers)
+                    last = f"HTTP {status}: {self._detail(raw)}"
+                else:  # another 4xx (or a stray 1xx): this item's request is wrong; asking again won't help
+                    return {"error": self._clean(f"HTTP {status}: {self._detail(raw)}")}
             if attempt == self.max_retries:
                 break
             delay = self._delay(attempt, retry_after)
@@ -294,27 +517,37 @@ class OpenAIJudge:
 
 
 class LocalJudge:
-    """Expected score over "0".."100" under a local checkpoint (see the module docstring)."""
+    """Expected score over "0".."100" under a local checkpoint (see the module docstring).
+
+    `prompt_template` None means USER_TEMPLATE; there is no system message (the chat
+    template's own empty system turn follows `empty_system`)."""
 
     concurrency = 1
 
     def __init__(self, path: str, device: str = "cpu", dtype="float32", template: str = "zephyr",
-                 empty_system: bool = True, max_len: Optional[int] = None):
+                 empty_system: bool = True, max_len: Optional[int] = None,
+                 prompt_template: Optional[str] = None):
         import torch
 
         from .checkpoint import load_model
         from .config import parse_dtype
         from .tokenizer import load_tokenizer
+        if prompt_template is not None:
+            check_template(prompt_template)
         self.torch = torch
-        self.model = load_model(path, parse_dtype(dtype), device).eval()
+        torch_dtype = parse_dtype(dtype)
+        self.model = load_model(path, torch_dtype, device).eval()
         self.tok = load_tokenizer(path, template)
         self.device, self.empty_system = device, empty_system
+        self.prompt_template = prompt_template
         self.judge_id = f"local:{os.path.realpath(path)}"
+        self.settings_tag = settings_tag(
+            {"template": prompt_template or USER_TEMPLATE, "chat_template": template,
+             "empty_system": bool(empty_system), "dtype": str(torch_dtype)},
+            {"template": USER_TEMPLATE, "chat_template": "zephyr", "empty_system": True,
+             "dtype": str(torch.float32)})
         self.max_len = max_len or self.model.config.max_position_embeddings
         self.requests = 0
-        ids, mask = self.tok.encode_chat([{"role": "user", "content": "q"},
-                                          {"role": "assistant", "content": "0"}],
-                                         empty_system=empty_system)
         cands = []
         for n in range(101):
             ids, mask = self.tok.encode_chat([{"role": "user", "content": "q"},
@@ -326,8 +559,8 @@ class LocalJudge:
         self.cands = torch.tensor([c + [self.tok.eos_id] * (width - len(c)) for c in cands])
 
     def prompt_ids(self, prompt: str, answer: str) -> Tuple[List[int], bool]:
-        ids, _ = self.tok.encode_chat(judge_messages(prompt, answer, system=False),
-                                      add_generation_prompt=True, empty_system=self.empty_system)
+        messages = judge_messages(prompt, answer, self.prompt_template, system=None)
+        ids, _ = self.tok.encode_chat(messages, add_generation_prompt=True, empty_system=self.empty_system)
         budget = self.max_len - self.cands.shape[1]
         if len(ids) <= budget:
             return ids, False
@@ -385,13 +618,14 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
     text cost one request. Ctrl-C stops new requests, keeps every score already cached,
     and re-raises KeyboardInterrupt.
     """
+    tag = getattr(backend, "settings_tag", TEMPLATE_VERSION)  # the prompt and request settings
     items: Dict[str, Tuple[str, str]] = {}
     refs: List[Dict[str, str]] = []
     for p in pairs:
         pt = prompt_text(p["prompt"])
         side_keys = {}
         for side in SIDES:
-            k = item_key(backend.judge_id, pt, p[side])
+            k = item_key(backend.judge_id, pt, p[side], tag)
             items.setdefault(k, (pt, p[side]))
             side_keys[side] = k
         refs.append(side_keys)
@@ -415,7 +649,7 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
         res = backend.score(pt, ans, stop)
         if "error" in res:
             return k, res
-        rec = {"key": k, "judge": backend.judge_id, "template": TEMPLATE_VERSION, **res,
+        rec = {"key": k, "judge": backend.judge_id, "template": tag, **res,
                "time": round(time.time(), 3)}
         cache.put(rec)  # the moment it arrives
         return k, res
@@ -479,7 +713,7 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
     out, summary = relabel(scored, threshold)
     summary = {"pairs": summary["pairs"], "judged": summary["judged"], "swapped": summary["swapped"],
                "unparsable": unparsable_pairs, "failed": failed_pairs,
-               "threshold": threshold, "judge": backend.judge_id, "template": TEMPLATE_VERSION,
+               "threshold": threshold, "judge": backend.judge_id, "template": tag,
                "items": len(items), "items_cached_before": hits, "items_scored_now": len(todo) - len(failed),
                "items_unparsable": unparsable_items, "items_failed": len(failed),
                "mean_margin": summary["mean_margin"], "margin_histogram": summary["margin_histogram"]}
@@ -504,16 +738,22 @@ def log_stderr(msg: str):
 
 def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = log_stderr):
     """The judge a recipe names: "local" (a checkpoint; default θ_0, the recipe's SFT model)
-    or "openai" (any OpenAI-compatible endpoint; the key comes from OPENAI_API_KEY only)."""
+    or "openai" (any OpenAI-compatible endpoint; the key comes from OPENAI_API_KEY only),
+    with the recipe's prompt template, system message and request settings."""
     fx = recipe.fixes
+    template = load_prompt_template(fx.judge_prompt) if fx.judge_prompt else None
     if backend == "local":
         from .distributed import compute_dtype, pick_device
         device = device or pick_device(recipe.model.device)
         return LocalJudge(fx.judge_model or recipe.model.path, device=device,
-                          dtype=compute_dtype(recipe.model.dtype, device),
-                          template=recipe.model.template, empty_system=recipe.model.empty_system)
+                          dtype=compute_dtype(recipe.model.dtype, device), template=recipe.model.template,
+                          empty_system=recipe.model.empty_system, prompt_template=template)
     if backend == "openai":
+        system = {"ours": SYSTEM_PROMPT, "none": None}.get(fx.judge_system, fx.judge_system)
+        defaults = fx.judge_api_defaults
         return OpenAIJudge(model=fx.judge_model or DEFAULT_MODEL, base_url=fx.judge_base_url or None,
                            timeout=fx.judge_timeout, max_retries=fx.judge_max_retries,
-                           concurrency=fx.judge_concurrency, log=log)
+                           concurrency=fx.judge_concurrency, log=log, prompt_template=template,
+                           system_prompt=system, temperature=None if defaults else 0,
+                           max_tokens=None if defaults else 8)
     raise JudgeError(f"unknown judge backend {backend!r} (local or openai)")

@@ -44,7 +44,7 @@ from .errors import UserError
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 DEFAULT_RECIPE = os.path.join(CONFIG_DIR, "tiny.toml")
-PATH_KEYS = ("model", "data", "eval_data", "judge_model")  # resolved against the repo root too
+PATH_KEYS = ("model", "data", "eval_data", "judge_model", "judge_prompt")  # resolved against the repo root too
 
 
 class RecipeError(UserError):
@@ -62,10 +62,11 @@ def key(default, help: str, *, choices: Tuple = (), lo=None, hi=None, lo_open=Fa
 @dataclass
 class Model:
     path: str = key("", "θ_0, the SFT model folder (Hugging Face format)", name="model")
-    template: str = key("zephyr", "chat template: zephyr (with SPIN's empty system turn) | "
-                        "instruction (SPIN's original generation prompt) | checkpoint (the "
-                        "folder's tokenizer_config.json chat_template)",
-                        choices=("zephyr", "instruction", "checkpoint"))
+    template: str = key("auto", "chat template: auto (the checkpoint's own when its "
+                        "tokenizer_config.json has one, else zephyr) | checkpoint | zephyr (built "
+                        "in; SPIN's empty system turn via empty_system) | instruction (SPIN's "
+                        "original generation prompt)",
+                        choices=("auto", "checkpoint", "zephyr", "instruction"))
     empty_system: bool = key(True, "put SPIN's empty system turn in front of each prompt")
     device: str = key("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     dtype: str = key("auto", "inference dtype of generation, the local judge and held-out "
@@ -108,7 +109,7 @@ class Generation:
     gen_template: str = key("", "chat template of the GENERATION prompt; empty = the training "
                             "template. uclaml/SPIN generated with 'instruction' while training "
                             "on zephyr (their issues #9, #33): set it to reproduce that",
-                            choices=("", "zephyr", "instruction", "checkpoint"))
+                            choices=("", "auto", "checkpoint", "zephyr", "instruction"))
     gen_bos: bool = key(True, "start the generation prompt with <s> (uclaml/SPIN: no, "
                         "add_special_tokens=False)")
     decode: str = key("minispin", "how y' becomes text: minispin (decode without special "
@@ -187,6 +188,12 @@ class Fixes:
     judge_concurrency: int = key(8, "parallel judge requests", lo=1)
     judge_timeout: float = key(60.0, "seconds per judge request", lo=0, lo_open=True)
     judge_max_retries: int = key(6, "retries per judge request", lo=0)
+    judge_prompt: str = key("", "a judge prompt template file with {question} and {answer}, used "
+                            "verbatim (the study's: configs/prompts/study-judge.txt); empty = ours")
+    judge_system: str = key("ours", "the judge's system message: ours | none (no system message) | "
+                            "any other text, used as it is (the study: an empty one, \"\")")
+    judge_api_defaults: bool = key(False, "send no temperature and no max_tokens, so the API's "
+                                   "defaults apply (the study); else temperature 0, 8 tokens")
 
 
 @dataclass

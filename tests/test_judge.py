@@ -15,12 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from helpers import REPO, STORIES
+from helpers import REPO, STORIES, run_cli
 from minispin.data import read_jsonl
 from minispin.judge import (LocalJudge, OpenAIJudge, ScoreCache, item_key, judge_pairs,
                             margin_histogram, parse_score, relabel)
 
-KEY = "sk-test-DO-NOT-LEAK-8f3a9c1e7b"
+KEY = "sk-proj-Vb3Kq8ZmT1xR7nW4cY9pL2hG6dF0sJ5a"  # random-looking: no 4-character piece of it is in our own output
 REFUSAL = "I cannot grade this, sorry."
 
 
@@ -40,11 +40,18 @@ def true_score(answer):
 class FakeChat:
     """Chat-completions on an ephemeral port. Counts requests per answer text and per
     phase. Markers in an answer inject faults on its FIRST request ([[fault=500]],
-    [[fault=429]], [[fault=slow]], [[fault=badjson]]) or on every one ([[fault=garbage]])."""
+    [[fault=429]], [[fault=slow]], [[fault=badjson]]) or on every one ([[fault=garbage]]).
+
+    A gate can hold the replies: after `allow(n)` the next n requests are answered and
+    the later ones wait (counted in `held`) until the test allows more or `open_gate()`s,
+    so a test can stop a client at an exact point instead of racing it."""
 
     def __init__(self, delay=0.0, slow_s=3.0):
         self.delay, self.slow_s = delay, slow_s
         self.lock = threading.Lock()
+        self.gate = threading.Condition(self.lock)
+        self.allowed = None  # replies the gate lets through in all; None: every one
+        self.passed = self.held = 0
         self.phase = 1
         self.log = []  # (phase, time, answer, outcome)
         self.auth_seen = set()
@@ -88,6 +95,11 @@ class FakeChat:
                             if f"[[fault={f}]]" in ans:
                                 outcome = f
                     server.log.append((server.phase, time.time(), ans, outcome))
+                    server.held += 1
+                    server.gate.notify_all()
+                    server.gate.wait_for(lambda: server.allowed is None or server.passed < server.allowed)
+                    server.held -= 1
+                    server.passed += 1
                 if server.delay:
                     time.sleep(server.delay)
                 if outcome == "500":  # a careless server that echoes the credentials
@@ -108,8 +120,23 @@ class FakeChat:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
+
+    def allow(self, n):
+        """Let n more replies through the gate; later requests are held."""
+        with self.gate:
+            self.allowed = self.passed + n
+            self.gate.notify_all()
+
+    def open_gate(self):
+        with self.gate:
+            self.allowed = None
+            self.gate.notify_all()
+
+    def gate_state(self):
+        with self.lock:
+            return self.passed, self.held
 
     def counts(self, phase=None):
         with self.lock:
@@ -120,6 +147,7 @@ class FakeChat:
             return [r[1] for r in self.log if r[2] == ans]
 
     def close(self):
+        self.open_gate()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -143,9 +171,8 @@ def make_pairs(n, faults=()):
 
 
 def assert_no_key(*texts):
-    for t in texts:
-        assert KEY not in t
-        assert KEY[8:] not in t  # nor any recognisable part of it
+    for t in texts:  # not the key, nor any 4-character piece of it
+        assert [KEY[i:i + 4] for i in range(len(KEY) - 3) if KEY[i:i + 4] in t] == []
 
 
 def tree_text(root):
@@ -155,6 +182,15 @@ def tree_text(root):
             with open(os.path.join(d, f), errors="replace") as fh:
                 out.append(fh.read())
     return "\n".join(out)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_env(monkeypatch):
+    # a proxy set on the CI machine must not carry these 127.0.0.1 requests away (the
+    # CLI's subprocess inherits the environment)
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 # ---------------------------------------------------------------- parsing and the rule
@@ -178,9 +214,9 @@ def test_swap_rule_exact_at_threshold():
     assert (s["judged"], s["swapped"], s["unscored"]) == (5, 2, 1)
     out0, s0 = relabel(pairs, threshold=0)
     assert [q["swap"] for q in out0] == [True, True, True, False, True, False]
-    # an unscored pair keeps its original label
+    # an unscored pair is never swapped (fixes.py: a missing score is not evidence)
     out2, _ = relabel([{"id": "x", "scores": {"real": 3, "generated": None}, "swap": True}], 5)
-    assert out2[0]["swap"] is True and out2[0]["margin"] is None
+    assert out2[0]["swap"] is False and out2[0]["margin"] is None
     assert "margin" not in pairs[0]  # pure
 
 
@@ -268,7 +304,7 @@ def test_http_judge_gives_up_and_reports(tmp_path):
     pairs[1]["swap"] = True
     out, s = judge_pairs(pairs, judge, cache, log=lambda m: None)
     assert s["failed"] == 2 and s["judged"] == 0 and s["items_failed"] == 4 and len(cache) == 0
-    assert [p["swap"] for p in out] == [False, True]
+    assert [p["swap"] for p in out] == [False, False]  # unscored: never swapped
 
 
 def test_wrong_key_stops_the_run(server, tmp_path):
@@ -280,27 +316,43 @@ def test_wrong_key_stops_the_run(server, tmp_path):
 
 
 # ---------------------------------------------------------------- the CLI, killed midway
-def _cli(run_dir, url, extra=()):
-    env = dict(os.environ, OPENAI_API_KEY=KEY, OPENAI_BASE_URL=url, PYTHONUNBUFFERED="1")
-    # --backend openai: the tiny recipe's own judge_backend is "local"
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "judge.py"), "--iter", "0", "--run-dir", str(run_dir),
-                             "--backend", "openai", "--concurrency", "2", "--timeout", "5", "--backoff", "0.05",
-                             *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class CLIRun:
+    """judge.py in a subprocess, its stdout and stderr collected line by line as they come."""
 
+    def __init__(self, run_dir, url):
+        env = dict(os.environ, OPENAI_API_KEY=KEY, OPENAI_BASE_URL=url, PYTHONUNBUFFERED="1")
+        # --backend openai: the tiny recipe's own judge_backend is "local". --timeout 60: a
+        # reply the test's gate holds must not time out and be asked again
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "judge.py"), "--iter", "0", "--run-dir", str(run_dir),
+             "--backend", "openai", "--concurrency", "2", "--timeout", "60", "--backoff", "0.05"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out, self.err = [], []
+        self.pumps = [threading.Thread(target=lambda f=f, sink=sink: sink.extend(f), daemon=True)
+                      for f, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self.pumps:
+            t.start()
 
-def _wait_cached(path, n, proc, limit=90):
-    t0 = time.time()
-    while time.time() - t0 < limit:
-        if os.path.exists(path) and len(read_jsonl(path)) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    raise AssertionError("judge made no progress")
+    def wait_until(self, condition, what, limit=120):
+        t0 = time.time()
+        while not condition():
+            if self.proc.poll() is not None:
+                self.finish()
+                raise AssertionError(f"judge.py exited ({self.proc.returncode}) before {what}: {''.join(self.err)}")
+            assert time.time() - t0 < limit, f"judge.py: no {what} within {limit} s"
+            time.sleep(0.02)
+
+    def finish(self, timeout=120):
+        self.proc.wait(timeout=timeout)
+        for t in self.pumps:
+            t.join(timeout=10)
+        return "".join(self.out), "".join(self.err)
 
 
 def test_cli_sigint_sigkill_resume_never_pays_twice(tmp_path):
-    server = FakeChat(delay=0.1)
+    # The server's gate makes every step deterministic: the judge is stopped exactly when
+    # it has been answered a given number of times and both its workers wait on a reply.
+    server = FakeChat()
     try:
         run_dir = tmp_path / "run"
         pairs = make_pairs(24, [("real", "[[fault=500]]"), ("generated", "[[fault=garbage]]")])
@@ -316,41 +368,46 @@ def test_cli_sigint_sigkill_resume_never_pays_twice(tmp_path):
         def cached_answers():
             return {key_to_answer[r["key"]] for r in read_jsonl(cache_path)}
 
-        # phase 1: Ctrl-C midway -> clean exit 130; requests in flight finish and are cached
-        proc = _cli(run_dir, server.url)
-        _wait_cached(cache_path, 6, proc)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        # phase 1: Ctrl-C with two requests in flight -> clean exit 130, both finish and are cached
+        server.allow(6)
+        run = CLIRun(run_dir, server.url)
+        run.wait_until(lambda: server.gate_state() == (6, 2), "6 replies and both workers waiting")
+        run.proc.send_signal(signal.SIGINT)
+        run.wait_until(lambda: "stopping" in "".join(run.err), "'stopping' after SIGINT")
+        server.allow(2)  # the judge has stopped starting requests: release the two in flight
+        out, err = run.finish()
         outputs += [out, err]
-        assert proc.returncode == 130, err
+        assert run.proc.returncode == 130, err
         assert "interrupted" in err and "Traceback" not in err
+        assert server.gate_state() == (8, 0)  # nothing was asked after Ctrl-C
         after1 = cached_answers()
-        assert 6 <= len(after1) < 48
+        assert len(after1) == 7  # 8 replies, one of them the [[fault=500]] item's first
         # every reply the server sent in phase 1 ended in the cache (in-flight ones included)
         with server.lock:
             answered = {r[2] for r in server.log if r[0] == 1 and r[3] in ("ok", "garbage")}
         assert answered == after1
 
-        # phase 2: SIGKILL midway (no chance to clean up)
+        # phase 2: SIGKILL with two requests in flight (no chance to clean up)
         server.phase = 2
-        proc = _cli(run_dir, server.url)
-        _wait_cached(cache_path, len(after1) + 6, proc)
-        proc.kill()
-        out, err = proc.communicate(timeout=60)
+        server.allow(6)
+        run = CLIRun(run_dir, server.url)
+        run.wait_until(lambda: server.gate_state() == (14, 2), "6 more replies and both workers waiting")
+        run.proc.kill()
+        out, err = run.finish()
         outputs += [out, err]
-        assert proc.returncode == -signal.SIGKILL
+        assert run.proc.returncode == -signal.SIGKILL
         phase2 = server.counts(2)
         assert not (set(phase2) & after1), "re-requested an item cached before phase 2"
         after2 = cached_answers()
-        assert len(after2) < 48
+        assert len(after2) == 13
 
         # phase 3: to the end
         server.phase = 3
-        server.delay = 0.0
-        proc = _cli(run_dir, server.url)
-        out, err = proc.communicate(timeout=120)
+        server.open_gate()
+        run = CLIRun(run_dir, server.url)
+        out, err = run.finish()
         outputs += [out, err]
-        assert proc.returncode == 0, err
+        assert run.proc.returncode == 0, err
         phase3 = server.counts(3)
         assert not (set(phase3) & after2), "re-requested an item cached before phase 3"
         assert set(phase3) | after2 == set(key_to_answer.values())
@@ -406,10 +463,8 @@ def test_local_judge_stories260k_deterministic(tmp_path):
 
 
 def test_cli_local_backend_writes_judged_and_summary(tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("judge_cli", os.path.join(REPO, "judge.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    class cli:  # the judge.py command, run in this process
+        main = staticmethod(lambda args: run_cli("judge.py", *args))
     run_dir = tmp_path / "run"
     os.makedirs(run_dir / "iter1")
     pairs = make_pairs(3)

@@ -1,0 +1,461 @@
+"""The OpenAI judge client against hostile local servers on 127.0.0.1 (threads, no
+network): redirects, servers that echo the key, trickled bodies, non-2xx and non-JSON
+replies, proxies; and the study's judge prompt, request and cache keying.
+
+The study's prompt below is restated from its source (Joyyang158/self-improvement-of-LLMs,
+utils/gpt_reward.py), not read from our file, so the file is checked against it."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from helpers import REPO, STORIES
+from minispin.judge import (SYSTEM_PROMPT, JudgeError, LocalJudge, OpenAIJudge, ScoreCache,
+                            format_summary, judge_pairs, load_prompt_template, redact)
+
+# a realistic-looking key: none of its 4-character pieces occurs in our own messages
+KEY = "sk-proj-Qm7ZrT2vXk9LwP4nB8cY1hJd6Fs3Ga0E"
+STUDY_PROMPT_FILE = os.path.join(REPO, "configs", "prompts", "study-judge.txt")
+STUDY_PROMPT = """ You are tasked with evaluating the quality of the given answer based on the provided question. Your task is to assign a score between 0 and 100, where 0 indicates very poor quality, and 100 indicates excellent quality. You should use a 1-point increment scale, meaning the score can be any whole number between 0 and 100 (e.g. 73,91,68) and avoiding scores that are always multiples of 5. Consider factors such as relevance, clarity, accuracy, and completeness. Provide only the score without any explanation.
+
+Question: {question}
+
+Answer: {answer}
+
+Score:
+"""  # noqa: E501 -- one line, as in the study
+
+
+def key_fragments(text, n=4):
+    """Every n-character piece of KEY that occurs in `text`."""
+    return sorted({KEY[i:i + n] for i in range(len(KEY) - n + 1) if KEY[i:i + n] in text})
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_env(monkeypatch):
+    # a proxy set on the CI machine must not carry these 127.0.0.1 requests away
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+# ---------------------------------------------------------------- test servers
+def completion(content) -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion", "model": "m",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def send(h, code, body: bytes = b"", headers=(), reason=None):
+    h.send_response(code, reason)
+    for k, v in headers:
+        h.send_header(k, v)
+    if not any(k.lower() == "content-length" for k, _ in headers):
+        h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body)
+
+
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a client that hung up (what half of these tests do) is not news
+
+
+class Server:
+    """An HTTP/1.1 server on 127.0.0.1 that records every request (method, path,
+    headers, body) and answers it with `respond(handler, record, n)`, n counting the
+    requests with the same body so far."""
+
+    def __init__(self, respond):
+        self.requests, self.closing = [], threading.Event()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            owner = server
+
+            def log_message(self, *a):
+                pass
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                rec = {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                       "body": self.rfile.read(length) if length else b""}
+                with server.lock:
+                    n = sum(r["body"] == rec["body"] for r in server.requests)
+                    server.requests.append(rec)
+                try:
+                    respond(self, rec, n)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = do_CONNECT = handle_any
+
+        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(respond):
+        made.append(Server(respond))
+        return made[-1]
+    yield make
+    for s in made:
+        s.close()
+
+
+def judge_for(url, **kw):
+    kw = dict(dict(api_key=KEY, timeout=2.0, max_retries=2, backoff=0.01, concurrency=1, log=lambda m: None), **kw)
+    return OpenAIJudge(base_url=url + "/v1", **kw)
+
+
+def one_pair(i=0):
+    return {"id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i}+{i}?"}],
+            "real": f"It is {2 * i}.", "generated": f"Maybe {2 * i + 1}."}
+
+
+# ---------------------------------------------------------------- redirects
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirect_stops_the_run_and_the_key_stays(servers, tmp_path, code):
+    target = servers(lambda h, rec, n: send(h, 200, completion("99")))
+    location = target.url + "/v1/chat/completions?echo=" + KEY  # a Location that carries the key
+    origin = servers(lambda h, rec, n: send(h, code, completion("97"), [("Location", location)]))
+    logs = []
+    judge = judge_for(origin.url, log=logs.append)
+    cache = ScoreCache(str(tmp_path / "c.jsonl"))
+    with pytest.raises(JudgeError) as e:
+        judge_pairs([one_pair()], judge, cache, log=logs.append)
+    cache.close()
+    msg = str(e.value)
+    # nothing reached the redirect target: no Authorization header, no request at all
+    assert target.requests == []
+    # the run stopped at the first reply; neither the 3xx body's score nor anything else was kept
+    assert len(origin.requests) == 1 and len(cache) == 0 and open(tmp_path / "c.jsonl").read() == ""
+    assert f"HTTP {code}" in msg and origin.url + "/v1/chat/completions" in msg
+    assert target.url + "/v1/chat/completions" in msg and "\n" not in msg
+    assert key_fragments(msg + "\n".join(logs)) == []
+
+
+def test_urllib_would_have_sent_the_key_to_the_redirect_target(servers):
+    """The control for the test above: the same two servers catch the leak that
+    urllib's default redirect handling causes (so the test above can fail)."""
+    target = servers(lambda h, rec, n: send(h, 200, completion("99")))
+    origin = servers(lambda h, rec, n: send(h, 302, b"", [("Location", target.url + "/v1/chat/completions")]))
+    req = urllib.request.Request(origin.url + "/v1/chat/completions", data=b"{}", method="POST",
+                                 headers={"Authorization": "Bearer " + KEY})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert json.loads(resp.read())["choices"][0]["message"]["content"] == "99"
+    assert target.requests[0]["method"] == "GET"
+    assert target.requests[0]["headers"].get("Authorization") == "Bearer " + KEY
+
+
+# ---------------------------------------------------------------- the key in server replies
+def test_key_echoed_whole_or_in_part_never_leaks(servers, tmp_path):
+    auth = "Bearer " + KEY
+    big = "x" * 40000 + KEY[10:30] + "y" * 25496 + auth + "z" * 5000  # over 64 KiB; the cut falls inside the key
+    faults = [
+        # the key across the 160th character, where a retry log line is cut
+        (500, json.dumps({"error": "a" * 100 + " upstream broke; auth was " + auth}).encode(), None),
+        (500, json.dumps({"error": f"partial header: {auth[:27]}"}).encode(), None),
+        (502, f"Incorrect API key provided: {KEY[:8]}{'*' * 20}{KEY[-4:]}".encode(), None),  # OpenAI-style mask
+        (503, big.encode(), None),
+        (500, b"{}", f"Broken {KEY[5:25]}"),                          # in the reason phrase
+        (200, f"<html>proxy says {auth}</html>".encode(), None),      # 200, not JSON
+        (200, json.dumps({"error": {"message": f"key {KEY}"}}).encode(), None),  # JSON, no choices
+        (429, json.dumps({"error": f"slow down {KEY[3:19]}"}).encode(), None),
+    ]
+
+    def respond(h, rec, n):
+        if n < len(faults):
+            code, body, reason = faults[n]
+            return send(h, code, body, reason=reason)
+        return send(h, 200, completion(f"Score 70. By the way your key is {auth}"))
+
+    server = servers(respond)
+    logs = []
+    judge = judge_for(server.url, max_retries=len(faults), max_backoff=0.02, log=logs.append)
+    cache_path = str(tmp_path / "cache.jsonl")
+    cache = ScoreCache(cache_path)
+    out, summary = judge_pairs([one_pair()], judge, cache, log=logs.append)
+    cache.close()
+    # every fault was served and retried: the server saw the key, each item made 9 requests
+    assert len(server.requests) == 2 * (len(faults) + 1)
+    assert all(r["headers"]["Authorization"] == auth for r in server.requests)
+    assert sum("retry" in m for m in logs) == 2 * len(faults)
+    recs = [json.loads(line) for line in open(cache_path)]
+    assert len(recs) == 2 and all(r["score"] is None and "***" in r["reply"] for r in recs)
+    written = "\n".join(logs + [open(cache_path).read(), json.dumps(out), json.dumps(summary),
+                                format_summary(summary), repr(judge), repr(vars(judge))])
+    assert key_fragments(written) == []
+    for echo in ("auth was Bearer ***", "partial header: Bearer ***", "provided: ***", "proxy says Bearer ***",
+                 "key ***", "slow down ***"):
+        assert echo in written  # the echoes were there, and were redacted
+
+    # the run-stopping errors redact too: 401 echoing the header, whole and in part
+    stop = servers(lambda h, rec, n: send(h, 401, f"bad key {auth} / {KEY[-9:]}".encode()))
+    with pytest.raises(JudgeError) as e:
+        judge_for(stop.url).score("q", "a")
+    assert "401" in str(e.value) and key_fragments(str(e.value)) == [] and "\n" not in str(e.value)
+    # and the one that gives up
+    dead = servers(lambda h, rec, n: send(h, 500, f"auth was {auth}".encode()))
+    res = judge_for(dead.url, max_retries=1).score("q", "a")
+    assert "gave up" in res["error"] and key_fragments(res["error"]) == []
+
+
+def test_redact_leaves_no_fragment_and_nothing_else():
+    pieces = [KEY, KEY[:4], KEY[-4:], KEY[7:19], KEY[:3], "Bearer " + KEY[1:]]
+    for piece in pieces:
+        text = f"before {piece} after {piece[::-1]}"
+        out = redact(text, [KEY])
+        assert key_fragments(out) == []
+        assert out.startswith("before ") and " after " in out
+    assert redact("sk- and the rest: nothing secret here", [KEY]) == "sk- and the rest: nothing secret here"
+    assert redact(KEY + KEY, [KEY]) == "******"  # one *** per run, each as long as it can be
+    assert redact("abc abcd", ["abc"]) == "*** ***d"  # a short secret: its whole occurrences
+    # texts glued from random pieces of the key and other characters: no piece survives
+    rng = random.Random(0)
+    for _ in range(2000):
+        parts = []
+        for _ in range(rng.randint(1, 6)):
+            i = rng.randrange(len(KEY))
+            parts.append(KEY[i:rng.randint(i, len(KEY))] if rng.random() < 0.5 else
+                         "".join(rng.choice("abXZ -:/sk*") for _ in range(rng.randint(0, 8))))
+        text = "".join(parts)
+        assert key_fragments(redact(text, [KEY])) == [], text
+
+
+# ---------------------------------------------------------------- timeouts
+def trickler(head_too):
+    def respond(h, rec, n):
+        if head_too:  # status line and headers one byte at a time
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n"
+        else:
+            h.send_response(200)
+            h.send_header("Content-Length", "200")
+            h.end_headers()
+            h.wfile.flush()
+            head = b""
+        for b in head + completion("80")[:200]:
+            if h.owner.closing.is_set():
+                return
+            h.wfile.write(bytes([b]))
+            h.wfile.flush()
+            time.sleep(0.3)
+    return respond
+
+
+@pytest.mark.parametrize("head_too", [False, True], ids=["body", "headers"])
+def test_whole_request_timeout_beats_a_trickling_server(servers, head_too):
+    server = servers(trickler(head_too))
+    judge = judge_for(server.url, timeout=1.0, max_retries=0)
+    t0 = time.monotonic()
+    res = judge.score("q", "a")
+    elapsed = time.monotonic() - t0
+    assert "score" not in res and "timeout" in res["error"], res
+    assert elapsed <= 2 * 1.0, f"a trickled reply held one request {elapsed:.1f} s under timeout=1"
+    assert len(server.requests) == 1
+
+
+def test_tls_timeout_and_certificate(servers, tmp_path, monkeypatch):
+    """Under TLS the watchdog still ends a trickled reply, an honest reply is scored, and a
+    certificate the client does not trust is an error (no fallback to no verification)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate for 127.0.0.1")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    trickle = trickler(head_too=False)
+    server = servers(lambda h, rec, n: trickle(h, rec, n) if n == 0 else send(h, 200, completion("77")))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.httpd.socket = tls.wrap_socket(server.httpd.socket, server_side=True)
+    url = server.url.replace("http://", "https://")
+    untrusting = judge_for(url, max_retries=0)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # read when the judge makes its TLS context
+    judge = judge_for(url, timeout=1.0, max_retries=0)
+    t0 = time.monotonic()
+    res = judge.score("q", "a")
+    assert "timeout" in res["error"] and time.monotonic() - t0 <= 2 * 1.0
+    assert judge.score("q", "a")["score"] == 77
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusting.score("q", "a")["error"]
+    assert len(server.requests) == 2  # the untrusted handshake never got to send a request
+
+
+# ---------------------------------------------------------------- what is never scored
+def test_only_a_2xx_json_completion_is_scored(servers):
+    valid = completion("88")
+
+    def respond(h, rec, n):
+        kind = json.loads(rec["body"])["messages"][-1]["content"].split("Answer:\n")[1].split("\n")[0]
+        if kind == "500":
+            return send(h, 500, valid)
+        if kind == "418":
+            return send(h, 418, valid)
+        if kind == "number":  # valid JSON, not a completion
+            return send(h, 200, b"85", [("Content-Type", "text/plain")])
+        if kind == "html":
+            return send(h, 200, b"<html>88</html>")
+        if kind == "short":  # a complete JSON object, but the body ended before Content-Length
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(valid) + 50))
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.wfile.write(valid + b"   ")
+            h.close_connection = True
+            return
+        return send(h, 200, valid)
+
+    server = servers(respond)
+    judge = judge_for(server.url, max_retries=1)
+    for kind in ("500", "418", "number", "html", "short"):
+        res = judge.score("q", kind)
+        assert "score" not in res and "error" in res, (kind, res)
+    assert judge.score("q", "fine")["score"] == 88  # the same body, from a 2xx, is scored
+    per_kind = Counter(json.loads(r["body"])["messages"][-1]["content"].split("Answer:\n")[1].split("\n")[0]
+                       for r in server.requests)
+    assert per_kind == {"500": 2, "418": 1, "number": 2, "html": 2, "short": 2, "fine": 1}
+
+
+# ---------------------------------------------------------------- proxies
+def test_http_proxy_gets_the_absolute_url(servers, monkeypatch):
+    proxy = servers(lambda h, rec, n: send(h, 200, completion("64")))
+    monkeypatch.setenv("http_proxy", proxy.url)
+    judge = OpenAIJudge(base_url="http://judge.invalid/v1", api_key=KEY, timeout=2, max_retries=0, log=lambda m: None)
+    assert judge.score("q", "a")["score"] == 64
+    assert proxy.requests[0]["path"] == "http://judge.invalid/v1/chat/completions"
+
+
+def test_https_proxy_tunnel_never_sees_the_key(servers, monkeypatch):
+    proxy = servers(lambda h, rec, n: send(h, 403, b"no tunnels here"))
+    monkeypatch.setenv("https_proxy", "http://user:pw@" + proxy.url.split("://")[1])
+    judge = OpenAIJudge(base_url="https://judge.invalid/v1", api_key=KEY, timeout=2, max_retries=0, log=lambda m: None)
+    res = judge.score("q", "a")
+    assert "error" in res and "403" in res["error"]
+    connect = proxy.requests[0]
+    assert connect["method"] == "CONNECT" and connect["path"] == "judge.invalid:443"
+    assert connect["headers"]["Proxy-Authorization"] == "Basic dXNlcjpwdw=="  # base64("user:pw")
+    assert "Authorization" not in connect["headers"] and key_fragments(json.dumps(connect["headers"])) == []
+
+
+# ---------------------------------------------------------------- the study's judge
+def test_study_prompt_file_is_the_studys_prompt_verbatim():
+    with open(STUDY_PROMPT_FILE, "rb") as f:
+        assert f.read() == STUDY_PROMPT.encode("utf-8")
+    assert load_prompt_template(STUDY_PROMPT_FILE) == STUDY_PROMPT
+
+
+def test_study_request_is_the_studys_request(servers):
+    server = servers(lambda h, rec, n: send(h, 200, completion("73")))
+    study = judge_for(server.url, prompt_template=load_prompt_template(STUDY_PROMPT_FILE),
+                      system_prompt="", temperature=None, max_tokens=None)
+    q, a = "What is {x} in {answer}?\n  Two lines. ", "  It is {question}; 42.\n"
+    assert study.score(q, a)["score"] == 73
+    body = json.loads(server.requests[0]["body"])
+    # the study's gpt_inference: a system message with empty content, then prompt.format(...)
+    assert body["messages"] == [{"role": "system", "content": ""},
+                                {"role": "user", "content": STUDY_PROMPT.format(question=q, answer=a)}]
+    assert "temperature" not in body and "max_tokens" not in body and body["model"] == "gpt-4o-mini"
+
+    ours = judge_for(server.url)
+    ours.score(q, a)
+    body = json.loads(server.requests[1]["body"])
+    assert body["temperature"] == 0 and body["max_tokens"] == 8
+    assert body["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
+    assert f"Question:\n{q}\n\nAnswer:\n{a}\n\n" in body["messages"][1]["content"]
+
+
+def test_cache_never_crosses_prompts_or_settings(servers, tmp_path):
+    server = servers(lambda h, rec, n: send(h, 200, completion("61")))
+    pairs = [one_pair(i) for i in range(3)]
+    cache = ScoreCache(str(tmp_path / "c.jsonl"))
+    study_prompt = load_prompt_template(STUDY_PROMPT_FILE)
+    study = dict(prompt_template=study_prompt, system_prompt="", temperature=None, max_tokens=None)
+    runs = [({}, 6), ({}, 0), (study, 6), (study, 0), ({**study, "temperature": 1.0}, 6),
+            ({**study, "prompt_template": study_prompt + " "}, 6), ({**study, "system_prompt": None}, 6),
+            ({"max_tokens": 16}, 6), ({"prompt_template": study_prompt}, 6), ({}, 0), (study, 0)]
+    for settings, new_requests in runs:
+        before = len(server.requests)
+        _, s = judge_pairs(pairs, judge_for(server.url, **settings), cache, log=lambda m: None)
+        assert len(server.requests) - before == new_requests, settings
+        assert s["judged"] == 3
+    cache.close()
+    # our default keys are the ones caches had before templates existed
+    pt, ans = pairs[0]["prompt"][0]["content"], pairs[0]["real"]
+    old_key = hashlib.sha256(json.dumps(["openai:gpt-4o-mini", "v1", pt, ans], ensure_ascii=False).encode()).hexdigest()
+    assert cache.get(old_key)["template"] == "v1"
+
+
+def test_load_prompt_template_errors_name_the_file(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("Rate this: {answer}")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Q: {question} A: {answer} caf\xe9".encode("latin-1"))
+    for path, what in [(one, "{question}"), (latin, "UTF-8"), (tmp_path / "missing.txt", "not found"),
+                       (tmp_path, "cannot read")]:
+        with pytest.raises(JudgeError) as e:
+            load_prompt_template(str(path))
+        msg = str(e.value)
+        assert msg.startswith(str(path) + ":") and what in msg and "\n" not in msg
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"  Q: {question}\r\nA: {answer}\r\n")
+    assert load_prompt_template(str(crlf)) == "  Q: {question}\r\nA: {answer}\r\n"
+    with pytest.raises(JudgeError):
+        OpenAIJudge(api_key=KEY, prompt_template="no placeholders")
+
+
+def test_local_judge_takes_the_same_template(tmp_path):
+    study_prompt = load_prompt_template(STUDY_PROMPT_FILE)
+    ours = LocalJudge(STORIES)
+    study = LocalJudge(STORIES, prompt_template=study_prompt)
+    q, a = "Tom has 3 apples and eats one. How many are left?", "Tom has 2 apples left."
+    ids, _ = study.prompt_ids(q, a)
+    expect, _ = study.tok.encode_chat([{"role": "user", "content": STUDY_PROMPT.format(question=q, answer=a)}],
+                                      add_generation_prompt=True, empty_system=True)
+    assert ids == expect and ids != ours.prompt_ids(q, a)[0]
+    assert study.settings_tag != ours.settings_tag == "v1"
+    cache = ScoreCache(str(tmp_path / "c.jsonl"))
+    judge_pairs([one_pair()], ours, cache, log=lambda m: None)
+    judge_pairs([one_pair()], study, cache, log=lambda m: None)
+    judge_pairs([one_pair()], study, cache, log=lambda m: None)
+    assert (ours.requests, study.requests, len(cache)) == (2, 2, 4)
+
+
+def test_bad_base_url_is_one_line(tmp_path):
+    for url in ("ftp://example.com/v1", "not a url", "http://host:notaport/v1"):
+        with pytest.raises(JudgeError) as e:
+            OpenAIJudge(base_url=url, api_key=KEY)
+        assert "base URL" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_closed_port_is_an_error_not_a_hang():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    res = OpenAIJudge(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=1, max_retries=0,
+                      log=lambda m: None).score("q", "a")
+    assert "error" in res and "Connection" in res["error"]
