@@ -16,19 +16,32 @@
   updates (an update below half a bf16 ulp rounds away). On CPU/gloo the default is fp32.
 * Activation checkpointing wraps each Block's forward in `torch.utils.checkpoint` (non-
   reentrant) without renaming modules, so state-dict keys stay the HF keys.
-* DCP checkpoints: `save_checkpoint` writes model + optimizer state sharded (each rank its
-  own part, resharded on load if the world size changes) plus a small per-rank file with
-  the trainer's state (step, scheduler, RNG). It writes into `<dir>.tmp` and rank 0 renames
-  it to `<dir>` after every rank has finished, so a directory named step_<n> is always
-  complete; `latest_checkpoint` picks the newest such directory. On many nodes the
-  checkpoint folder must be on a filesystem every node sees.
+* Training checkpoints (for resume) never unpickle: run folders get copied and shared, and
+  DCP's file format pickles its `.metadata`, and its planner torch.loads non-tensor state
+  (param_groups) with weights_only=False, even with DCP's safetensors storage. Each rank
+  streams its local shards (FSDP2 DTensor `to_local()`) of the model and optimizer state, and
+  its tensors of the trainer's `extra` (RNG states, uint8), into `rank<r>.safetensors`; their offsets
+  in the global tensor travel in that file's header. Rank 0 then writes `checkpoint.json`:
+  the files, where each chunk of each tensor lies, the optimizer's param_groups and every
+  rank's `extra` as JSON (step, scheduler, resume key). Loading reads only that JSON and
+  byte ranges of the safetensors files, so a checkpoint resumes on any world size: each rank
+  copies the overlap of every saved chunk with its own shard. A folder in the old DCP layout
+  (`.metadata`, `*.pt`) is refused unread. Writes go to `<dir>.tmp`, which rank 0 renames to
+  `<dir>` once every rank is done, so a directory named step_<n> is always complete;
+  `latest_checkpoint` picks the newest. A non-finite model or optimizer state is refused before
+  anything is written, keeping the last finite checkpoint (`all_finite` is the same check for
+  callers). A rank that fails to write or read tells the others, so none waits forever.
+  On many nodes the checkpoint folder must be on a filesystem every node sees.
 * `gather_full_state_dict`: the full fp32 weights on rank 0 (CPU), for the HF export.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -36,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import load_model
+from .checkpoint import _ST_DTYPES, load_model
 from .config import read_config
 from .model import Block, Transformer, build_model
 
@@ -197,8 +210,22 @@ def gather_full_state_dict(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-# ---------------------------------------------------------------------- DCP checkpoints
+# ---------------------------------------------------------------------- training checkpoints
+CKPT_INDEX = "checkpoint.json"
+CKPT_FORMAT = "minispin-train-checkpoint"
+CKPT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
+_DTYPE_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+class TrainCheckpointError(ValueError):
+    """A training checkpoint that must not be written or cannot be resumed. The message names
+    the folder (and the file or key) and says what to do."""
+
+
+def _start_fresh(path: str) -> str:
+    return (f"Delete {os.path.dirname(os.path.abspath(path))} to start this training from the "
+            f"beginning, or use another --run-dir")
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
@@ -210,42 +237,364 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return os.path.join(root, max(steps)[1]) if steps else None
 
 
+def _train_state(model: nn.Module, optimizer):
+    """get_state_dict's (model_sd, optim_sd), and their tensors under flat names:
+    'model/<fqn>' and 'optim/<fqn>/<state>' (FSDP2 gives DTensors; step counters are plain)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    flat = {f"model/{k}": v for k, v in model_sd.items()}
+    for fqn, state in optim_sd["state"].items():
+        for name, value in state.items():
+            if not torch.is_tensor(value):
+                raise TrainCheckpointError(f"optimizer state {fqn}/{name} is a {type(value).__name__}; "
+                                           f"only tensor state can be checkpointed")
+            flat[f"optim/{fqn}/{name}"] = value
+    return model_sd, optim_sd, flat
+
+
+def _local_part(t: torch.Tensor):
+    """(this rank's data, its offsets in the global tensor, the global shape)."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(t, DTensor):
+        (chunk,) = t.__create_chunk_list__()
+        return t.to_local(), list(chunk.offsets), list(t.shape)
+    return t, [0] * t.dim(), list(t.shape)
+
+
+def _first_non_finite(tensors: dict) -> Optional[str]:
+    for name, t in tensors.items():
+        local = _local_part(t)[0]
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when flag is true on some rank (a collective: every rank calls it)."""
+    if not dist.is_initialized():
+        return flag
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_finite(model: nn.Module, optimizer=None) -> bool:
+    """True on every rank when every weight (and optimizer state tensor) on every rank is finite.
+    A collective: call it on every rank, e.g. before save_checkpoint."""
+    tensors = dict(model.named_parameters())
+    if optimizer is not None:
+        for i, state in enumerate(optimizer.state.values()):
+            tensors.update({f"optim/{i}/{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return not _any_rank(_first_non_finite(tensors) is not None)
+
+
+def _to_json(value, tensors: dict, key: str):
+    """`extra` as JSON; each tensor moves to `tensors` under its path, leaving a placeholder."""
+    if torch.is_tensor(value):
+        tensors[key] = value
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and "/" not in k for k in value):
+            raise TrainCheckpointError(f"checkpoint state {key}: keys must be strings without '/'")
+        return {k: _to_json(v, tensors, f"{key}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, tensors, f"{key}/{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TrainCheckpointError(f"checkpoint state {key} is a {type(value).__name__}: only JSON "
+                               f"values and tensors are saved (nothing is pickled)")
+
+
+def _from_json(value, read_tensor):
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return read_tensor(value["__tensor__"])
+        return {k: _from_json(v, read_tensor) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v, read_tensor) for v in value]
+    return value
+
+
+def _write_safetensors(path: str, tensors: dict, metadata: dict):
+    """A .safetensors file written one tensor at a time, so host memory holds one tensor of a
+    GPU shard at a time (safetensors' save_file wants them all on the CPU at once)."""
+    header, end = {"__metadata__": metadata}, 0
+    for key, t in tensors.items():
+        if t.dtype not in _DTYPE_NAMES:
+            raise TrainCheckpointError(f"checkpoint state {key} has dtype {t.dtype}, which "
+                                       f"safetensors lacks")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [end, end + size]}
+        end += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            data = t.detach().to("cpu").contiguous().reshape(-1)
+            f.write(memoryview(data.view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_header(path: str, why: str):
+    """Check a rank file's header against the file: {key: (dtype, shape, start)}, __metadata__."""
+    def bad(what):
+        return TrainCheckpointError(f"{path}: {what}; {why}")
+    if not os.path.isfile(path):
+        raise bad("missing")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8 or 8 + struct.unpack("<Q", raw)[0] > size:
+            raise bad(f"truncated ({size} bytes, shorter than its header)")
+        n = struct.unpack("<Q", raw)[0]
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise bad("corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise bad("corrupt safetensors header (not an object)")
+    metadata = header.pop("__metadata__", {})
+    entries = {}
+    for key, e in header.items():
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
+            ok = _is_sizes(shape, len(shape)) and type(begin) is int and type(end) is int
+            ok = ok and 0 <= begin and 8 + n + end <= size
+            ok = ok and end - begin == math.prod(shape) * dtype.itemsize
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {key!r}: dtype, shape and data_offsets do not agree with each other "
+                      f"or with the file size")
+        entries[key] = (dtype, shape, 8 + n + begin)
+    return entries, metadata
+
+
+def _read_rows(path: str, entry, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo:hi (dim 0) of a stored tensor: one contiguous byte range; a 0-d tensor whole."""
+    dtype, shape, start = entry
+    row = math.prod(shape[1:]) * dtype.itemsize
+    buf = torch.empty((hi - lo) * row, dtype=torch.uint8)
+    view, got = memoryview(buf.numpy()), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start + lo * row)
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise TrainCheckpointError(f"{path}: unexpected end of file")
+            got += n
+    return buf.view(dtype).reshape(shape if not shape else [hi - lo] + shape[1:])
+
+
+def _fill(local: torch.Tensor, offsets: list, chunks: list, read) -> int:
+    """Copy into this rank's part (at `offsets` in the global tensor) whatever the saved chunks
+    hold of it: resharding when the world size changed. Returns the number of elements copied."""
+    copied = 0
+    for c in chunks:
+        lo = [max(o, co) for o, co in zip(offsets, c["offsets"])]
+        hi = [min(o + n, co + cn)
+              for o, n, co, cn in zip(offsets, local.shape, c["offsets"], c["sizes"])]
+        if any(a >= b for a, b in zip(lo, hi)):
+            continue
+        if local.dim() == 0:
+            local.copy_(read(c, 0, 1))
+            copied += 1
+            continue
+        rows = read(c, lo[0] - c["offsets"][0], hi[0] - c["offsets"][0])
+        inner = zip(lo[1:], hi[1:], c["offsets"][1:])
+        src = rows[(slice(None),) + tuple(slice(a - co, b - co) for a, b, co in inner)]
+        local[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))].copy_(src)
+        copied += src.numel()
+    return copied
+
+
 def save_checkpoint(path: str, model: nn.Module, optimizer, extra: dict, env: DistEnv,
                     keep: int = 2):
-    """Sharded model + optimizer via DCP, per-rank `extra` (step, scheduler, RNG);
-    written to path.tmp, renamed to path when complete; keeps the newest `keep`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """Model + optimizer shards and `extra` (JSON values and tensors only; step, scheduler,
+    RNG) of every rank, written to path.tmp and renamed to path when complete; keeps the newest
+    `keep`. Refuses (on every rank, before writing) a non-finite model or optimizer state."""
+    from torch.distributed.tensor import DTensor
+    step = extra.get("step", "?")
+    _, optim_sd, flat = _train_state(model, optimizer)
+    bad = _first_non_finite(flat)
+    if _any_rank(bad is not None):
+        raise TrainCheckpointError(
+            f"not saving {path}: the model/optimizer state after step {step} is not finite "
+            f"({bad or 'on another rank'}); the last finite checkpoint is kept. Lower --lr")
+    tensors, chunks = {}, {}
+    for key, t in flat.items():
+        local, offsets, shape = _local_part(t)
+        # a plain tensor (a step counter) is the same on every rank: rank 0 writes it
+        if (isinstance(t, DTensor) or env.is_main) and local.numel() > 0:
+            tensors[key] = local
+            chunks[key] = {"offsets": offsets, "shape": shape}
+    extra_json = _to_json(extra, tensors, "extra")
+    meta = {"minispin": json.dumps({"rank": env.rank, "chunks": chunks, "extra": extra_json})}
+    groups_tensors = {}
+    param_groups = _to_json(optim_sd["param_groups"], groups_tensors, "param_groups")
+    if groups_tensors:
+        raise TrainCheckpointError(f"optimizer setting {next(iter(groups_tensors))} is a tensor; "
+                                   f"give the optimizer plain numbers")
     tmp = path + ".tmp"
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(extra, os.path.join(tmp, f"trainer_rank{env.rank}.pt"))
-    barrier()
+    failed = None
+    try:
+        _write_safetensors(os.path.join(tmp, f"rank{env.rank}.safetensors"), tensors, meta)
+    except OSError as e:
+        failed = e
+    if _any_rank(failed is not None):  # also the barrier: every rank has written its file
+        raise TrainCheckpointError(f"could not write {tmp}: {failed or 'another rank failed'}; "
+                                   f"the last complete checkpoint is kept")
     if env.is_main:
+        _write_index(tmp, env.world_size, param_groups)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
         root = os.path.dirname(path)
         done = sorted(int(m.group(1)) for n in os.listdir(root) if (m := STEP_DIR.match(n)))
-        for step in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(root, f"step_{step}"), ignore_errors=True)
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, f"step_{old}"), ignore_errors=True)
+        fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
+        os.fsync(fd)
+        os.close(fd)
     barrier()
 
 
+def _write_index(folder: str, world_size: int, param_groups: list):
+    """checkpoint.json: where every chunk of every tensor lies, from the ranks' file headers."""
+    files = [f"rank{r}.safetensors" for r in range(world_size)]
+    tensors, extras = {}, []
+    for name in files:
+        entries, meta = _read_header(os.path.join(folder, name), "written just now")
+        info = json.loads(meta["minispin"])
+        extras.append(info["extra"])
+        for key, c in info["chunks"].items():
+            dtype, sizes, _ = entries[key]
+            t = tensors.setdefault(key, {"dtype": _DTYPE_NAMES[dtype], "shape": c["shape"],
+                                         "chunks": []})
+            if not any(x["offsets"] == c["offsets"] for x in t["chunks"]):  # replicas: keep one
+                t["chunks"].append({"file": name, "offsets": c["offsets"], "sizes": sizes})
+    index = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "world_size": world_size,
+             "files": files, "extra": extras, "param_groups": param_groups, "tensors": tensors}
+    with open(os.path.join(folder, CKPT_INDEX), "w") as f:
+        json.dump(index, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_sizes(v, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(type(x) is int and x >= 0 for x in v)
+
+
+def _read_index(path: str) -> dict:
+    """checkpoint.json, checked; a folder in another (pickle) format is refused, never read."""
+    index_path = os.path.join(path, CKPT_INDEX)
+    if not os.path.isfile(index_path):
+        names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+        legacy = [n for n in names if n == ".metadata" or n.endswith((".pt", ".pth", ".distcp", ".bin"))]
+        if legacy:
+            raise TrainCheckpointError(
+                f"{path}: checkpoint in the old pickle-based format ({', '.join(legacy[:3])}); it is "
+                f"not read, as unpickling a file can run code. {_start_fresh(path)}")
+        raise TrainCheckpointError(f"{path}: no {CKPT_INDEX}, so not a minispin checkpoint. "
+                                   f"{_start_fresh(path)}")
+
+    def need(ok, what):
+        if not ok:
+            raise TrainCheckpointError(f"{index_path}: {what}. {_start_fresh(path)}")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainCheckpointError(f"{index_path}: not valid JSON ({e}). {_start_fresh(path)}") from None
+    need(isinstance(index, dict) and index.get("format") == CKPT_FORMAT,
+         "not a minispin checkpoint index")
+    need(index.get("version") == CKPT_VERSION,
+         f"format version {index.get('version')!r}; this minispin reads version {CKPT_VERSION}")
+    world = index.get("world_size")
+    need(type(world) is int and world >= 1, "'world_size' must be a positive integer")
+    files = [f"rank{r}.safetensors" for r in range(world)]
+    need(index.get("files") == files, f"'files' must be rank0 ... rank{world - 1}.safetensors")
+    need(isinstance(index.get("extra"), list) and len(index["extra"]) == world
+         and all(isinstance(e, dict) for e in index["extra"]), "'extra' must hold an object per rank")
+    groups = index.get("param_groups")
+    need(isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                          for g in groups), "'param_groups' malformed")
+    need(isinstance(index.get("tensors"), dict), "'tensors' must be an object")
+    for key, t in index["tensors"].items():
+        need(isinstance(t, dict) and t.get("dtype") in _ST_DTYPES and isinstance(t.get("chunks"), list)
+             and _is_sizes(t.get("shape"), len(t.get("shape") or [])), f"tensors[{key!r}] malformed")
+        for c in t["chunks"]:
+            dims = len(t["shape"])
+            need(isinstance(c, dict) and c.get("file") in files and _is_sizes(c.get("offsets"), dims)
+                 and _is_sizes(c.get("sizes"), dims), f"a chunk of tensors[{key!r}] is malformed")
+    return index
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer, env: DistEnv) -> dict:
-    """Restore model + optimizer shards (resharding if the world size changed) and
-    return this rank's trainer state (rank 0's when this rank had none)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    own = os.path.join(path, f"trainer_rank{env.rank}.pt")
-    if not os.path.isfile(own):
-        own = os.path.join(path, "trainer_rank0.pt")
-    return torch.load(own, weights_only=True)
+    """Restore model + optimizer from a checkpoint of any world size (resharding) and return
+    this rank's `extra` (rank 0's when the saving job had fewer ranks). Reads only JSON and
+    safetensors: nothing is unpickled."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    index = _read_index(path)
+    why = f"the checkpoint is damaged. {_start_fresh(path)}"
+    # every rank checks every file's header, so a damaged file stops all ranks alike
+    headers = {name: _read_header(os.path.join(path, name), why)[0] for name in index["files"]}
+    model_sd, optim_sd, flat = _train_state(model, optimizer)
+    saved = index["tensors"]
+    missing, unexpected = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
+    if missing or unexpected:
+        raise TrainCheckpointError(
+            f"{path}: does not fit this model and optimizer (missing: {', '.join(missing[:4]) or '-'}; "
+            f"unexpected: {', '.join(unexpected[:4]) or '-'}): it was written with another model or "
+            f"--optimizer. {_start_fresh(path)}")
+    for key, t in flat.items():
+        entry = saved[key]
+        if entry["shape"] != list(t.shape) or _ST_DTYPES[entry["dtype"]] != t.dtype:
+            raise TrainCheckpointError(f"{path}: {key} is {entry['dtype']} {entry['shape']} there, "
+                                       f"{t.dtype} {list(t.shape)} here. {_start_fresh(path)}")
+        for c in entry["chunks"]:
+            got = headers[c["file"]].get(key)
+            if got is None or got[1] != c["sizes"] or got[0] != t.dtype:
+                raise TrainCheckpointError(f"{os.path.join(path, c['file'])}: {key} missing or not as "
+                                           f"{CKPT_INDEX} describes it; {why}")
+
+    failed = None
+    with torch.no_grad():
+        for key, t in flat.items():
+            local, offsets, _ = _local_part(t)
+            try:
+                copied = _fill(local, offsets, saved[key]["chunks"], lambda c, lo, hi: _read_rows(
+                    os.path.join(path, c["file"]), headers[c["file"]][key], lo, hi))
+            except (OSError, TrainCheckpointError) as e:
+                failed = str(e)
+                break
+            if copied != local.numel():
+                failed = (f"{path}: {key}: the chunks cover {copied} of this rank's "
+                          f"{local.numel()} elements; {why}")
+                break
+    if _any_rank(failed is not None):  # no rank goes on to train with half a checkpoint
+        raise TrainCheckpointError(failed or f"{path}: another rank could not restore its part; {why}")
+    if len(index["param_groups"]) != len(optim_sd["param_groups"]):
+        raise TrainCheckpointError(f"{path}: {len(index['param_groups'])} optimizer parameter groups "
+                                   f"there, {len(optim_sd['param_groups'])} here. {_start_fresh(path)}")
+    for now, was in zip(optim_sd["param_groups"], index["param_groups"]):
+        for k, v in was.items():  # lr, betas, ...; JSON made tuples lists: restore the type
+            if k != "params":
+                now[k] = tuple(v) if isinstance(now.get(k), tuple) and isinstance(v, list) else v
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    rank = env.rank if env.rank < index["world_size"] else 0
+    name = index["files"][rank]
+
+    def read_extra(key):
+        entry = headers[name].get(key) if isinstance(key, str) else None
+        if entry is None:
+            raise TrainCheckpointError(f"{os.path.join(path, name)}: {key!r} missing; {why}")
+        return _read_rows(os.path.join(path, name), entry, 0, entry[1][0] if entry[1] else 1)
+    return _from_json(index["extra"][rank], read_extra)
