@@ -18,6 +18,7 @@ import sys
 from minispin import distributed as D
 from minispin import recipe as R
 from minispin.errors import run_cli
+from minispin.iteration import locked
 from minispin.pairs import generate_pairs_file
 
 KEYS = ("data", "num_prompts", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
@@ -62,8 +63,9 @@ def main(argv=None) -> int:
     recipe = R.resolve(args.config, flags, iteration=args.iter)
     env = D.init_distributed(recipe.model.device)
     try:
-        generate_pairs_file(recipe, args.iter, env, model_dir=args.model, out=args.out,
-                            overwrite=args.overwrite, strict=args.strict, progress=args.progress)
+        with locked(recipe.run_dir, env):
+            generate_pairs_file(recipe, args.iter, env, model_dir=args.model, out=args.out,
+                                overwrite=args.overwrite, strict=args.strict, progress=args.progress)
         return 0
     finally:
         D.close_distributed(env)

@@ -22,6 +22,7 @@ from minispin.errors import run_cli
 from minispin.iteration import judge_file
 from minispin.judge import format_summary, log_stderr, make_judge
 from minispin.layout import judge_cache_path, judged_path, pairs_path
+from minispin.lock import RunLock
 
 KEYS = ("judge_model", "judge_threshold", "judge_base_url", "judge_concurrency", "judge_timeout",
         "judge_max_retries", "judge_prompt", "judge_system", "judge_api_defaults", "device", "dtype")
@@ -60,8 +61,9 @@ def main(argv=None) -> int:
     out = args.out or judged_path(recipe.run_dir, args.iter)
     cache = args.cache or judge_cache_path(recipe.run_dir)
     try:
-        summary = judge_file(recipe, src, out, make_judge(recipe, backend, log=log), cache,
-                             retry_unparsable=args.retry_unparsable, limit=args.limit, log=log)
+        with RunLock(recipe.run_dir):   # one writer per run folder (minispin/lock.py)
+            summary = judge_file(recipe, src, out, make_judge(recipe, backend, log=log), cache,
+                                 retry_unparsable=args.retry_unparsable, limit=args.limit, log=log)
     except KeyboardInterrupt:
         print(f"\njudge.py: interrupted; the scores so far are safe in {cache} "
               "(re-run the same command to resume)", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 from minispin import distributed as D
 from minispin import recipe as R
 from minispin.errors import run_cli
-from minispin.iteration import run_iteration, run_sft, summarize
+from minispin.iteration import locked, run_iteration, run_sft, summarize
 
 MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads")
 DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_prompts", "seed")
@@ -73,11 +73,12 @@ def main(argv=None) -> int:
     env = D.init_distributed(recipe.model.device)
     log = (lambda *m: print(*m, flush=True)) if env.is_main else (lambda *m: None)
     try:
-        if args.sft:
-            run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
-        elif run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out, args.force,
-                           args.dump_rows, args.progress, log) is not None and env.is_main:
-            print(summarize(recipe, args.iteration, args.out), flush=True)
+        with locked(recipe.run_dir, env):
+            if args.sft:
+                run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
+            elif run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out,
+                               args.force, args.dump_rows, args.progress, log) is not None and env.is_main:
+                print(summarize(recipe, args.iteration, args.out), flush=True)
         return 0
     finally:
         D.close_distributed(env)

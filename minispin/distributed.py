@@ -50,6 +50,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .checkpoint import _ST_DTYPES, load_model
+from .errors import UserError
 from .config import read_config
 from .model import Block, Transformer, build_model
 
@@ -218,7 +219,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 _DTYPE_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
-class TrainCheckpointError(ValueError):
+class TrainCheckpointError(UserError):
     """A training checkpoint that must not be written or cannot be resumed. The message names
     the folder (and the file or key) and says what to do."""
 
@@ -535,6 +536,12 @@ def _read_index(path: str) -> dict:
             need(isinstance(c, dict) and c.get("file") in files and _is_sizes(c.get("offsets"), dims)
                  and _is_sizes(c.get("sizes"), dims), f"a chunk of tensors[{key!r}] is malformed")
     return index
+
+
+def checkpoint_extra(path: str) -> dict:
+    """Rank 0's `extra` as JSON (step, resume key, ...), read from the index alone — so a
+    run can check that a checkpoint is its own before loading any tensor."""
+    return _read_index(path)["extra"][0]
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer, env: DistEnv) -> dict:

@@ -18,7 +18,7 @@ so re-running a command after a crash resumes it.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shlex
 from typing import Callable, List, Optional, Tuple
@@ -50,6 +50,30 @@ def command(recipe: Recipe, tool: str, t: int, *extra: str, world: int = 1) -> s
     if recipe.run_dir != os.path.join("runs", recipe.name):
         cmd += f" --run-dir {shlex.quote(recipe.run_dir)}"
     return " ".join([cmd, *extra])
+
+
+@contextlib.contextmanager
+def locked(run_dir: str, env):
+    """One writer per run folder while the body runs (lock.py): rank 0 takes the lock and
+    removes what killed writers left behind (staging folders, unfinished checkpoints); the
+    other ranks wait for it, and stop with it if the folder is taken."""
+    from .lock import RunLock, RunLockError, clean_orphans
+    lock, err = RunLock(run_dir, rank=env.rank), None
+    if env.is_main:
+        try:
+            lock.__enter__()
+            for path in clean_orphans(run_dir):
+                print(f"note: removed {path}, left by a process that no longer runs", flush=True)
+        except UserError as e:
+            err = str(e)
+    err = D.broadcast_object(err)
+    if err:
+        raise RunLockError(err)
+    try:
+        yield
+    finally:
+        if env.is_main:
+            lock.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------- 1. pairs

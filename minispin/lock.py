@@ -27,13 +27,15 @@ import sys
 import time
 from typing import List, Optional
 
+from .errors import UserError
+
 LOCK_NAME = ".minispin.lock"
 ORPHAN = re.compile(r"^.+\.tmp-(\d+)$")
 STEP_TMP = re.compile(r"^step_\d+\.tmp$")
 _HELD: dict = {}  # absolute lock path -> [nesting depth, the JSON we wrote] in this process
 
 
-class RunLockError(ValueError):
+class RunLockError(UserError):
     """The run folder is locked by another writer, or the lock cannot be taken."""
 
 

@@ -365,8 +365,8 @@ class Trainer:
         opt, sched = self._build_optimizer(policy)
         start, last_ckpt = 0, D.latest_checkpoint(self.ckpt_root)
         if last_ckpt:
+            self._check_resume_key(last_ckpt, D.checkpoint_extra(last_ckpt).get("resume_key", {}))
             extra = D.load_checkpoint(last_ckpt, policy, opt, env)
-            self._check_resume_key(last_ckpt, extra.get("resume_key", {}))
             start = extra["step"]
             sched.load_state_dict(extra["scheduler"])
             self._set_rng_state(extra["rng"])
@@ -397,6 +397,11 @@ class Trainer:
                 bar.update(1)
                 done = step + 1
                 if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == self.total_steps:
+                    if not D.all_finite(policy, opt):  # a finite loss can still step into inf
+                        raise TrainingError(
+                            f"the weights or optimizer state are not finite after step {done}; "
+                            f"not saved. Last good checkpoint: {last_ckpt or 'none yet'} (left intact; "
+                            f"re-running the same command resumes from it). Lower --lr.")
                     last_ckpt = os.path.join(self.ckpt_root, f"step_{done}")
                     D.save_checkpoint(last_ckpt, policy, opt,
                                       {"step": done, "resume_key": self._resume_key(),
