@@ -22,7 +22,7 @@ from minispin.errors import UserError, run_cli
 
 INSTALL_HINT = ("evaluate.py needs lm-evaluation-harness, an optional extra of minispin: "
                 "pip install -e .[eval]")
-KEYS = ("device", "dtype")
+KEYS = ("device", "dtype", "eval_bos")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--offline", action="store_true",
                     help="use the shipped task samples in assets/eval; never touch the network")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a setup error")
-    R.add_flags(ap, KEYS, "device")
+    R.add_flags(ap, KEYS, "device and tokens")
     return ap
 
 
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     labels, json_paths, table_path = E.results_paths(args.model, args.output)
     rows, rank = {}, 0
     for path, label, json_path in zip(args.model, labels, json_paths):
+        bos = {"auto": None, "yes": True, "no": False}[recipe.eval.eval_bos]
         lm = E.MinispinLM(pretrained=path, dtype=recipe.model.dtype, device=recipe.model.device,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, add_bos_token=bos)
         rank = lm.rank
         results = E.run_tasks(lm, tasks, offline=args.offline, limit=args.limit)
         if lm.world_size > 1:
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
     table = E.markdown_table(rows)
     note = " (offline samples in assets/eval)" if args.offline else ""
     limit = f", --limit {args.limit}" if args.limit is not None else ""
-    E.write_text(table_path, f"{table}\n\nlm-eval{note}{limit}; backend minispin.\n")
+    import lm_eval
+    E.write_text(table_path, f"{table}\n\nlm-eval {lm_eval.__version__}{note}{limit}; backend minispin; "
+                             f"<s> first: {recipe.eval.eval_bos}.\n")
     print(f"\n{table}\n\ntable written to {table_path}")
     return 0
 

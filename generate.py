@@ -21,9 +21,9 @@ from minispin.errors import run_cli
 from minispin.iteration import locked
 from minispin.pairs import generate_pairs_file
 
-KEYS = ("data", "num_prompts", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-        "gen_batch_size", "max_length", "max_prompt_length", "template", "empty_system", "dtype",
-        "device", "compile")
+KEYS = ("data", "num_prompts", "shuffle_seed", "max_new_tokens", "temperature", "top_p", "top_k",
+        "seed", "gen_batch_size", "max_length", "max_prompt_length", "template", "empty_system",
+        "gen_template", "gen_bos", "decode", "dtype", "device", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:

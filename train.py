@@ -28,10 +28,9 @@ from minispin.iteration import locked, run_iteration, run_sft, summarize
 
 MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads")
 DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_prompts", "seed")
-GEN_KEYS = ("generate", "compile")
+GEN_KEYS = ("generate", "compile", "gen_template", "gen_bos", "decode", "shuffle_seed")
 TRAIN_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "training")
-FIX_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "fixes" and not k.startswith("judge_")
-                 or k in ("judge_threshold", "judge_backend", "judge_model"))
+FIX_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "fixes")
 EVAL_KEYS = ("heldout_examples",)
 
 

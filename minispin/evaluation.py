@@ -242,8 +242,13 @@ class MinispinLM(TemplateLM):
 
     def __init__(self, pretrained: str, dtype: Optional[str] = None, device: Optional[str] = None,
                  batch_size=8, max_batch_size: Optional[int] = None, max_length: Optional[int] = None,
-                 max_gen_toks: int = 256, gen_chunk: int = 64, **kwargs):
+                 max_gen_toks: int = 256, gen_chunk: int = 64, add_bos_token=None, **kwargs):
         super().__init__()
+        # None: as the installed lm-eval's "hf" backend does by default (lm-eval >= 0.4.3
+        # lets the tokenizer add <s>; early-2024 releases, which the study ran, added none)
+        if isinstance(add_bos_token, str):
+            add_bos_token = {"true": True, "false": False, "none": None, "auto": None}[add_bos_token.lower()]
+        self.add_bos_token = add_bos_token
         if kwargs:
             logging.getLogger(__name__).warning("minispin backend ignores model_args %s", sorted(kwargs))
         self._device = D.pick_device(device)
@@ -292,9 +297,12 @@ class MinispinLM(TemplateLM):
         return self.pretrained.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
-        """As the "hf" backend: <s> first unless told not to or the text already starts with it."""
+        """As the "hf" backend: an explicit add_special_tokens wins, then add_bos_token; by
+        default <s> first unless the text already starts with it."""
         if add_special_tokens is None:
-            add_special_tokens = not string.startswith(self.tok.sp.id_to_piece(self.prefix_token_id))
+            add_special_tokens = self.add_bos_token
+            if add_special_tokens is None:
+                add_special_tokens = not string.startswith(self.tok.id_to_piece(self.prefix_token_id))
         return self.tok.encode(string, bos=bool(add_special_tokens))
 
     def tok_decode(self, ids: Sequence[int]) -> str:
@@ -323,7 +331,8 @@ class MinispinLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         return {"model_num_parameters": self.model.num_params(), "model_dtype": str(self.dtype),
-                "model_name": self.pretrained, "backend": "minispin"}
+                "model_name": self.pretrained, "backend": "minispin",
+                "add_bos_token": "default" if self.add_bos_token is None else self.add_bos_token}
 
     # ------------------------------------------------------------------ loglikelihood
     def _window(self, ctx: List[int], cont: List[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:

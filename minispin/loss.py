@@ -17,7 +17,10 @@ types are (ε = label_smoothing):
     sigmoid  −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ)      SPIN's logistic loss (ε = 0; ε > 0 is
                                                   "conservative" DPO with flipped labels)
     hinge    max(0, 1 − βΔ)                        SPIN's alternative
-    ipo      (Δ − 1/(2β))²                         IPO's squared loss (β plays IPO's τ)
+    ipo      (Δ − 1/(2β))²                         IPO's squared loss (β plays IPO's τ), with every
+                                                  log-prob divided by its answer's token count,
+                                                  as TRL does (a choice it reports the IPO
+                                                  authors confirmed); ipo_sum: the same on sums
     robust   [−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)] / (1 − 2ε)   robust DPO: unbiased under a
                                                   label-noise rate ε (needs ε < 1/2)
 
@@ -62,7 +65,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "ipo_sum", "robust")
 LN2 = math.log(2.0)
 
 
@@ -114,7 +117,7 @@ def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor,
         losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     elif loss_type == "hinge":
         losses = torch.relu(1 - z)
-    elif loss_type == "ipo":
+    elif loss_type in ("ipo", "ipo_sum"):  # (spin_step averages the log-probs for "ipo")
         losses = (delta - 1 / (2 * beta)) ** 2
     else:  # robust
         losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
@@ -145,6 +148,9 @@ def spin_step(policy, batch: dict, reference: torch.Tensor, beta: float = 0.1,
     ids, mask = batch["input_ids"], batch["loss_mask"]
     seen = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}  # SPIN's rows
     logps = sequence_logps(policy(ids, **seen), ids, mask)   # log p_θ of all 2B rows, one forward
+    if loss_type == "ipo":  # TRL's IPO: log-probs per answer token, the policy's and the reference's
+        n = mask[:, 1:].sum(1).clamp(min=1).to(logps.dtype)
+        logps, reference = logps / n, reference / n.to(reference.device)
     B = logps.shape[0] // 2
     return spin_loss(logps[:B], logps[B:], reference[:B], reference[B:], beta=beta,
                      loss_type=loss_type, label_smoothing=label_smoothing, swap=batch.get("swap"))

@@ -121,8 +121,9 @@ class Generation:
 class Training:
     beta: float = key(0.1, "β (the paper's λ): inverse temperature of the implicit reward",
                       lo=0, lo_open=True)
-    loss_type: str = key("sigmoid", "sigmoid (SPIN) | hinge | ipo | robust",
-                         choices=("sigmoid", "hinge", "ipo", "robust"))
+    loss_type: str = key("sigmoid", "sigmoid (SPIN) | hinge | ipo (log-probs per answer token, "
+                         "as TRL) | ipo_sum (the same on summed log-probs) | robust",
+                         choices=("sigmoid", "hinge", "ipo", "ipo_sum", "robust"))
     label_smoothing: float = key(0.0, "ε for sigmoid (conservative) and robust losses; 0 = SPIN",
                                  lo=0, hi=1)
     ref_mode: str = key("precompute", "precompute: θ_t's log-probs once per iteration, stored in "
@@ -202,6 +203,9 @@ class Eval:
     heldout_examples: int = key(0, "held-out examples evaluated after the iteration (0 = none)",
                                 lo=0)
     heldout_max_new_tokens: int = key(256, "greedy tokens per held-out answer", lo=1)
+    eval_bos: str = key("auto", "lm-eval requests start with <s>: auto (as the installed lm-eval's "
+                        "hf backend: yes since 0.4.3) | yes | no (the early-2024 hf backend the "
+                        "study ran)", choices=("auto", "yes", "no"))
 
 
 SECTIONS = {"model": Model, "data": Data, "generation": Generation, "training": Training,

@@ -31,9 +31,9 @@ MC_TASKS = ["arc_challenge", "arc_easy", "truthfulqa_mc1", "truthfulqa_mc2", "wi
             "hellaswag", "mmlu"]
 
 
-def _hf(path):
+def _hf(path, **kw):
     from lm_eval.models.huggingface import HFLM
-    return HFLM(pretrained=path, dtype="float32", device="cpu", batch_size=8)
+    return HFLM(pretrained=path, dtype="float32", device="cpu", batch_size=8, **kw)
 
 
 def _ours(path, **kw):
@@ -108,6 +108,19 @@ def test_tiny_mistral_same_answers_as_hf_backend(mistral_dir):
     n_ll, _, worst = _compare(ours, theirs)
     assert n_ll > 30 and max(packed) >= 4  # rows held 4+ multi-token choices
     print(f"tiny mistral: {n_ll} requests, worst |Δ log p| {worst:.2e}")
+
+
+def test_bos_off_equals_hf_backend_with_add_bos_token_false():
+    """The study's evaluation: the early-2024 hf backend added no <s>. add_bos_token=False
+    gives the hf backend's own answers with add_bos_token=False — and different ones from
+    the default, which starts every request with <s>."""
+    names = ["arc_easy", "winogrande"]
+    off = _run(_ours(STORIES, add_bos_token=False), names, limit=3)
+    n_ll, _, _ = _compare(off, _run(_hf(STORIES, add_bos_token=False), names, limit=3))
+    assert n_ll > 10
+    on = _run(_ours(STORIES), names, limit=3)
+    first = lambda r: r["samples"]["arc_easy_local"][0]["resps"][0][0][0]  # noqa: E731
+    assert abs(first(on) - first(off)) > 1e-3
 
 
 def test_gsm8k_generations_equal_hf_backend():

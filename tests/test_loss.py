@@ -73,11 +73,12 @@ def _hand_losses(pr, pg, rr, rg, beta, eps):
         "sigmoid": -(1 - eps) * ls(z) - eps * ls(-z),
         "hinge": max(0.0, 1 - z),
         "ipo": (d - 1 / (2 * beta)) ** 2,
+        "ipo_sum": (d - 1 / (2 * beta)) ** 2,
         "robust": (-(1 - eps) * ls(z) + eps * ls(-z)) / (1 - 2 * eps),
     }
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "ipo_sum", "robust"])
 def test_each_loss_type_matches_hand_values(loss_type):
     # (policy real, policy generated, reference real, reference generated)
     rows = [(-10.0, -12.0, -11.0, -11.5),   # Δ = 1.5
@@ -92,6 +93,7 @@ def test_each_loss_type_matches_hand_values(loss_type):
     # hand values written out for SPIN's own setting (β = 0.1, Δ = 1.5 -> βΔ = 0.15)
     first = spin_loss(*(x[:1] for x in t), beta=0.1, loss_type=loss_type)[0].item()
     want = {"sigmoid": math.log(1 + math.exp(-0.15)), "hinge": 0.85, "ipo": (1.5 - 5.0) ** 2,
+            "ipo_sum": (1.5 - 5.0) ** 2,
             "robust": math.log(1 + math.exp(-0.15))}[loss_type]
     assert first == pytest.approx(want, rel=1e-6)
 
@@ -195,3 +197,22 @@ def test_collate_pairs_layout():
                                        [0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0, 0]]
     assert b["swap"].tolist() == [True, False] and b["noise"].tolist() == [0.5, 0.0]
     assert b["keys"] == ["s/a", "s/b"]
+
+
+def test_spin_step_ipo_averages_log_probs_per_answer_token_as_trl():
+    """TRL's IPO divides each sequence log-prob (policy and reference) by its answer's token
+    count before Δ; ipo_sum keeps the sums. Checked by hand on fixed logits."""
+    from minispin.loss import spin_step
+    logits, ids, mask = _batch(7, B=4)
+    policy = lambda x: logits  # noqa: E731  (a "model" that returns fixed logits)
+    ref = torch.tensor([-30.0, -20.0, -25.0, -40.0])
+    batch = {"input_ids": ids, "loss_mask": mask}
+    lp = sequence_logps(logits, ids, mask)
+    n = mask[:, 1:].sum(1).double()
+    beta = 0.1
+    for loss_type, scale in (("ipo", n), ("ipo_sum", torch.ones(4, dtype=torch.float64))):
+        losses, _ = spin_step(policy, batch, ref, beta=beta, loss_type=loss_type)
+        for i in range(2):
+            d = (float(lp[i]) / scale[i] - float(ref[i]) / scale[i]) - \
+                (float(lp[2 + i]) / scale[2 + i] - float(ref[2 + i]) / scale[2 + i])
+            assert float(losses[i]) == pytest.approx((d - 1 / (2 * beta)) ** 2, rel=1e-5)
