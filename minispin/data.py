@@ -145,7 +145,8 @@ def _json_document(path: str) -> Iterator[Tuple[str, object]]:
             for i, rec in enumerate(doc["data"]):
                 yield f"{path}:data[{i}]", rec
         else:
-            yield f"{path}:{1 + text.count(chr(10), 0, idx)}", doc
+            line = 1 + text.count("\n", 0, idx)
+            yield f"{path}:{line}", doc
         return
     line, counted = 1, 0
     idx = _skip_ws(text, idx + 1)
@@ -235,7 +236,7 @@ def _text(value, at: str, name: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{at}: {name}: must be a string, got {_kind(value)} (write the text "
                         "as a JSON string)")
-    bad = _LONE_SURROGATE.search(value)
+    bad = None if value.isascii() else _LONE_SURROGATE.search(value)   # isascii: fast path
     if bad:
         raise DataError(f"{at}: {name}: holds a lone surrogate U+{ord(bad.group()):04X} at "
                         f"character {bad.start()}, which is not Unicode text (fix or remove "
