@@ -326,6 +326,7 @@ class _Ids:
 # ---------------------------------------------------------------------- SFT data
 _SFT_PROMPT_KEYS = ("prompt", "question")
 _SFT_ANSWER_KEYS = ("completion", "chosen", "real", "answer")
+_SFT_ONLY_KEYS = ("messages", "completion", "question", "answer")   # never in a pairs record
 
 
 def _sft_conversation(rec: dict, at: str) -> List[dict]:
@@ -459,7 +460,8 @@ def read_pairs(path: str) -> List[dict]:
             pair = _foreign_pair(rec, at, "chosen", "rejected")
         elif isinstance(rec.get("real"), list) or isinstance(rec.get("generated"), list):
             pair = _foreign_pair(rec, at, "real", "generated")
-        elif any(key in rec for key in PAIR_REQUIRED):
+        elif "real" in rec or "generated" in rec or (
+                ("id" in rec or "prompt" in rec) and not any(k in rec for k in _SFT_ONLY_KEYS)):
             pair = _check_own_pair(rec, at)
             if pair["id"] in first_seen:
                 raise DataError(f"{at}: id: '{pair['id']}' was already used at "
@@ -469,7 +471,7 @@ def read_pairs(path: str) -> List[dict]:
             continue
         else:
             hint = (" (this looks like SFT data: give it to generate.py --data)"
-                    if any(k in rec for k in ("messages", "completion", "question")) else "")
+                    if any(k in rec for k in _SFT_ONLY_KEYS) else "")
             raise DataError(f"{at}: record: is not a pair (keys: {', '.join(sorted(rec)) or 'none'}; "
                             f"expected id+prompt+real+generated, real+generated conversations or "
                             f"prompt+chosen+rejected){hint}")

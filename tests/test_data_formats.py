@@ -283,6 +283,7 @@ PAIR_CASES = {   # name: (line 2 of the file, the field the error must name)
     "trl chosen null": ({"prompt": "q", "chosen": None, "rejected": "g"}, "chosen:"),
     "trl strings without prompt": ({"chosen": "r", "rejected": "g"}, "prompt:"),
     "sft record": ({"question": "q", "answer": "a"}, "record:"),
+    "ultrachat record": ({"prompt": "q", "prompt_id": "x", "messages": conv("q", "a")}, "looks like SFT data"),
 }
 
 
