@@ -309,6 +309,7 @@ def _number(value) -> bool:
 
 
 def pair_id(prompt: str, real: str) -> str:
+    """The id of a record without one: a hash of its prompt and real answer."""
     return hashlib.sha1(json.dumps([prompt, real]).encode()).hexdigest()[:16]
 
 
@@ -370,9 +371,10 @@ def read_sft(path: str, strict: bool = False, limit: Optional[int] = None) -> Tu
         ident = ids(_own_id(rec) or pair_id(user, answer))
         out.append(SFTExample(ident, [{"role": "user", "content": user}], answer))
         stats.kept += 1
-    if not out:
+    if not out and limit != 0:
         if not stats.records:
-            raise DataError(f"{path}: no records (the file is empty)")
+            raise DataError(f"{path}: no records (the file is empty; check the path, or make "
+                            "the data again)")
         skipped = ", ".join(f"{n} {why}" for why, n in stats.skipped.items())
         raise DataError(f"{path}: no usable record: all {stats.records} skipped ({skipped}) "
                         "(SPIN needs a first user turn and an assistant answer after it)")
@@ -478,7 +480,8 @@ def read_pairs(path: str) -> List[dict]:
         pair["id"] = ids(pair["id"])
         pairs.append(pair)
     if not pairs:
-        raise DataError(f"{path}: no pairs (the file is empty)")
+        raise DataError(f"{path}: no pairs (the file is empty; make them again with "
+                        "generate.py)")
     return pairs
 
 
