@@ -21,8 +21,7 @@ from minispin.data import SPIN_PARQUET_NAME, DataError, read_pairs, write_spin_p
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Convert a pairs file to uclaml/SPIN's Parquet layout (columns real, generated).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Convert a pairs file to uclaml/SPIN's Parquet layout (columns real, generated).")
     p.add_argument("pairs", help="input pairs file: our pairs.jsonl/judged.jsonl, or SPIN, study or "
                                  "TRL records (.jsonl, .json or .parquet)")
     p.add_argument("--out", default=None,
@@ -30,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the input's folder, with SPIN's file name for --split)")
     p.add_argument("--split", choices=("train", "test"), default="train",
                    help="which of SPIN's file names to use when --out is not a file: "
-                        "train_prefs-00000-of-00001.parquet or test_prefs-00000-of-00001.parquet")
+                        "train_prefs-00000-of-00001.parquet or test_prefs-00000-of-00001.parquet "
+                        "(default: train)")
     p.add_argument("--ignore-swap", action="store_true",
                    help="write real and generated as they are; by default a pair marked "
                         "\"swap\": true by the judge is written with its answers exchanged, "
