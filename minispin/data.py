@@ -613,7 +613,7 @@ def write_json_atomic(path: str, obj):
     """One JSON document, written via a temporary sibling and rename."""
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
         f.write("\n")
     os.replace(tmp, path)
