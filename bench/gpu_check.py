@@ -54,6 +54,10 @@ ROWS = [  # (row, group, what)
     ("6c", "6", "FSDP2 step, 4 Mistral-7B blocks"),
 ]
 ORDER = ["1", "4", "5", "6", "2", "3"]  # cheap and robust first, compile-heavy last
+# a worker gets its own process group, so that it is killed with everything it started
+# (compile workers, torchrun); not its own session, so that whoever kills this script's
+# session still reaches it
+OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 BUDGET_S = {"1": 35, "4": 40, "5": 45, "6": 45, "2": 90, "3": 105}  # sums to the default --time
 
 
@@ -101,7 +105,7 @@ def run_worker(groups, deadlines, args, log) -> dict:
     cmd += ["--dry"] * args.dry + ["--hf-compile"] * args.hf_compile
     log(f"worker for group(s) {','.join(groups)}: until +{deadlines[groups[-1]] - log.t0:.0f}s")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)  # its own group: killed whole
+                            bufsize=1, **OWN_PROCESS_GROUP)
     tail = []
 
     def pump():
@@ -119,8 +123,10 @@ def run_worker(groups, deadlines, args, log) -> dict:
     except subprocess.TimeoutExpired:
         timed_out = True
         log(f"group(s) {','.join(groups)}: over budget, killing the worker")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    finally:  # over budget, or this script interrupted: the worker's group goes with it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     reader.join(timeout=10)
     results = {"env": {}, "rows": {}}
     if os.path.isfile(path):

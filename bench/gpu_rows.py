@@ -50,6 +50,7 @@ REPO = os.path.dirname(BENCH)
 sys.path[:0] = [REPO, BENCH]
 
 import cards  # noqa: E402
+from gpu_check import OWN_PROCESS_GROUP, ROWS  # noqa: E402  (standard library only)
 from minispin import distributed as D  # noqa: E402
 from minispin.config import ModelArgs  # noqa: E402
 from minispin.loss import LN2, sequence_logps, spin_loss  # noqa: E402
@@ -433,8 +434,9 @@ def check_logits(key, shape, hf32, hf16, our32, our16, seq):
 
 
 def check_greedy(key, shape, hf32, hf16, our32, our16, prompt_len, noise):
-    """fp32: equal for every token. bf16: equal, or apart only where the fp32 logits of the
-    two choices are closer than bf16 moves a logit (a tie, not a bug)."""
+    """fp32: equal for every token. bf16: equal, or apart only at a tie: where the fp32 logits
+    of the two choices are closer than twice the most bf16 moves a logit (each side may move
+    that far), the two bf16 runs can rank them either way without a bug."""
     new = P.greedy_new
     prompt = random_prompts(1, prompt_len, shape["vocab_size"], seed=2)[0]
     ids = torch.tensor([prompt], device=DEV)
@@ -457,9 +459,9 @@ def check_greedy(key, shape, hf32, hf16, our32, our16, prompt_len, noise):
         with torch.no_grad():
             logits = hf32(input_ids=torch.tensor([prompt + a16[:n16]], device=DEV)).logits[0, -1].float()
         gap = abs(float(logits[a16[n16]] - logits[b16[n16]]))
-        tie = noise is not None and gap <= noise
+        tie = noise is not None and gap <= 2 * noise
         note += (f", first divergence at token {n16}: fp32 logit gap of the two choices {gap:.3g} vs "
-                 f"bf16 logit noise {noise if noise is None else f'{noise:.3g}'} "
+                 f"2 x bf16 logit noise {noise if noise is None else f'{2 * noise:.3g}'} "
                  f"({'a tie' if tie else 'NOT a tie'})")
     if n32 < new:
         note += f"; fp32 first divergence at token {n32}"
@@ -712,7 +714,7 @@ def group_5():
             log("row 5: " + " ".join(cmd))
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                    stderr=subprocess.PIPE, text=True, **OWN_PROCESS_GROUP)
             t0 = time.time()
             try:
                 out, err = proc.communicate(timeout=max(10.0, left() - 5))
@@ -939,7 +941,6 @@ def main(argv=None):
 
 
 def rows_of(group: str):
-    from gpu_check import ROWS
     return [key for key, g, _ in ROWS if g == group]
 
 
