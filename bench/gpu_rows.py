@@ -519,7 +519,9 @@ def generation_rows(key_eager, key_compiled, run_ours, run_hf, rows, prompt_len,
             note += f"; decode-only {figs['ours_compiled_decode_only']:,.0f} tok/s"
             R.put(key_compiled, note=note, figures=dict(figs))
         log(f"row {key_compiled}: ours compiled {figs['ours_compiled']:,.1f} tok/s")
-        if HF_COMPILE:
+        if not HF_COMPILE:
+            R.put(key_compiled, note=note + "; transformers' static cache + compile: not timed (--hf-compile)")
+        else:
             if left() < P.compile_reserve_s:
                 R.put(key_compiled, note=note + "; transformers static+compile skipped: budget")
                 return
@@ -917,7 +919,7 @@ def main(argv=None):
     if DEV.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_rows.py: no CUDA device (use --dry on a machine without a GPU)")
     P = DRY_PLAN if args.dry else GPU_PLAN
-    HF_COMPILE = args.hf_compile
+    HF_COMPILE = args.hf_compile or args.dry  # --dry walks every path (on a CPU nothing compiles)
     R = Report(args.results)
     deadlines = json.loads(args.deadlines)
     environment()
