@@ -11,6 +11,10 @@ calls it; task and data loading excluded. Each backend runs `--repeats` times,
 alternating, and its best time counts (the machine may be shared). The answers are
 compared as well (max |Δ log p|), so a fast wrong backend cannot pass unnoticed.
 
+Both backends take the log-softmax in fp32: ours always does, and lm-eval's "hf" backend
+is asked to (softmax_dtype="float32", where its version has the option); otherwise a bf16
+run would compare our fp32 log-probs with its bf16 ones, and time a cheaper computation.
+
 --random-llama DIM,LAYERS,MAXPOS saves a random transformers Llama (tok512 tokenizer,
 vocab 512) with that width, depth and context length to a temporary folder: with a
 context of 2048 the 25-shot prompts are not truncated and the multiple-choice packing
@@ -19,6 +23,7 @@ of the minispin backend has full effect; stories260K truncates them at 512 token
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import sys
@@ -94,9 +99,14 @@ def main(argv=None):
 
     path = random_llama(a.random_llama) if a.random_llama else a.model
     requests = build_requests([t.strip() for t in a.tasks.split(",") if t.strip()], a.limit)
+    hf_kw = {}
+    if "softmax_dtype" in inspect.signature(HFLM.__init__).parameters:
+        hf_kw["softmax_dtype"] = "float32"
+    else:
+        print(f"note: this lm-eval's HFLM has no softmax_dtype: its log-softmax runs in {a.dtype}")
     backends = {
         "minispin": MinispinLM(pretrained=path, dtype=a.dtype, device=a.device, batch_size=a.batch_size),
-        "hf": HFLM(pretrained=path, dtype=a.dtype, device=a.device, batch_size=a.batch_size),
+        "hf": HFLM(pretrained=path, dtype=a.dtype, device=a.device, batch_size=a.batch_size, **hf_kw),
     }
     for lm in backends.values():  # warm-up: first-call allocations, kernels
         lm.loglikelihood(requests[:4], disable_tqdm=True)

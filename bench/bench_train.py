@@ -4,11 +4,18 @@
     python bench/bench_train.py --shape 1b --device cuda --dtype bf16 --ac --pairs 4 --seq 1024
     python bench/bench_train.py --shape 7b --device cuda --dtype bf16 --ac --pairs 2 --seq 1024
 
-One step = what train.py does per micro-batch: ONE forward of the concatenated
-[real; generated] rows (2 x pairs rows of --seq tokens, the second half of each row is the
-answer), fp32 sequence log-probs of the answers (loss.sequence_logps), the SPIN sigmoid loss
-against fixed reference log-probs (the precomputed reference), backward. The optimizer step
-is left out (it is the same torch.optim code for both and does not depend on the model code).
+One step = what train.py does per optimizer step with one micro-batch: ONE forward of the
+concatenated [real; generated] rows (2 x pairs rows of --seq tokens, the second half of each
+row is the answer), fp32 sequence log-probs of the answers (loss.sequence_logps), the SPIN
+sigmoid loss against fixed reference log-probs (the precomputed reference), backward,
+gradient clipping and an RMSprop step (the trainer's optimizer).
+
+ours runs as trainer.py does: a one-process group, the model loaded by
+distributed.load_sharded_model (FSDP2 per block + root), fp32 master weights, and with
+--dtype bf16 a MixedPrecisionPolicy that computes in bf16 and reduces in fp32.
+transformers runs the way its own Trainer does mixed precision: fp32 weights and
+torch.autocast(bf16) around the forward. Both sides thus keep fp32 masters and take the
+same optimizer step; --dtype fp32 runs both in fp32.
 
 The same random weights (made by transformers, saved once as safetensors) are loaded by
 both implementations; each runs in its own child process so that peak memory is its own.
@@ -17,13 +24,16 @@ MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6N + 12·layers·heads·
 (N = non-embedding parameters; model.flops_per_token), and peak memory (GPU: max allocated;
 CPU: the child's peak RSS, and its growth over what loading the model reached). Then the ratios ours / transformers.
 
-Peak FLOP/s: H100/H200 bf16 dense = 989 TFLOP/s (detected from the device name), else
---peak-tflops, else on CPU the measured rate of a large fp32 matmul (an "achievable peak",
-so CPU MFU is relative to what this machine's BLAS reaches, not a datasheet number).
+Peak FLOP/s: --peak-tflops if given; on a GPU the datasheet's dense bf16 figure for the card
+told apart by name (H100 SXM 989, PCIe 756, NVL 835, H200 989: bench/cards.py), and MFU
+against a measured 8192^3 bf16 matmul as well; a card not in the table uses the measured
+rate. On CPU: the measured rate of a large fp32 matmul (an "achievable peak", so CPU MFU is
+relative to what this machine's BLAS reaches, not a datasheet number).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -34,8 +44,11 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+sys.path[:0] = [REPO, BENCH]
+
+import cards  # noqa: E402
 
 SHAPES = {
     # ~20M parameters: big enough that matmuls, not Python, dominate on a CPU
@@ -50,24 +63,31 @@ SHAPES = {
 }
 
 
-def make_weights(path: str, shape: str, seed: int = 0):
+def make_weights(path: str, shape: str, device: torch.device, seed: int = 0):
+    """Random weights, made on the device the bench runs on (a 7B model is not built on a CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def peak_flops(device: torch.device, override: float) -> tuple:
+    """(peak FLOP/s for MFU, its description, measured bf16 matmul FLOP/s or None)."""
     if override:
-        return override * 1e12, f"{override:g} TFLOP/s (given)"
+        return override * 1e12, f"{override:g} TFLOP/s (given)", None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        if "H100" in name or "H200" in name:
-            return 989e12, f"989 TFLOP/s ({name} bf16 dense)"
-        raise SystemExit(f"unknown GPU {name}: pass --peak-tflops")
+        measured = cards.measure_matmul_tflops(device) * 1e12
+        sheet = cards.datasheet_bf16_tflops(name)
+        if sheet:
+            return sheet * 1e12, f"{sheet:g} TFLOP/s ({name}, datasheet dense bf16)", measured
+        return measured, f"{measured / 1e12:.0f} TFLOP/s ({name}: not in bench/cards.py, measured)", measured
     n, reps, best = 1024, 10, 0.0
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
@@ -77,31 +97,39 @@ def peak_flops(device: torch.device, override: float) -> tuple:
         for _ in range(reps):
             a @ b
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
-    return best, f"{best / 1e9:.1f} GFLOP/s (best measured fp32 1024^3 matmul, {torch.get_num_threads()} threads)"
+    return best, f"{best / 1e9:.1f} GFLOP/s (best measured fp32 1024^3 matmul, {torch.get_num_threads()} threads)", None
 
 
 def run_child(args) -> dict:
     """Time one implementation; print one JSON line."""
     from minispin.loss import sequence_logps, spin_loss
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if args.impl == "ours":
-        from minispin import load_model
-        from minispin.distributed import apply_activation_checkpointing
-        model = load_model(args.weights, dtype=dtype, device=device)
-        if args.ac:
-            apply_activation_checkpointing(model)
+    bf16 = args.dtype == "bf16"
+    env = None
+    autocast = contextlib.nullcontext
+    if args.impl == "ours":  # as trainer.py: one-process group, FSDP2, fp32 master weights
+        from minispin import distributed as D
+        env = D.init_distributed(device.type)
+        device = env.device
+        mp = D.mixed_precision_policy("bf16" if bf16 else "fp32", device)
+        model = D.load_sharded_model(args.weights, env, D.device_mesh(env), mp,
+                                     activation_checkpointing=args.ac)
         forward = lambda ids: model(ids)
         flops_tok = model.flops_per_token(args.seq)
-    else:
+    else:  # as transformers' Trainer: fp32 weights, autocast for bf16
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(args.weights, dtype=dtype, attn_implementation="sdpa").to(device)
+        model = AutoModelForCausalLM.from_pretrained(args.weights, dtype=torch.float32,
+                                                     attn_implementation="sdpa").to(device)
         if args.ac:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         forward = lambda ids: model(input_ids=ids, use_cache=False).logits
+        if bf16:
+            autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
         flops_tok = None
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.RMSprop(params, lr=5e-7, alpha=0.99, eps=1e-8)  # the trainer's defaults
     B, T = args.pairs, args.seq
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 32000, (2 * B, T), generator=g).to(device)
@@ -110,10 +138,15 @@ def run_child(args) -> dict:
     ref = (-T / 2 * 10.0 + torch.randn(2 * B, generator=g)).to(device)
 
     def step():
-        logps = sequence_logps(forward(ids), ids, mask)
+        with autocast():
+            logits = forward(ids)
+        logps = sequence_logps(logits, ids, mask)
         losses, _ = spin_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=0.1)
         losses.mean().backward()
-        return float(losses.mean())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(losses.detach().mean())
 
     def sync():
         if device.type == "cuda":
@@ -126,7 +159,6 @@ def run_child(args) -> dict:
         base_mem = torch.cuda.memory_allocated(device)
     for _ in range(args.warmup):
         step()
-    model.zero_grad(set_to_none=True)
     sync()
     times, loss = [], None
     for _ in range(args.steps):
@@ -134,7 +166,6 @@ def run_child(args) -> dict:
         loss = step()
         sync()
         times.append(time.perf_counter() - t)
-        model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         mem = {"peak_bytes": peak, "peak_over_loaded_bytes": peak - base_mem, "kind": "cuda max allocated"}
@@ -146,6 +177,8 @@ def run_child(args) -> dict:
     out = {"impl": args.impl, "step_s": med, "tokens_per_s": 2 * B * T / med, "loss": loss,
            "params": sum(p.numel() for p in model.parameters()), "flops_per_token": flops_tok, **mem}
     print("RESULT " + json.dumps(out), flush=True)
+    if env is not None:
+        D.close_distributed(env)
     return out
 
 
@@ -173,10 +206,10 @@ def main(argv=None):
         return run_child(args)
 
     device = torch.device(args.device)
-    peak, peak_desc = peak_flops(device, args.peak_tflops)
+    peak, peak_desc, measured = peak_flops(device, args.peak_tflops)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        make_weights(tmp, args.shape)
+        make_weights(tmp, args.shape, device)
         # alternate the two implementations and keep each one's best round: on a shared
         # machine other load only ever slows a round down
         for impl in ("ours", "hf") * args.rounds:
@@ -196,12 +229,17 @@ def main(argv=None):
     flops_tok = results["ours"]["flops_per_token"]
     for r in results.values():
         r["mfu"] = r["tokens_per_s"] * flops_tok / peak
+        if measured:
+            r["mfu_measured_peak"] = r["tokens_per_s"] * flops_tok / measured
     o, h = results["ours"], results["hf"]
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"SPIN forward+backward step — shape {args.shape} ({o['params'] / 1e6:.1f}M params), "
+    print(f"SPIN training step (forward, backward, clip, RMSprop) — shape {args.shape} ({o['params'] / 1e6:.1f}M params), "
           f"{args.pairs} pairs = {2 * args.pairs} rows x {args.seq} tokens, {args.dtype}, "
           f"activation checkpointing {'on' if args.ac else 'off'}, {dev}")
     print(f"peak for MFU: {peak_desc}; FLOPs/token {flops_tok / 1e6:.1f}M (6N + attention)")
+    if measured:
+        print(f"measured bf16 8192^3 matmul: {measured / 1e12:.0f} TFLOP/s; MFU against it: "
+              + ", ".join(f"{k} {100 * r['mfu_measured_peak']:.1f}%" for k, r in results.items()))
     print(f"{'':14}{'step (s)':>10}{'tokens/s':>12}{'MFU':>8}{'peak mem (MB)':>15}{'over loaded':>14}{'loss':>10}")
     for name, r in (("minispin", o), ("transformers", h)):
         print(f"{name:14}{r['step_s']:>10.4f}{r['tokens_per_s']:>12.0f}{100 * r['mfu']:>7.1f}%"
