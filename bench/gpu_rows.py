@@ -704,7 +704,7 @@ def lora_row():
 
 # ---------------------------------------------------------------------------- row 5
 def group_5():
-    from minispin.layout import write_recipe_variant
+    from minispin.recipe import write_variant as write_recipe_variant
     with R.row("5"):
         tmp = tempfile.mkdtemp(prefix="gpucheck-e2e-")
         try:
