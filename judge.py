@@ -25,7 +25,10 @@ from minispin.layout import judge_cache_path, judged_path, pairs_path
 from minispin.lock import RunLock
 
 KEYS = ("judge_model", "judge_threshold", "judge_base_url", "judge_concurrency", "judge_timeout",
-        "judge_max_retries", "judge_prompt", "judge_system", "judge_api_defaults", "device", "dtype")
+        "judge_max_retries", "judge_backoff", "judge_prompt", "judge_system", "judge_api_defaults",
+        "device", "dtype")
+FLAGS = {"judge_threshold": "--threshold", "judge_base_url": "--base-url", "judge_concurrency": "--concurrency",
+         "judge_timeout": "--timeout", "judge_max_retries": "--max-retries", "judge_backoff": "--backoff"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="judge only the first N pairs")
     ap.add_argument("--quiet", action="store_true", help="only the summary")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a setup error")
-    R.add_flags(ap, KEYS, "judge settings (each also a recipe key)", rename={"judge_threshold": "--threshold"})
+    R.add_flags(ap, KEYS, "judge settings (each also a recipe key)", rename=FLAGS)
     return ap
 
 

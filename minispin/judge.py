@@ -753,7 +753,8 @@ def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = l
         defaults = fx.judge_api_defaults
         return OpenAIJudge(model=fx.judge_model or DEFAULT_MODEL, base_url=fx.judge_base_url or None,
                            timeout=fx.judge_timeout, max_retries=fx.judge_max_retries,
-                           concurrency=fx.judge_concurrency, log=log, prompt_template=template,
+                           backoff=fx.judge_backoff, concurrency=fx.judge_concurrency, log=log,
+                           prompt_template=template,
                            system_prompt=system, temperature=None if defaults else 0,
                            max_tokens=None if defaults else 8)
     raise JudgeError(f"unknown judge backend {backend!r} (local or openai)")
