@@ -243,10 +243,13 @@ def _prefill(model: Transformer, tokens, positions, key_valid, lens: List[int], 
     """
     B, T = tokens.shape
     device = tokens.device
-    if ragged_prefill is None:
+    dynamic_rope = (model.config.rope_scaling or {}).get("rope_type") == "dynamic"
+    if ragged_prefill is None and not dynamic_rope:
         # one forward call, in params x tokens (measured on CPU: small GEMMs run slower too)
         overhead = 1e9 if device.type == "cpu" else 5e11
         groups = prefill_groups(lens, model.num_params(), overhead)
+    elif ragged_prefill is None:  # dynamic NTK: one call, so the batch shares one length (as in transformers)
+        groups = [(0, B)]
     else:
         groups = [(i, i + 1) for i in range(B)] if ragged_prefill else [(0, B)]
     last_hidden = []
@@ -364,6 +367,7 @@ def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens:
     logits = _prefill(model, tokens, positions, key_valid, [len(p) for p in prompts], cache,
                       ragged_prefill)
     stops = stop_ids(eos_id)
+    # tok: a placeholder until _decode samples the first token from the prefill's logits
     live = _Live(rows=torch.arange(B, device=device), tok=tokens[:, -1], pos=positions[:, -1:] + 1,
                  key_valid=key_valid, done=None,
                  u=None if greedy else _uniforms([seeds[i] for i in perm], max_new_tokens, device))

@@ -199,3 +199,22 @@ def test_gqa_fold_equals_the_gqa_flag(tmp_path, model_type, monkeypatch):
     assert torch.equal(flag[0], fold[0])
     torch.testing.assert_close(flag[1], fold[1], atol=1e-5, rtol=0)
     assert flag[2] == fold[2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the GPU's SDPA kernels")
+def test_masked_gqa_attention_reaches_the_fused_kernel_on_gpu(tmp_path):
+    """With only the memory-efficient kernel allowed, SDPA raises unless every masked call
+    (padded prefill, key mask, cached decode steps) can use it: the GQA fold's purpose.
+    (An explicit mask with enable_gqa has no fused kernel on most torch releases.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    make_hf_model(tmp_path, "mistral", num_key_value_heads=2, sliding_window=20)
+    m = load_model(str(tmp_path), dtype=torch.bfloat16, device="cuda")
+    x = torch.randint(3, 512, (3, 72), generator=torch.Generator().manual_seed(4)).cuda()
+    prompts = [x[0, :9].tolist(), x[1].tolist(), x[2, :30].tolist()]
+    with torch.no_grad():
+        ref = m(x, attention_mask=_key_mask().cuda())
+        eager_tokens = generate(m, prompts, 16, temperature=0, eos_id=-1)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            fused = m(x, attention_mask=_key_mask().cuda())
+            assert generate(m, prompts, 16, temperature=0, eos_id=-1) == eager_tokens
+    torch.testing.assert_close(fused.float(), ref.float(), atol=0, rtol=0)
