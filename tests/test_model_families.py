@@ -1,6 +1,7 @@
 """Llama 3.x rope scaling, Qwen2 biases and Llama biases against transformers (the oracle):
 inverse frequencies bit for bit, fp32 logits, greedy decoding, and export -> transformers."""
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -119,6 +120,14 @@ def test_export_loads_in_transformers_with_our_logits(family, tmp_path):
     again = load_model(str(tmp_path / "out"))
     assert again.config.rope_scaling == moved.config.rope_scaling
     assert again.config.eos_token_ids == moved.config.eos_token_ids
+    # a config.json written from ModelArgs alone (no original dict to copy) works too
+    fresh = dataclasses.replace(moved.config, hf_config={})
+    save_model(moved, str(tmp_path / "fresh"), config=fresh)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fresh"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(_x(T)).logits, moved(_x(T)), atol=1e-4, rtol=0)
+    assert dataclasses.replace(read_config(str(tmp_path / "fresh")), hf_config={}) == \
+        dataclasses.replace(fresh, dtype="float32")
 
 
 def test_the_family_features_matter(family):
