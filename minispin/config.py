@@ -129,9 +129,9 @@ def _rope_scaling(cfg: dict, source: str, max_positions: int):
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{source}: {type_key}: '{rope_type}' is not supported "
                           f"(minispin implements {', '.join(SUPPORTED_ROPE_TYPES)})")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"{source}: {key}.partial_rotary_factor: only 1.0 is supported "
-                          f"(got {params['partial_rotary_factor']!r})")
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (1, 1.0, None):
+        raise ConfigError(f"{source}: partial_rotary_factor: only 1.0 is supported (got {partial!r})")
     if rope_type == "default":
         return theta, None
     scaling = {"rope_type": rope_type}
@@ -142,10 +142,10 @@ def _rope_scaling(cfg: dict, source: str, max_positions: int):
     if rope_type == "llama3":
         # transformers: a top-level original_max_position_embeddings wins, then the one in
         # the rope dict, then max_position_embeddings
-        orig = cfg.get("original_max_position_embeddings",
-                       params.get("original_max_position_embeddings", max_positions))
-        scaling["original_max_position_embeddings"] = _check_int(
-            orig, source, f"{key}.original_max_position_embeddings")
+        name = "original_max_position_embeddings"
+        where = name if name in cfg else f"{key}.{name}" if name in params else "max_position_embeddings"
+        orig = cfg.get(name, params.get(name, max_positions))
+        scaling[name] = _check_int(orig, source, where)
     return theta, scaling
 
 

@@ -126,7 +126,7 @@ def test_unknown_model_type(tmp_path):
     (dict(rope_scaling={"type": "longrope", "factor": 4.0}), "rope_scaling.type: 'longrope' is not supported"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope_parameters.rope_type: 'yarn'"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
-     "rope_scaling.partial_rotary_factor"),
+     "partial_rotary_factor: only 1.0"),
     (dict(hidden_act="gelu"), "hidden_act: 'gelu' is not supported"),
     (dict(model_type="mistral", attention_bias=True), "attention_bias: true is not supported on mistral"),
     (dict(model_type="qwen2", mlp_bias=True), "mlp_bias: true is not supported on qwen2"),
