@@ -12,7 +12,13 @@ Loading
 * Every key and shape is checked from the headers before any data is read, and all
   problems are reported in one error: missing, unexpected and mis-shaped tensors.
   Rotary `inv_freq` buffers that some exporters include are ignored.
-* A truncated or corrupt file is named, with what its header promised and what is there.
+* Each header entry is checked before use: a known dtype, a shape, and data_offsets
+  whose span is exactly what dtype x shape needs and which lie inside the file. A
+  truncated or corrupt file is named with the tensor that does not fit, and what its
+  header promised and what is there.
+* Biases (Qwen2's q/k/v, Llama's attention_bias / mlp_bias) are ordinary tensors under
+  HF's names (`...q_proj.bias`): the model has them exactly when its config says so, so
+  the same strict key check covers them on load and save.
 
 Saving writes config.json, safetensors shards (+ index when there is more than one) and
 copies the tokenizer files, first into a temporary sibling folder that is renamed into
@@ -21,6 +27,7 @@ place at the end, so a crash never leaves a half-written model where a loader lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -56,7 +63,8 @@ def _is_ignored(key: str) -> bool:
 
 
 def read_safetensors_header(path: str) -> dict:
-    """The JSON header of a .safetensors file, checked against the file's real size."""
+    """The JSON header of a .safetensors file, every entry checked against its dtype, its
+    shape and the file's real size, so that no read can run past a lie."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -70,16 +78,45 @@ def read_safetensors_header(path: str) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    data_end = max((m["data_offsets"][1] for m in header.values()), default=0)
-    if 8 + n + data_end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: tensors need "
-                              f"{8 + n + data_end} bytes, file has {size} (re-download or re-save it)")
     for key, meta in header.items():
+        _check_entry(path, key, meta)
         meta["start"] = 8 + n + meta["data_offsets"][0]
-        if meta["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {meta['dtype']}")
+    beyond = [(m["data_offsets"][1], k) for k, m in header.items() if 8 + n + m["data_offsets"][1] > size]
+    if beyond:
+        end, key = min(beyond)
+        raise CheckpointError(f"{path}: truncated safetensors file: tensor '{key}' needs bytes up to "
+                              f"{8 + n + end}, file has {size} (re-download or re-save it)")
     return header
+
+
+def _check_entry(path: str, key: str, meta) -> None:
+    """One header entry: a known dtype, a shape of sizes >= 0, and data_offsets [begin,
+    end) whose length is exactly the bytes that dtype and shape need."""
+    def bad(what):
+        return CheckpointError(f"{path}: tensor '{key}': {what} (corrupt header; re-download or re-save it)")
+
+    def is_count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(meta, dict):
+        raise bad("header entry is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in _ST_DTYPES:
+        raise bad(f"unsupported dtype {dtype!r} (supported: {', '.join(_ST_DTYPES)})")
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of sizes")
+    if offsets is None:
+        raise bad("no data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} is not [begin, end] with begin <= end")
+    need = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != need:
+        raise bad(f"data_offsets span {offsets[1] - offsets[0]} bytes but {dtype} {tuple(shape)} "
+                  f"needs {need}")
 
 
 def weight_files(model_dir: str) -> Dict[str, str]:
@@ -88,9 +125,11 @@ def weight_files(model_dir: str) -> Dict[str, str]:
     single = os.path.join(model_dir, SINGLE)
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            with open(index, "rb") as f:
+                weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
+            if not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map values must be file names")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
     if os.path.isfile(single):
@@ -107,7 +146,7 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
     module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
 
 
-def _read_into(f, meta: dict, dtype: torch.dtype, device) -> torch.Tensor:
+def _read_into(f, key: str, meta: dict, dtype: torch.dtype, device) -> torch.Tensor:
     """Read one tensor from an open file into a fresh buffer, then cast/move it."""
     file_dtype = _ST_DTYPES[meta["dtype"]]
     begin, end = meta["data_offsets"]
@@ -118,7 +157,8 @@ def _read_into(f, meta: dict, dtype: torch.dtype, device) -> torch.Tensor:
     while got < len(view):
         n = f.readinto(view[got:])
         if not n:
-            raise CheckpointError(f"{f.name}: unexpected end of file")
+            raise CheckpointError(f"{f.name}: tensor '{key}': unexpected end of file (truncated "
+                                  "while loading? re-download or re-save it)")
         got += n
     t = buf.view(file_dtype).reshape(meta["shape"])
     return t.to(device=device, dtype=dtype)
@@ -159,12 +199,12 @@ def load_state_into(model: Transformer, model_dir: str, dtype=torch.float32, dev
     for path, keys in by_file.items():
         with open(path, "rb", buffering=0) as f:
             for k in sorted(keys, key=lambda k: headers[path][k]["start"]):  # sequential reads
-                _set_tensor(model, k, _read_into(f, headers[path][k], dtype, device))
+                _set_tensor(model, k, _read_into(f, k, headers[path][k], dtype, device))
     return model
 
 
 def load_model(path: str, dtype=torch.float32, device="cpu") -> Transformer:
-    """Load an HF Llama/Mistral folder (config.json + safetensors) as a minispin model."""
+    """Load an HF Llama/Mistral/Qwen2 folder (config.json + safetensors) as a minispin model."""
     args = read_config(path)
     model = build_model(args, device="meta")
     load_state_into(model, path, dtype=dtype, device=device)

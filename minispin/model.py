@@ -1,20 +1,26 @@
-"""The Llama / Mistral decoder, written out in plain PyTorch.
+"""The Llama / Mistral / Qwen2 decoder, written out in plain PyTorch.
 
 One class per block, named after the Hugging Face modules so that `state_dict()` keys are
 exactly the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, ...): loading and
-saving need no renaming table.
+saving need no renaming table. The three families differ only in config: Qwen2 (and Llama
+with attention_bias / mlp_bias) gives some projections a bias, Mistral has a window.
 
 Design choices, and why:
 * RoPE uses the "rotate_half" layout (first half of each head pairs with the second half).
   That is the layout HF checkpoints store q/k rows in, so the weights load unchanged.
-  cos/sin are computed in fp32 from the positions and cast to the activation dtype, as
-  transformers does, so fp32 logits agree to ~1e-6.
+  Inverse frequencies and cos/sin are computed in fp32 with transformers' arithmetic,
+  step for step, and cast to the activation dtype, so fp32 logits agree to ~1e-6. The
+  scaled variants (linear, llama3, dynamic NTK) change only the inverse frequencies.
 * Positions are explicit: every call may pass `positions` (B x T). Left-padded batches in
   the sampler and lm-eval then get each row's true positions without special cases here.
-* Attention is torch SDPA with grouped-query attention (`enable_gqa`), so K/V heads are
-  never copied. Causality and Mistral's sliding window (query i sees key j iff
-  0 <= i - j < window) are one boolean mask; with neither padding nor a window we pass
-  `is_causal=True` and let SDPA pick its fastest kernel.
+* Attention is torch SDPA. Causality, Mistral's sliding window (query i sees key j iff
+  0 <= i - j < window) and hidden keys (padding, or SPIN's attention_mask = 0 on eos) are
+  one boolean mask; with none of them we pass `is_causal=True` and `enable_gqa`, which
+  lets SDPA pick its fastest kernel without copying K/V heads. With a mask, GQA is done
+  by folding: the n_rep query heads that share a K/V head become n_rep x T rows of one
+  head, so SDPA sees as many query heads as K/V heads and needs no GQA flag. (An explicit
+  mask together with enable_gqa rules out the flash and memory-efficient kernels on most
+  torch releases, and the math fallback copies K/V in fp32 in every layer.)
 * The KV cache is static (gpt-fast style): one preallocated buffer per layer, written at
   `cache_pos`. Decoding reads only the filled prefix, so no step ever reallocates.
 * Tied embeddings are not a second parameter: the output projection reuses
@@ -33,6 +39,16 @@ import torch.nn.functional as F
 
 from .config import ModelArgs
 
+# The GQA fold (see the module docstring) is for the GPU's fused kernels. On CPU, SDPA's
+# own kernel already takes a mask together with enable_gqa, and the fold would change the
+# last bits of one-token decode steps (a 2-row matmul rounds differently from a 1-row
+# one), so the CPU keeps the flag unless this is set (the tests set it to check the fold).
+FOLD_GQA_ON_CPU = False
+
+
+def fold_gqa(device: torch.device) -> bool:
+    return device.type != "cpu" or FOLD_GQA_ON_CPU
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -47,12 +63,55 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scale: float,
-                 dtype: torch.dtype):
+def rope_frequencies(args: ModelArgs, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE inverse frequencies (head_dim/2,), fp32, with the config's scaling applied."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (args.rope_theta ** exponents)
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":  # positions / factor, written as frequencies / factor like transformers
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling)
+    if kind == "dynamic":
+        return _dynamic_ntk_frequencies(inv_freq, exponents, positions, args)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1: wavelengths longer than original / low_freq_factor are stretched by
+    `factor`, those shorter than original / high_freq_factor are kept, and the band between
+    blends the two linearly in original / wavelength (original = the pretraining context)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    in_band = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return torch.where(in_band, blended, stretched)
+
+
+def _dynamic_ntk_frequencies(inv_freq, exponents, positions, args: ModelArgs) -> torch.Tensor:
+    """Dynamic NTK, as transformers computes it: a call whose longest position L = max + 1
+    passes max_position_embeddings M uses the base theta * (factor * L / M - (factor - 1))
+    ** (d / (d - 2)); shorter calls use plain RoPE. L is taken over the whole call (every
+    row), and cached keys keep the frequencies they were written with.
+
+    transformers also remembers the largest L it has seen and keeps using it for later
+    calls longer than M but shorter than that L; this function is stateless. The two agree
+    on any single forward and during decoding, where L only grows. A tensor expression
+    (no .item()), so decoding never waits on the GPU and compiles to one graph."""
+    factor, limit, dim = args.rope_scaling["factor"], args.max_position_embeddings, args.head_dim
+    seq_len = positions.max() + 1
+    base = args.rope_theta * ((factor * seq_len / limit) - (factor - 1)) ** (dim / (dim - 2))
+    return torch.where(seq_len > limit, 1.0 / (base ** exponents), inv_freq)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     """cos/sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                             dtype=torch.int64).float() / head_dim))
-    freqs = (positions.float() / scale)[..., None] * inv_freq  # B, T, head_dim/2
+    freqs = positions.float()[..., None] * inv_freq  # B, T, head_dim/2
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -85,14 +144,15 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
-def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor,
-                   key_valid: Optional[torch.Tensor] = None,
-                   window: Optional[int] = None) -> torch.Tensor:
-    """Boolean SDPA mask (B or 1, 1, Tq, Tk), True = may attend.
+def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor,
+              key_valid: Optional[torch.Tensor] = None,
+              window: Optional[int] = None) -> torch.Tensor:
+    """Boolean SDPA mask (B or 1, 1, Tq, Tk), True = may attend: causal, windowed, and
+    hiding the keys that key_valid (B, Tk) marks False (padding, masked tokens).
 
     q_slots (Tq,) and k_slots (Tk,) are indices along the padded sequence; a left-padded
     row's positions differ from its slots by a constant, so slot differences are position
-    differences. key_valid (B, Tk) marks the keys that are real tokens (not padding).
+    differences.
     """
     diff = q_slots[:, None] - k_slots[None, :]
     allowed = diff >= 0
@@ -109,12 +169,14 @@ class Attention(nn.Module):
         super().__init__()
         self.args, self.layer_idx = args, layer_idx
         hd = args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=args.o_bias)
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], cache_pos: int):
+        """mask: None (causal) or boolean (B|1, 1, T, keys); for the GQA fold, already
+        tiled n_rep times along the queries by Transformer.forward."""
         B, T, _ = x.shape
         a = self.args
         q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
@@ -124,11 +186,16 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, cache_pos, k, v)
-        gqa = a.n_kv_heads != a.n_heads
+        n_rep = a.n_heads // a.n_kv_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        elif n_rep > 1 and fold_gqa(x.device):
+            # query head h uses K/V head h // n_rep: the group's queries become rows of one head
+            q = q.reshape(B, a.n_kv_heads, n_rep * T, a.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.reshape(B, a.n_heads, T, a.head_dim)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 
 
@@ -137,9 +204,9 @@ class MLP(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -181,40 +248,66 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                cache_pos: int = 0, return_hidden: bool = False) -> torch.Tensor:
+                cache_pos: int = 0, return_hidden: bool = False,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab).
 
         positions: (B, T) or (T,) token positions for RoPE (default: cache_pos + arange(T)).
-        attn_mask: boolean (B|1, 1, T, keys) from `attention_mask`; default: causal, with
-                   the sliding window if the model has one, over an unpadded batch.
+        attn_mask: boolean (B|1, 1, T, keys), True = may attend (see `slot_mask`); default:
+                   causal, with the sliding window if the model has one.
+        attention_mask: (B, cache_pos + T) of 0/1, transformers' key mask: a key marked 0
+                   is hidden from every query (on top of attn_mask or the causal default).
+                   It does not move positions (pass `positions` for that). A query that
+                   would then see no key at all (e.g. a row whose first token is masked)
+                   attends to itself alone, so its output stays finite on every SDPA
+                   kernel; transformers gives such a query uniform attention (eager) or a
+                   zero output (sdpa), which disagree with each other anyway.
         cache/cache_pos: write this chunk's K/V at slot cache_pos and attend to slots
                    [0, cache_pos + T).
         return_hidden: return the final normed hidden states instead of logits.
         """
         args = self.config
         B, T = input_ids.shape
-        device = input_ids.device
         if positions is None:
-            positions = torch.arange(cache_pos, cache_pos + T, device=device)
+            positions = torch.arange(cache_pos, cache_pos + T, device=input_ids.device)
         if positions.dim() == 1:
             positions = positions[None].expand(B, T)
-        if attn_mask is None:
-            # is_causal aligns top-left, which is wrong once a cached prefix exists, and
-            # knows no window: build the mask in those two cases only
-            total = cache_pos + T
-            window = args.sliding_window if args.sliding_window and args.sliding_window < total else None
-            if cache_pos > 0 or window is not None:
-                attn_mask = attention_mask(torch.arange(cache_pos, total, device=device),
-                                           torch.arange(total, device=device), window=window)
+        mask = self._mask(attn_mask, attention_mask, B, T, cache_pos, input_ids.device)
+        n_rep = args.n_heads // args.n_kv_heads
+        if mask is not None and n_rep > 1 and fold_gqa(input_ids.device):  # tiled once per forward
+            mask = mask.expand(mask.shape[0], 1, T, mask.shape[-1]).repeat(1, 1, n_rep, 1)
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, args.head_dim, args.rope_theta,
-                                args.rope_scaling_factor, h.dtype)
+        cos, sin = rope_cos_sin(positions, rope_frequencies(args, positions), h.dtype)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, attn_mask, cache, cache_pos)
+            h = layer(h, cos, sin, mask, cache, cache_pos)
         h = self.model.norm(h)
         if return_hidden:
             return h
         return F.linear(h, self.output_weight)
+
+    def _mask(self, attn_mask, attention_mask, B, T, cache_pos, device):
+        """The boolean mask the blocks get, or None for plain causal attention."""
+        total = cache_pos + T
+        window = self.config.sliding_window
+        window = window if window and window < total else None
+        if attention_mask is None:
+            # is_causal aligns top-left, which is wrong once a cached prefix exists, and
+            # knows no window: build the mask in those two cases only
+            if attn_mask is None and (cache_pos > 0 or window is not None):
+                attn_mask = slot_mask(torch.arange(cache_pos, total, device=device),
+                                      torch.arange(total, device=device), window=window)
+            return attn_mask
+        if tuple(attention_mask.shape) != (B, total):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"(batch, cache_pos + tokens) = ({B}, {total})")
+        keys = attention_mask.to(device=device, dtype=torch.bool)
+        q_slots, k_slots = torch.arange(cache_pos, total, device=device), torch.arange(total, device=device)
+        if attn_mask is None:
+            mask = slot_mask(q_slots, k_slots, keys, window)
+        else:
+            mask = attn_mask & keys[:, None, None, :]
+        blind = ~mask.any(dim=-1, keepdim=True)
+        return mask | (blind & (q_slots[:, None] == k_slots[None, :]))
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: Optional[torch.Generator] = None):

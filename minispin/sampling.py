@@ -3,7 +3,9 @@
     from minispin import generate
     new_ids = generate(model, prompt_ids, max_new_tokens=256, temperature=1.0, seed=42)
 
-How a batch is run, and why:
+A batch runs in four small steps, as gpt-fast separates them: `_left_pad` lays the
+prompts out, `_prefill` runs them into the cache, `_decode` makes one token per row and
+step, and `_compact` drops finished rows on the way. How, and why:
 * Prompts of different lengths are LEFT-padded to the longest one, so every row's next
   token lands in the same cache slot and one decode step serves the whole batch. Each row
   gets its true RoPE positions (slot minus its padding) and a boolean mask that hides its
@@ -14,10 +16,10 @@ How a batch is run, and why:
 * The KV cache is preallocated (model.KVCache) for prompt + max_new_tokens: no step
   allocates or copies the cache. The prefill computes logits for the last position only
   (hidden states -> lm_head for one token), never B x T x vocab.
-* Rows that emitted eos are finished: their later tokens are cut off on output. When a
-  quarter of the batch has finished, the batch is compacted (cache, masks and positions
-  keep only the live rows), so finished rows stop costing work; when all are finished the
-  loop stops. `generate` sorts prompts by length before cutting them into batches, so a
+* Rows that emitted a stop id (eos; Llama 3 has several) are finished: their later
+  tokens are cut off on output. When a quarter of the batch has finished, the batch is
+  compacted (cache, masks and positions keep only the live rows), so finished rows stop
+  costing work; when all are finished the loop stops. `generate` sorts prompts by length before cutting them into batches, so a
   batch holds prompts of similar length and little padding.
 * Sampling uses the inverse CDF with ONE uniform number per row and step. The uniforms of
   a row come from its own torch.Generator, seeded from (seed, row) — or from the caller's
@@ -30,19 +32,22 @@ How a batch is run, and why:
 * Eager is the reference path. `compile=True` runs the decode step through torch.compile
   with static shapes (attention over the whole preallocated cache, the write position a
   tensor), so that on a GPU the step can also be captured as a CUDA graph
-  (mode="reduce-overhead"). The tests check it against the eager path.
+  (mode="reduce-overhead"). Its cache is allocated and marked static once per shape and
+  reused by every later batch and call of that shape, so nothing recompiles, re-records
+  or keeps old caches alive. The tests check it against the eager path and count compiles.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, List, Optional, Sequence, Union
+import weakref
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache, Transformer, attention_mask
+from .model import KVCache, Transformer, slot_mask
 
-__all__ = ["generate", "generate_batch", "sample_next", "row_seed", "filtered_probs"]
+__all__ = ["generate", "generate_batch", "sample_next", "row_seed", "filtered_probs", "stop_ids"]
 
 
 def row_seed(seed: int, key) -> int:
@@ -102,6 +107,12 @@ def _device_dtype(model: Transformer):
     return w.device, w.dtype
 
 
+def stop_ids(eos_id: Union[None, int, Iterable[int]]) -> Tuple[int, ...]:
+    """eos_id as a tuple of stop ids: None or a negative id = never stop."""
+    ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    return tuple(sorted({int(i) for i in ids if int(i) >= 0}))
+
+
 class _StaticCache(KVCache):
     """KVCache for the compiled step: writes at a tensor position, returns whole buffers."""
 
@@ -117,6 +128,34 @@ class _StaticCache(KVCache):
         self.k[layer].index_copy_(2, start, k)
         self.v[layer].index_copy_(2, start, v)
         return self.k[layer], self.v[layer]
+
+
+# model -> {(batch, max_len, dtype, device): _StaticCache}; weak, so a model that is
+# dropped takes its caches with it
+_STATIC_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STATIC_SHAPES_KEPT = 2  # a full batch and the last, smaller one of a generate() call
+
+
+def static_cache(model: Transformer, batch: int, max_len: int, dtype, device) -> _StaticCache:
+    """The compiled step's cache for this shape, allocated and marked static once.
+
+    Every batch and generate() call of the same shape reuses it (zeroed), so the compiled
+    step, and on a GPU its CUDA graph, sees the same buffers and is never recompiled or
+    re-recorded, and old caches are not kept alive by old graphs. Only the most recently
+    used shapes are kept.
+    """
+    caches = _STATIC_CACHES.setdefault(model, {})
+    key = (batch, max_len, dtype, str(device))
+    cache = caches.pop(key, None)
+    if cache is None:
+        while len(caches) >= _STATIC_SHAPES_KEPT:
+            caches.pop(next(iter(caches)))  # the least recently used shape
+        cache = _StaticCache(model.config, batch, max_len, dtype, device)
+    else:
+        for t in cache.k + cache.v:  # in place: the addresses stay
+            t.zero_()
+    caches[key] = cache  # most recently used last
+    return cache
 
 
 class _RowView(KVCache):
@@ -168,7 +207,8 @@ _COMPILED = {}
 
 def _compiled_step(device, backend):
     """The decode step through torch.compile (CUDA graphs on GPU); backend "eager" only
-    traces it (cheap: the tests use it to check the static-shape step itself)."""
+    traces it (cheap: the tests use it to check the static-shape step itself), and a
+    callable backend (e.g. a compile counter) is passed to torch.compile as it is."""
     backend = "inductor" if backend is True else backend
     key = (device.type, backend)
     if key not in _COMPILED:
@@ -177,14 +217,130 @@ def _compiled_step(device, backend):
     return _COMPILED[key]
 
 
+# ---------------------------------------------------------------- one batch, in four steps
+def _left_pad(prompts: List[List[int]], max_len: int, device):
+    """Prompts (longest first) -> tokens (B, T) left-padded with 0, each row's true RoPE
+    positions (B, T) (0 on padding), and key_valid (B, max_len): the cache slots a row may
+    attend to (False on its padding)."""
+    B, T = len(prompts), len(prompts[0])
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    key_valid = torch.ones(B, max_len, dtype=torch.bool)
+    pad = torch.tensor([T - len(p) for p in prompts])
+    for i, p in enumerate(prompts):
+        tokens[i, pad[i]:] = torch.tensor(p, dtype=torch.long)
+        key_valid[i, :pad[i]] = False
+    positions = (torch.arange(T)[None] - pad[:, None]).clamp_min(0)
+    return tokens.to(device), positions.to(device), key_valid.to(device)
+
+
+def _prefill(model: Transformer, tokens, positions, key_valid, lens: List[int], cache: KVCache,
+             ragged_prefill: Optional[bool]) -> torch.Tensor:
+    """Run the prompts into the cache; logits (B, vocab) of each row's last token.
+
+    Rows go in groups of similar length (see prefill_groups), each one forward written
+    into its rows and slots of the batch cache. Only the last slot's hidden state meets
+    the output projection: never B x T x vocab logits.
+    """
+    B, T = tokens.shape
+    device = tokens.device
+    dynamic_rope = (model.config.rope_scaling or {}).get("rope_type") == "dynamic"
+    if ragged_prefill is None and not dynamic_rope:
+        # one forward call, in params x tokens (measured on CPU: small GEMMs run slower too)
+        overhead = 1e9 if device.type == "cpu" else 5e11
+        groups = prefill_groups(lens, model.num_params(), overhead)
+    elif ragged_prefill is None:  # dynamic NTK: one call, so the batch shares one length (as in transformers)
+        groups = [(0, B)]
+    else:
+        groups = [(i, i + 1) for i in range(B)] if ragged_prefill else [(0, B)]
+    last_hidden = []
+    for i, j in groups:
+        L = lens[i]  # the longest of the group
+        view = cache if (i, j) == (0, B) else _RowView(cache, i, j, T - L)
+        if lens[j - 1] == L:  # no padding: the model's own causal (+ window) mask
+            h = model(tokens[i:j, T - L:], None, None, view, 0, return_hidden=True)
+        else:
+            slots = torch.arange(L, device=device)
+            mask = slot_mask(slots, slots, key_valid[i:j, T - L:T], model.config.sliding_window)
+            # a padding query sees only itself (never a fully masked row: NaN would spread)
+            mask = mask | torch.eye(L, dtype=torch.bool, device=device)
+            h = model(tokens[i:j, T - L:], positions[i:j, T - L:], mask, view, 0, return_hidden=True)
+        last_hidden.append(h[:, -1])
+    h = torch.cat(last_hidden) if len(last_hidden) > 1 else last_hidden[0]
+    return F.linear(h, model.output_weight)
+
+
+class _Live(NamedTuple):
+    """Decode state of the rows still running, row for row; compaction filters all of it."""
+    rows: torch.Tensor       # (n,) live row -> batch row
+    tok: torch.Tensor        # (n,) the token fed at the next step
+    pos: torch.Tensor        # (n, 1) its RoPE position
+    key_valid: torch.Tensor  # (n, max_len) cache slots each row may attend to
+    done: Optional[torch.Tensor]  # (n,) emitted a stop id (None: no stop ids)
+    u: Optional[torch.Tensor]     # (n, steps) the row's uniforms (None: greedy)
+
+
+def _compact(live: _Live, cache: KVCache) -> _Live:
+    """Keep only the unfinished rows, in the cache and in every per-row tensor."""
+    keep = (~live.done).nonzero().view(-1)
+    cache.keep_rows(keep)
+    return _Live(*(None if t is None else t[keep] for t in live))
+
+
+def _decode(model: Transformer, logits, live: _Live, cache: KVCache, T: int, steps: int,
+            sampling: Tuple[float, int, float], stop: Optional[torch.Tensor],
+            step_fn: Optional[Callable], compact_fraction: float) -> torch.Tensor:
+    """Tokens (B, steps): the first sampled from the prefill's logits, then one token per
+    live row and step; -1 where the loop ended early because every row had stopped.
+
+    step_fn: the compiled static-shape step, or None for the eager one (which reads only
+    the filled part of the cache and compacts the batch as rows finish).
+    """
+    temperature, top_k, top_p = sampling
+    window = model.config.sliding_window
+    device = logits.device
+    out = torch.full((live.rows.numel(), steps), -1, dtype=torch.long, device=device)
+    tok = sample_next(logits, None if live.u is None else live.u[:, 0], temperature, top_k, top_p)
+    out[:, 0] = tok
+    live = live._replace(tok=tok, done=None if stop is None else torch.isin(tok, stop))
+    if window is not None and T >= window:
+        live.key_valid[:, :T - window + 1] = False  # slots that leave the window at the first step
+    slot_t = torch.zeros(1, dtype=torch.long, device=device)
+    # on a GPU, reading `done` waits for the device: look every few steps only (a row
+    # that finished in between makes a few tokens more, cut off at its stop id later)
+    check_every = 1 if device.type == "cpu" else 8
+    for step in range(1, steps):
+        if stop is not None and step % check_every == 0:
+            n_done, n_live = int(live.done.sum()), live.rows.numel()
+            if n_done == n_live:
+                break
+            if step_fn is None and n_done and n_done >= compact_fraction * n_live:
+                live = _compact(live, cache)
+        slot = T + step - 1  # where the token fed now is written
+        if window is not None and slot - window >= 0:
+            live.key_valid[:, slot - window] = False
+        if step_fn is not None:
+            slot_t.fill_(slot)
+            logits = step_fn(model, live.tok[:, None], live.pos, slot_t, live.key_valid, cache)
+        else:
+            mask = live.key_valid[:, None, None, :slot + 1]
+            logits = model(live.tok[:, None], live.pos, mask, cache, slot)[:, -1]
+        tok = sample_next(logits, None if live.u is None else live.u[:, step], temperature, top_k, top_p)
+        out[live.rows, step] = tok
+        live.pos.add_(1)
+        live = live._replace(tok=tok, done=None if stop is None else live.done | torch.isin(tok, stop))
+    return out
+
+
 @torch.inference_mode()
 def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                   eos_id: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
-                   compile: Union[bool, str] = False, compact_fraction: float = 0.25,
+                   eos_id: Union[None, int, Iterable[int]] = None,
+                   seeds: Optional[Sequence[int]] = None,
+                   compile: Union[bool, str, Callable] = False, compact_fraction: float = 0.25,
                    ragged_prefill: Optional[bool] = None) -> List[List[int]]:
-    """One batch: the new tokens of each row (in the given order), eos excluded.
+    """One batch: the new tokens of each row (in the given order), stop id excluded.
 
+    eos_id: a stop id or several (a row stops at the first it emits); None or -1 = never.
     seeds: one seed per row (needed when temperature > 0).
     ragged_prefill: True = prefill row by row, False = the whole padded batch in one
         forward, None = length groups chosen by a cost model (see prefill_groups).
@@ -200,116 +356,45 @@ def generate_batch(model: Transformer, prompts: List[List[int]], max_new_tokens:
     # rows longest first, so that prefill groups of similar length are row ranges
     perm = sorted(range(B), key=lambda i: -len(prompts[i]))
     prompts = [prompts[i] for i in perm]
-    seeds = None if greedy else [seeds[i] for i in perm]
-    args = model.config
     device, dtype = _device_dtype(model)
-    lens = [len(p) for p in prompts]
-    T = lens[0]
+    T = len(prompts[0])
     max_len = T + max_new_tokens
     if compile:  # the compiled step's shapes depend on the cache length: few distinct ones
         max_len = -(-max_len // 256) * 256
-
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    key_valid = torch.ones(B, max_len, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        tokens[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        key_valid[i, :T - len(p)] = False
-    pad = T - torch.tensor(lens)
-    positions = (torch.arange(T)[None] - pad[:, None]).clamp_min(0)
-    tokens, key_valid, positions = tokens.to(device), key_valid.to(device), positions.to(device)
-    window = args.sliding_window
-
-    # ---- prefill: each group of rows in one forward, written into its rows and slots of
-    # the batch cache; logits of the last slot only
-    cache = (_StaticCache if compile else KVCache)(args, B, max_len, dtype, device)
-    if ragged_prefill is None:
-        # one forward call, in params x tokens (measured on CPU: small GEMMs run slower too)
-        overhead = 1e9 if device.type == "cpu" else 5e11
-        groups = prefill_groups(lens, model.num_params(), overhead)
-    else:
-        groups = [(i, i + 1) for i in range(B)] if ragged_prefill else [(0, B)]
-    hs = []
-    for i, j in groups:
-        L = lens[i]  # the longest of the group
-        view = cache if (i, j) == (0, B) else _RowView(cache, i, j, T - L)
-        if lens[j - 1] == L:  # no padding: the model's own causal (+ window) mask
-            h = model(tokens[i:j, T - L:], None, None, view, 0, return_hidden=True)
-        else:
-            slots = torch.arange(L, device=device)
-            mask = attention_mask(slots, slots, key_valid[i:j, T - L:T], window)
-            # a padding query sees only itself (never a fully masked row: NaN would spread)
-            mask = mask | torch.eye(L, dtype=torch.bool, device=device)
-            h = model(tokens[i:j, T - L:], positions[i:j, T - L:], mask, view, 0, return_hidden=True)
-        hs.append(h[:, -1])
-    h = torch.cat(hs) if len(hs) > 1 else hs[0]
-    logits = F.linear(h, model.output_weight)
-    if window is not None and T >= window:
-        key_valid[:, :T - window + 1] = False  # slots that leave the window at the first step
-
-    u = None if greedy else _uniforms(seeds, max_new_tokens, device)
-    out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)  # live row -> batch row
-    tok = sample_next(logits, None if greedy else u[:, 0], temperature, top_k, top_p)
-    out[:, 0] = tok
-    pos = positions[:, -1:] + 1
-    stop = eos_id is not None and eos_id >= 0
-    done = tok == eos_id if stop else None
-    live = B
-    step_fn = _compiled_step(device, compile) if compile else None
-    slot_t = torch.zeros(1, dtype=torch.long, device=device)
-
-    # on a GPU, reading `done` waits for the device: look every few steps only (a row
-    # that finished in between makes a few tokens more, cut off at its eos below)
-    check_every = 1 if device.type == "cpu" else 8
-    for step in range(1, max_new_tokens):
-        if stop and step % check_every == 0:
-            n_done = int(done.sum())
-            if n_done == live:
-                break
-            if not compile and n_done and n_done >= compact_fraction * live:
-                keep = (~done).nonzero().view(-1)
-                cache.keep_rows(keep)
-                key_valid, pos, tok, rows, done = (key_valid[keep], pos[keep], tok[keep],
-                                                   rows[keep], done[keep])
-                if u is not None:
-                    u = u[keep]
-                live = keep.numel()
-        slot = T + step - 1  # where the token fed now is written
-        if window is not None and slot - window >= 0:
-            key_valid[:, slot - window] = False
-        if compile:
-            slot_t.fill_(slot)
-            logits = step_fn(model, tok[:, None], pos, slot_t, key_valid, cache)
-        else:
-            mask = key_valid[:, None, None, :slot + 1]
-            logits = model(tok[:, None], pos, mask, cache, slot)[:, -1]
-        tok = sample_next(logits, None if u is None else u[:, step], temperature, top_k, top_p)
-        out[rows, step] = tok
-        pos += 1
-        if stop:
-            done |= tok == eos_id
-
+    tokens, positions, key_valid = _left_pad(prompts, max_len, device)
+    cache = (static_cache(model, B, max_len, dtype, device) if compile
+             else KVCache(model.config, B, max_len, dtype, device))
+    logits = _prefill(model, tokens, positions, key_valid, [len(p) for p in prompts], cache,
+                      ragged_prefill)
+    stops = stop_ids(eos_id)
+    # tok: a placeholder until _decode samples the first token from the prefill's logits
+    live = _Live(rows=torch.arange(B, device=device), tok=tokens[:, -1], pos=positions[:, -1:] + 1,
+                 key_valid=key_valid, done=None,
+                 u=None if greedy else _uniforms([seeds[i] for i in perm], max_new_tokens, device))
+    out = _decode(model, logits, live, cache, T, max_new_tokens, (temperature, top_k, top_p),
+                  torch.tensor(stops, device=device) if stops else None,
+                  _compiled_step(device, compile) if compile else None, compact_fraction)
     result: List[List[int]] = [[] for _ in range(B)]
     for i, row in zip(perm, out.cpu().tolist()):
-        if stop and eos_id in row:
-            row = row[:row.index(eos_id)]
-        elif -1 in row:  # all rows stopped early: unused columns
-            row = row[:row.index(-1)]
-        result[i] = row
+        # cut at the first stop id, or where the loop ended (-1)
+        end = next((j for j, t in enumerate(row) if t < 0 or t in stops), len(row))
+        result[i] = row[:end]
     return result
 
 
 def generate(model: Transformer, prompt_ids: List[List[int]], max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             eos_id: Optional[int] = None, seed: Optional[int] = None, *,
+             eos_id: Union[None, int, Iterable[int]] = None, seed: Optional[int] = None, *,
              seeds: Optional[Sequence[int]] = None, batch_size: int = 32,
-             compile: Union[bool, str] = False,
+             compile: Union[bool, str, Callable] = False,
              on_batch: Optional[Callable[[List[int], List[List[int]]], None]] = None
              ) -> List[List[int]]:
-    """New tokens for each prompt (eos excluded); temperature 0 = greedy.
+    """New tokens for each prompt (stop id excluded); temperature 0 = greedy.
 
     prompt_ids: token ids per prompt, any lengths (include <s> yourself, as encode_chat does).
-    eos_id: a row stops when it emits this id; None = model.config.eos_token_id; -1 = never.
+    eos_id: a row stops at the first of these ids it emits: an id, or several (Llama 3's
+          generation_config lists more than one); None = model.config.eos_token_ids
+          (every id config.json lists); -1 = never.
     seed: makes sampling reproducible; row i draws from a generator seeded with
           row_seed(seed, i). seed=None draws a seed from torch's global RNG.
     seeds: per-prompt seeds instead (generate.py passes row_seed(seed, prompt id)), so a
@@ -317,12 +402,14 @@ def generate(model: Transformer, prompt_ids: List[List[int]], max_new_tokens: in
     batch_size: prompts per batch; prompts are sorted by length (longest first) and cut
           into batches, results come back in the input order.
     compile: torch.compile the decode step (static shapes; CUDA graphs on GPU); a string
-          picks the torch.compile backend. Off by default: eager is the reference.
+          or callable picks the torch.compile backend. Off by default: eager is the
+          reference. The step's KV cache is kept per shape and reused across batches and
+          calls (see static_cache), so repeated calls neither recompile nor reallocate.
     on_batch(indices, outputs): called after each batch with the input indices it held.
     """
     n = len(prompt_ids)
     if eos_id is None:
-        eos_id = model.config.eos_token_id
+        eos_id = model.config.eos_token_ids
     if temperature > 0 and seeds is None:
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, (1,)))

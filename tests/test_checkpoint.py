@@ -118,20 +118,163 @@ def test_unknown_model_type(tmp_path):
     d = _broken(tmp_path, edit_config=lambda c: c.update(model_type="gpt2"))
     with pytest.raises(ConfigError) as e:
         load_model(d)
-    assert "model_type 'gpt2'" in _one_line(e) and "config.json" in str(e.value)
+    assert "config.json: model_type: 'gpt2' is not supported" in _one_line(e)
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("attention_bias", True, "attention_bias"),
-    ("mlp_bias", True, "mlp_bias"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling.type 'yarn'"),
-    ("hidden_act", "gelu", "hidden_act 'gelu'"),
+@pytest.mark.parametrize("edit,needle", [
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type: 'yarn' is not supported"),
+    (dict(rope_scaling={"type": "longrope", "factor": 4.0}), "rope_scaling.type: 'longrope' is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope_parameters.rope_type: 'yarn'"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor: only 1.0"),
+    (dict(hidden_act="gelu"), "hidden_act: 'gelu' is not supported"),
+    (dict(model_type="mistral", attention_bias=True), "attention_bias: true is not supported on mistral"),
+    (dict(model_type="qwen2", mlp_bias=True), "mlp_bias: true is not supported on qwen2"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16), "use_sliding_window: true"),
+    (dict(sliding_window=16), "sliding_window: set on a llama model"),
 ])
-def test_unsupported_features_are_refused(tmp_path, field, value, needle):
-    d = _broken(tmp_path, edit_config=lambda c: c.update({field: value}))
+def test_unsupported_features_are_refused(tmp_path, edit, needle):
+    d = _broken(tmp_path, edit_config=lambda c: c.update(edit))
     with pytest.raises(ConfigError) as e:
         load_model(d)
-    assert needle in _one_line(e)
+    assert needle in _one_line(e) and os.path.join(d, "config.json") in str(e.value)
+
+
+def _write(path, data):
+    with open(path, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
+
+# config.json edits -> the "field: what is wrong" part of the one-line error
+BAD_CONFIGS = {
+    "a-list": (lambda c: [c], "top level: must be a JSON object"),
+    "string-size": (lambda c: dict(c, hidden_size="64"), "hidden_size: must be an integer >= 1, got '64' (a str)"),
+    "zero-heads": (lambda c: dict(c, num_attention_heads=0), "num_attention_heads: must be an integer >= 1, got 0"),
+    "negative-layers": (lambda c: dict(c, num_hidden_layers=-2), "num_hidden_layers: must be an integer >= 1, got -2"),
+    "zero-kv-heads": (lambda c: dict(c, num_key_value_heads=0), "num_key_value_heads: must be an integer >= 1"),
+    "float-vocab": (lambda c: dict(c, vocab_size=512.0), "vocab_size: must be an integer >= 1, got 512.0"),
+    "bool-size": (lambda c: dict(c, intermediate_size=True), "intermediate_size: must be an integer >= 1, got True"),
+    "kv-not-dividing": (lambda c: dict(c, num_key_value_heads=3), "num_key_value_heads: 3 does not divide"),
+    "odd-head-dim": (lambda c: dict(c, head_dim=7), "head_dim: 7 must be even"),
+    "missing-vocab": (lambda c: {k: v for k, v in c.items() if k != "vocab_size"}, "vocab_size: required but missing"),
+    "no-model-type": (lambda c: {k: v for k, v in c.items() if k != "model_type"}, "model_type: required but missing"),
+    "string-eps": (lambda c: dict(c, rms_norm_eps="1e-5"), "rms_norm_eps: must be a positive number"),
+    "nan-theta": (lambda c: dict(c, rope_theta=float("nan")), "rope_theta: must be a positive number"),
+    "string-tie": (lambda c: dict(c, tie_word_embeddings="true"), "tie_word_embeddings: must be true or false"),
+    "eos-string": (lambda c: dict(c, eos_token_id="2"), "eos_token_id: must be an integer >= 0"),
+    "eos-empty": (lambda c: dict(c, eos_token_id=[]), "eos_token_id: an empty list"),
+    "rope-no-factor": (lambda c: dict(c, rope_scaling={"rope_type": "linear"}), "rope_scaling.factor: required for rope type 'linear'"),
+    "rope-string-factor": (lambda c: dict(c, rope_scaling={"type": "dynamic", "factor": "2"}),
+                           "rope_scaling.factor: must be a positive number, got '2' (a str)"),
+    "llama3-no-low": (lambda c: dict(c, rope_parameters={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                                                         "rope_theta": 5e5}),
+                      "rope_parameters.low_freq_factor: required for rope type 'llama3'"),
+    "rope-not-dict": (lambda c: dict(c, rope_scaling=["linear", 2]), "rope_scaling: must be an object"),
+    "invalid-json": ('{"model_type": "llama",\n "hidden_size": 64,,\n}', "line 2: not valid JSON"),
+    "invalid-utf8": (b'{"model_type": "llama\xff"}', "byte 21: not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_one_line_naming_file_and_field(tmp_path, case):
+    edit, needle = BAD_CONFIGS[case]
+    d = tmp_path / "bad"
+    shutil.copytree(STORIES, d)
+    if callable(edit):
+        edit = json.dumps(edit(json.load(open(d / "config.json"))))
+    _write(d / "config.json", edit)
+    with pytest.raises(ConfigError) as e:
+        load_model(str(d))
+    assert _one_line(e).startswith(f"{d / 'config.json'}: {needle}")
+
+
+def _header(path):
+    """(header dict, header length, raw bytes) of a safetensors file, read by hand."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), n, raw
+
+
+def _edit_header(path, key, edit):
+    """Rewrite one entry of a safetensors header in place (data untouched)."""
+    header, n, raw = _header(path)
+    edit(header[key])
+    text = json.dumps(header).encode()
+    _write(path, len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+EMB = "model.embed_tokens.weight"  # (512, 64) F32 in stories260K: 131072 bytes
+BAD_HEADERS = {
+    "dtype-lies": (lambda m: m.update(dtype="F64"), "data_offsets span 131072 bytes but F64 (512, 64) needs 262144"),
+    "shape-lies": (lambda m: m.update(shape=[512, 65]), "data_offsets span 131072 bytes but F32 (512, 65) needs 133120"),
+    "size-lies": (lambda m: m.update(data_offsets=[m["data_offsets"][0], m["data_offsets"][1] - 4]), "needs 131072"),
+    "unknown-dtype": (lambda m: m.update(dtype="F8_E9M9"), "unsupported dtype 'F8_E9M9'"),
+    "no-offsets": (lambda m: m.pop("data_offsets"), "no data_offsets"),
+    "reversed-offsets": (lambda m: m.update(data_offsets=m["data_offsets"][::-1]), "is not [begin, end]"),
+    "string-shape": (lambda m: m.update(shape="512x64"), "shape '512x64' is not a list of sizes"),
+    "beyond-end": (lambda m: m.update(data_offsets=[10 ** 9, 10 ** 9 + 131072]), "truncated safetensors file: tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_lying_safetensors_header_names_file_and_tensor(tmp_path, case):
+    edit, needle = BAD_HEADERS[case]
+    d = _broken(tmp_path)
+    path = os.path.join(d, "model.safetensors")
+    _edit_header(path, EMB, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    msg = _one_line(e)
+    assert msg.startswith(f"{path}: ") and f"'{EMB}'" in msg and needle in msg
+
+
+def test_truncated_shard_names_file_and_tensor(tmp_path):
+    make_hf_model(tmp_path / "src", "llama")
+    save_model(load_model(str(tmp_path / "src")), str(tmp_path / "sharded"), max_shard_size="100KB")
+    shards = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))
+    victim = str(tmp_path / "sharded" / shards[1])
+    header = _header(victim)[0]
+    header.pop("__metadata__", None)
+    last = max(header, key=lambda k: header[k]["data_offsets"][1])  # the tensor cut short
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) - 10)
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(tmp_path / "sharded"))
+    msg = _one_line(e)
+    assert msg.startswith(f"{victim}: truncated") and f"tensor '{last}'" in msg
+
+
+# ------------------------------------------------------------------ generation_config.json
+def test_generation_config_read_and_checked(tmp_path):
+    from minispin.config import read_generation_config
+    assert read_generation_config(str(tmp_path)) == {}  # no file
+    _write(tmp_path / "generation_config.json", json.dumps({
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": True,
+        "temperature": 0.6, "top_p": 0.9, "top_k": None, "transformers_version": "4.45.0"}))
+    assert read_generation_config(str(tmp_path)) == {
+        "eos_token_id": [128001, 128008, 128009], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    _write(tmp_path / "generation_config.json", '{"eos_token_id": 2, "max_new_tokens": 256, "top_k": 50}')
+    assert read_generation_config(str(tmp_path)) == {"eos_token_id": 2, "max_new_tokens": 256, "top_k": 50}
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"eos_token_id": 2,}', "line 1: not valid JSON"),
+    ('[2]', "top level: must be a JSON object"),
+    ('{"eos_token_id": "2"}', "eos_token_id: must be an integer >= 0"),
+    ('{"temperature": -0.5}', "temperature: must be a number >= 0"),
+    ('{"top_p": 1.5}', "top_p: must be in (0, 1]"),
+    ('{"top_p": 0}', "top_p: must be a positive number"),
+    ('{"top_k": "5"}', "top_k: must be an integer >= 0"),
+    ('{"max_new_tokens": 0}', "max_new_tokens: must be an integer >= 1"),
+    ('{"do_sample": "yes"}', "do_sample: must be true or false"),
+])
+def test_bad_generation_config_is_one_line(tmp_path, text, needle):
+    from minispin.config import read_generation_config
+    path = tmp_path / "generation_config.json"
+    _write(path, text)
+    with pytest.raises(ConfigError) as e:
+        read_generation_config(str(tmp_path))
+    assert _one_line(e).startswith(f"{path}: {needle}")
 
 
 def test_missing_tensor(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import STORIES, make_hf_model
-from minispin import KVCache, load_model, load_tokenizer
+from minispin import KVCache, generate, load_model, load_tokenizer
 
 CASES = {
     "llama-mha-untied": ("llama", dict()),
@@ -105,3 +105,116 @@ def test_rope_layout_matters(tmp_path):
         finally:
             M.rotate_half = original
     assert (good - bad).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------ key mask inside rows
+@pytest.fixture(scope="module")
+def masked_pair(tmp_path_factory):
+    """GQA Llama and windowed GQA Mistral, each with transformers' eager and sdpa copies."""
+    from transformers import AutoModelForCausalLM
+    out = {}
+    for case, (model_type, kw) in {"llama-gqa": ("llama", dict(num_key_value_heads=2)),
+                                   "mistral-window": ("mistral", dict(num_key_value_heads=2, sliding_window=20))}.items():
+        d = tmp_path_factory.mktemp(case)
+        make_hf_model(d, model_type, **kw)
+        out[case] = (load_model(str(d)), {impl: AutoModelForCausalLM.from_pretrained(
+            str(d), dtype=torch.float32, attn_implementation=impl).eval() for impl in ("eager", "sdpa")})
+    return out
+
+
+def _key_mask(B=3, T=72):
+    """SPIN-like: 0 on scattered tokens (its eos inside prompt and answer), one row all 1."""
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, [10, 11, 40, 71]] = 0
+    mask[1, [5, 30, 31, 32, 33]] = 0
+    return mask
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", ["llama-gqa", "mistral-window"])
+def test_attention_mask_inside_rows_matches_transformers(masked_pair, case, impl, fold, monkeypatch):
+    """attention_mask = 0 in the middle of rows: logits equal transformers' at EVERY
+    position, the masked ones included (SPIN's loss reads them), with and without the GQA
+    fold, positions 0..T-1 as transformers computes them."""
+    import minispin.model as M
+    monkeypatch.setattr(M, "FOLD_GQA_ON_CPU", fold)
+    ours, hf = masked_pair[case]
+    x = torch.randint(3, 512, (3, 72), generator=torch.Generator().manual_seed(4))
+    mask = _key_mask()
+    with torch.no_grad():
+        got, want = ours(x, attention_mask=mask), hf[impl](x, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        # guards: the hidden keys change what follows them, and all-ones is plain causal
+        assert (got[:2, 45:] - ours(x)[:2, 45:]).abs().max() > 1e-2
+        torch.testing.assert_close(got[2], ours(x)[2], atol=1e-5, rtol=0)
+
+
+def test_query_that_sees_no_key_attends_to_itself(masked_pair):
+    """A row whose first tokens are masked: those queries see no key. They stay finite
+    (they attend to themselves) and change nothing else: every other position equals
+    transformers (sdpa), whose own answer there differs between eager and sdpa."""
+    ours, hf = masked_pair["llama-gqa"]
+    x = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :2] = 0
+    mask[0, 20] = 0
+    with torch.no_grad():
+        got, want = ours(x, attention_mask=mask), hf["sdpa"](x, attention_mask=mask).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0, 2:], want[0, 2:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        # attending to itself alone, a query gets its own value whatever its position: the
+        # same as its token run on its own
+        alone = torch.cat([ours(x[:1, :1])[0], ours(x[:1, 1:2])[0]])
+        torch.testing.assert_close(got[0, :2], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_gqa_fold_equals_the_gqa_flag(tmp_path, model_type, monkeypatch):
+    """The fold that GPUs take (query heads folded into the query axis, no enable_gqa),
+    forced on CPU: padded prefill bit for bit, cached decode steps within 1e-5 (a 2-row
+    matmul rounds differently from a 1-row one), and the same greedy tokens."""
+    import minispin.model as M
+    make_hf_model(tmp_path, model_type, num_key_value_heads=1,
+                  **(dict(sliding_window=12) if model_type == "mistral" else {}))
+    m = load_model(str(tmp_path))
+    x = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 48, dtype=torch.long)
+    mask[0, :7] = 0  # padding-like
+    mask[1, 20] = 0
+
+    def run():
+        with torch.no_grad():
+            padded = m(x, attention_mask=mask)
+            cache = KVCache(m.config, 2, 64, torch.float32, "cpu")
+            steps = [m(x[:, :20], cache=cache, cache_pos=0)]
+            steps += [m(x[:, i:i + 1], cache=cache, cache_pos=i) for i in range(20, 48)]
+        return padded, torch.cat(steps, 1), generate(m, [x[0, :9].tolist(), x[1].tolist()], 16, temperature=0, eos_id=-1)
+
+    flag = run()
+    monkeypatch.setattr(M, "FOLD_GQA_ON_CPU", True)
+    fold = run()
+    assert torch.equal(flag[0], fold[0])
+    torch.testing.assert_close(flag[1], fold[1], atol=1e-5, rtol=0)
+    assert flag[2] == fold[2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the GPU's SDPA kernels")
+def test_masked_gqa_attention_reaches_the_fused_kernel_on_gpu(tmp_path):
+    """With only the memory-efficient kernel allowed, SDPA raises unless every masked call
+    (padded prefill, key mask, cached decode steps) can use it: the GQA fold's purpose.
+    (An explicit mask with enable_gqa has no fused kernel on most torch releases.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    make_hf_model(tmp_path, "mistral", num_key_value_heads=2, sliding_window=20)
+    m = load_model(str(tmp_path), dtype=torch.bfloat16, device="cuda")
+    x = torch.randint(3, 512, (3, 72), generator=torch.Generator().manual_seed(4)).cuda()
+    prompts = [x[0, :9].tolist(), x[1].tolist(), x[2, :30].tolist()]
+    with torch.no_grad():
+        ref = m(x, attention_mask=_key_mask().cuda())
+        eager_tokens = generate(m, prompts, 16, temperature=0, eos_id=-1)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            fused = m(x, attention_mask=_key_mask().cuda())
+            assert generate(m, prompts, 16, temperature=0, eos_id=-1) == eager_tokens
+    torch.testing.assert_close(fused.float(), ref.float(), atol=0, rtol=0)

@@ -185,13 +185,37 @@ def test_eos_stops_rows_and_compaction_keeps_the_rest(stories):
 def test_eos_default_is_model_eos_and_excluded(stories):
     full = generate(stories, [[1]], 60, temperature=0, eos_id=-1)[0]
     stop = full[10]  # pretend this token is the model's eos
-    saved = stories.config.eos_token_id
-    stories.config.eos_token_id = stop
+    saved = stories.config.eos_token_id, stories.config.eos_token_ids
+    stories.config.eos_token_id, stories.config.eos_token_ids = stop, (stop,)
     try:
         out = generate(stories, [[1]], 60, temperature=0)[0]
     finally:
-        stories.config.eos_token_id = saved
+        stories.config.eos_token_id, stories.config.eos_token_ids = saved
     assert out == full[:full.index(stop)] and len(out) <= 10
+
+
+def test_several_stop_ids(stories):
+    """eos_id as a list (Llama 3 stops at <|eot_id|> or <|end_of_text|>): each row stops at
+    the first of them it emits, and a config listing several ids is the default."""
+    tok = load_tokenizer(STORIES)
+    prompts = [tok.encode(t, bos=True) for t in ["Once upon a time", "The sun was", "Tom had a red ball"]]
+    full = generate(stories, prompts, 40, temperature=0, eos_id=-1)
+    a, b = full[0][12], full[1][7]  # two tokens that stop rows at different steps
+
+    def cut(row):
+        ends = [row.index(t) for t in (a, b) if t in row]
+        return row[:min(ends)] if ends else row
+    want = [cut(f) for f in full]
+    assert want[0] != full[0] and want[1] != full[1]
+    for eos in ([a, b], {b, a}, (a, b)):
+        assert generate(stories, prompts, 40, temperature=0, eos_id=eos) == want
+    assert generate(stories, prompts, 40, temperature=0, eos_id=[a, b], compile="eager") == want
+    saved = stories.config.eos_token_id, stories.config.eos_token_ids
+    stories.config.eos_token_id, stories.config.eos_token_ids = a, (a, b)
+    try:
+        assert generate(stories, prompts, 40, temperature=0) == want
+    finally:
+        stories.config.eos_token_id, stories.config.eos_token_ids = saved
 
 
 def test_compiled_static_step_equals_eager(tiny_mistral):
@@ -203,6 +227,35 @@ def test_compiled_static_step_equals_eager(tiny_mistral):
     assert generate(model, prompts, 20, temperature=0, eos_id=-1, compile="eager") == eager
     s1 = generate(model, prompts, 20, temperature=1.0, seed=5, eos_id=-1)
     assert generate(model, prompts, 20, temperature=1.0, seed=5, eos_id=-1, compile="eager") == s1
+
+
+def test_compiled_decode_keeps_one_cache_and_never_recompiles(tiny_mistral):
+    """Two generate() calls of the same shape: the same cache buffers, and no new compile
+    (counted by a counting torch.compile backend); a third shape is kept beside them, a
+    fourth evicts the least recently used, so caches of old shapes are not kept alive."""
+    from torch._dynamo.testing import CompileCounter
+    from minispin import sampling
+    model, _ = tiny_mistral
+    torch._dynamo.reset()  # other tests' compiles of the step and caches must not count here
+    sampling._STATIC_CACHES.pop(model, None)
+    counter = CompileCounter()
+    prompts = prompts_of([5, 9, 3], seed=11)
+    want = generate(model, prompts, 12, temperature=0, eos_id=-1)
+    assert generate(model, prompts, 12, temperature=0, eos_id=-1, compile=counter) == want
+    compiles = counter.frame_count
+    assert compiles >= 1
+    (cache,) = sampling._STATIC_CACHES[model].values()
+    buffers = [t.data_ptr() for t in cache.k + cache.v]
+    other = prompts_of([4, 8, 2], seed=12)  # same batch and cache length: the same shape
+    assert generate(model, other, 12, temperature=0, eos_id=-1, compile=counter) == \
+        generate(model, other, 12, temperature=0, eos_id=-1)
+    assert counter.frame_count == compiles
+    (again,) = sampling._STATIC_CACHES[model].values()
+    assert again is cache and [t.data_ptr() for t in again.k + again.v] == buffers
+    generate(model, prompts[:2], 12, temperature=0, eos_id=-1, compile=counter)
+    assert len(sampling._STATIC_CACHES[model]) == 2
+    generate(model, prompts[:1], 12, temperature=0, eos_id=-1, compile=counter)
+    assert len(sampling._STATIC_CACHES[model]) == 2 and cache not in sampling._STATIC_CACHES[model].values()
 
 
 # ------------------------------------------------------------- sampling
