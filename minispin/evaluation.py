@@ -303,7 +303,7 @@ class MinispinLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
         """As the "hf" backend: <s> first unless told not to or the text already starts with it."""
         if add_special_tokens is None:
-            add_special_tokens = not string.startswith(self.tok.sp.id_to_piece(self.prefix_token_id))
+            add_special_tokens = not string.startswith(self.tok.id_to_piece(self.prefix_token_id))
         return self.tok.encode(string, bos=bool(add_special_tokens))
 
     def tok_decode(self, ids: Sequence[int]) -> str:
@@ -451,7 +451,7 @@ class MinispinLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Greedy (or sampled, if the task asks) continuations cut at the stop sequences."""
         self.requests_done += len(requests)
-        eos_text = self.tok.sp.id_to_piece(self.eot_token_id)
+        eos_text = self.tok.id_to_piece(self.eot_token_id)
         groups: Dict[str, List[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items(), key=str)), []).append(i)
