@@ -60,9 +60,9 @@ answer's character span; the tokens' character offsets (from `tokenizers`, or fr
 SentencePiece's piece spans) give the mask: 1 on the tokens inside an answer and on the
 tail tokens that close it, up to and including the first special token there ("</s>",
 "<|eot_id|>", "<|im_end|>"; a template that writes " </s>" gets "▁", "</s>"; a tail with
-no special token leaves only the answer), 0 elsewhere. A token that covers both answer and template text (e.g. "▁It" in
-"### Response: It", whose space the template wrote) makes encode_chat raise a
-TokenizerError: minispin refuses rather than guesses whose token it is.
+no special token leaves only the answer), 0 elsewhere. A token that covers both answer and
+template text (e.g. "▁It" in "### Response: It", whose space the template wrote) makes
+encode_chat raise a TokenizerError: minispin refuses rather than guesses whose token it is.
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ set-up
     def _configure(self, folder: "_Folder", template: Optional[str]):
-        tokens, cfg, gen = folder.tokens, folder.config, folder.generation
+        tokens, ids = folder.tokens, folder.ids
         defaults = self._defaults()
 
         def token_id(key):
@@ -136,25 +136,24 @@ class Tokenizer:
                                      f"vocabulary of {self.path}: wrong tokenizer files?")
             return i
 
-        def listed(value):
-            return [] if value is None else [int(v) for v in (value if isinstance(value, list) else [value])]
-
         self.bos_id = token_id("bos_token") if "bos_token" in tokens else \
-            next(iter(listed(cfg.get("bos_token_id"))), defaults["bos"])
+            next(iter(ids["bos_token_id"]), defaults["bos"])
         self.eos_id = token_id("eos_token")
         if self.eos_id is None:
-            self.eos_id = next(iter(listed(cfg.get("eos_token_id")) + listed(gen.get("eos_token_id"))),
-                               defaults["eos"])
+            self.eos_id = next(iter(ids["eos_token_id"] + ids["generation eos_token_id"]), defaults["eos"])
         if self.eos_id is None:
             raise TokenizerError(f"{folder.origin or self.path}: no eos token (set eos_token in "
                                  "tokenizer_config.json or eos_token_id in config.json)")
-        self.eos_ids = list(dict.fromkeys([self.eos_id] + listed(cfg.get("eos_token_id"))
-                                          + listed(gen.get("eos_token_id"))))
+        self.eos_ids = list(dict.fromkeys([self.eos_id] + ids["eos_token_id"] + ids["generation eos_token_id"]))
         self.unk_id = token_id("unk_token") if tokens.get("unk_token") is not None else defaults["unk"]
         pad = token_id("pad_token")
         if pad is None:
-            pad = next(iter(listed(cfg.get("pad_token_id"))), defaults["pad"])
+            pad = next(iter(ids["pad_token_id"]), defaults["pad"])
         self.pad_id = self.eos_id if pad is None else pad
+        for i in [self.bos_id, self.unk_id, self.pad_id] + self.eos_ids:
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"{folder.origin or self.path}: special token id {i} is outside "
+                                     f"the vocabulary of {self.path} ({self.vocab_size} tokens)")
 
         # the special tokens a template sees, as strings (transformers' special_tokens_map)
         variables = {k: v for k, v in tokens.items() if k in SPECIAL_KEYS and v is not None}
@@ -406,7 +405,8 @@ class JsonTokenizer(Tokenizer):
         bos = None
         post = spec.get("post_processor") or {}
         for p in post.get("processors", [post]):
-            single = (p or {}).get("single") or []
+            p = p or {}
+            single = p.get("single") or []
             if p.get("type") == "TemplateProcessing" and single and "SpecialToken" in single[0]:
                 bos = self.tk.token_to_id(single[0]["SpecialToken"]["id"])
         specials = {t.content: i for i, t in added.items() if t.special}
@@ -450,7 +450,9 @@ class _Folder:
         self.tokens: Dict[str, Optional[str]] = {}
         self.tokens_origin = ""
         self.config: dict = {}
-        self.generation: dict = {}
+        # bos/eos/pad ids of config.json and generation_config.json, each a list of ints
+        self.ids: Dict[str, List[int]] = {k: [] for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                           "generation eos_token_id")}
         self.chat_template: Optional[Tuple[str, str]] = None  # (source, file it came from)
         if folder is None:
             return
@@ -466,10 +468,17 @@ class _Folder:
                 if key in SPECIAL_KEYS:
                     self.tokens[key] = _token_string(value, path("special_tokens_map.json"), key)
         self.config = _read_json(path("config.json"))
-        self.generation = _read_json(path("generation_config.json"))
-        if os.path.isfile(path("chat_template.jinja")):
-            with open(path("chat_template.jinja"), encoding="utf-8") as f:
-                self.chat_template = (f.read(), path("chat_template.jinja"))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            self.ids[key] = _id_list(self.config.get(key), path("config.json"), key)
+        self.ids["generation eos_token_id"] = _id_list(
+            _read_json(path("generation_config.json")).get("eos_token_id"),
+            path("generation_config.json"), "eos_token_id")
+        if os.path.isfile(path("chat_template.jinja")):  # where transformers >= 4.49 saves it
+            try:
+                with open(path("chat_template.jinja"), encoding="utf-8") as f:
+                    self.chat_template = (f.read(), path("chat_template.jinja"))
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{path('chat_template.jinja')}: not UTF-8 text ({e})") from None
         elif tok_cfg.get("chat_template"):
             source = tok_cfg["chat_template"]
             if isinstance(source, list):  # named templates: transformers takes "default"
@@ -494,6 +503,14 @@ def _read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _id_list(value, origin: str, key: str) -> List[int]:
+    """config.json's token ids: null, an int, or a list of ints (eos of Llama-3.x)."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TokenizerError(f"{origin}: {key} must be an integer or a list of integers, got {value!r}")
+    return values
 
 
 def _token_string(value, origin: str, key: str) -> Optional[str]:
@@ -527,10 +544,10 @@ def load_tokenizer(path: str, template: Optional[str] = None) -> Tokenizer:
                                 "tokenizer.json or a tokenizer.model)")
     tok = JsonTokenizer(file) if file.endswith(".json") else SentencePieceTokenizer(file)
     info = _Folder(folder)
-    tok._configure(info, template)
     n = info.config.get("vocab_size")
     if isinstance(n, int) and tok.vocab_size > n:
         raise TokenizerError(f"{file}: vocabulary has {tok.vocab_size} tokens but "
                              f"{os.path.join(folder, 'config.json')} says vocab_size {n}: wrong tokenizer "
                              "for this model?")
+    tok._configure(info, template)
     return tok

@@ -573,3 +573,12 @@ def test_bad_files_and_text(tmp_path, folders):
         json.dump({"eos_token": "<|nope|>"}, f)
     with pytest.raises(TokenizerError, match=re.escape("eos_token '<|nope|>' is not in the vocabulary")):
         load_tokenizer(str(broken))
+    with open(broken / "tokenizer_config.json", "w") as f:
+        json.dump({}, f)
+    for config, message in (({"eos_token_id": "two"}, "config.json: eos_token_id must be an integer"),
+                            ({"eos_token_id": [2, 99999]}, "special token id 99999 is outside"),
+                            ({"vocab_size": 100}, "says vocab_size 100")):
+        with open(broken / "config.json", "w") as f:
+            json.dump(config, f)
+        with pytest.raises(TokenizerError, match=message):
+            load_tokenizer(str(broken))
