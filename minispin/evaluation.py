@@ -451,7 +451,7 @@ class MinispinLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Greedy (or sampled, if the task asks) continuations cut at the stop sequences."""
         self.requests_done += len(requests)
-        eos_text = self.tok.sp.id_to_piece(self.eot_token_id)
+        eos_text = self.tok.id_to_piece(self.eot_token_id)
         groups: Dict[str, List[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items(), key=str)), []).append(i)

@@ -1,11 +1,12 @@
-"""SentencePiece tokenizer and the Zephyr chat template."""
+"""SentencePiece tokenizer (tokenizer.model only) and the Zephyr chat template."""
+import json
 import shutil
 
 import pytest
 
 from helpers import MISTRAL_TOK, STORIES
 from minispin import load_tokenizer
-from minispin.tokenizer import Tokenizer, TokenizerError
+from minispin.tokenizer import TokenizerError
 
 CONVERSATION = [
     {"role": "user", "content": "What is 2+3?"},
@@ -29,7 +30,7 @@ ANSWER_2 = [28784, 28725, 302, 2363, 28808]          # "6, of course!"
 
 @pytest.fixture(scope="module")
 def mistral():
-    return Tokenizer(MISTRAL_TOK)
+    return load_tokenizer(MISTRAL_TOK)
 
 
 def test_zephyr_text_ids_and_mask(mistral):
@@ -98,6 +99,50 @@ def test_bad_messages(mistral):
 
 
 def test_instruction_template_reproduces_original_spin_prompt():
-    tok = Tokenizer(MISTRAL_TOK, template="instruction")
+    tok = load_tokenizer(MISTRAL_TOK, template="instruction")
     assert tok.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True) == \
         "### Instruction: What is 2+3?\n\n### Response: "
+
+
+# meta-llama/Llama-2-7b-chat-hf, tokenizer_config.json "chat_template"
+LLAMA2_CHAT = (r"{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+               r"{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+               r"{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+               r"{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               r"{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+               r"{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+               r"{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+               r"{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+               r"{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_checkpoint_template_on_sentencepiece(tmp_path):
+    """tokenizer.model + a chat_template: text, ids and mask against transformers."""
+    from transformers import AutoTokenizer
+    folder = tmp_path / "chat"
+    shutil.copytree(STORIES, folder)
+    with open(folder / "tokenizer_config.json") as f:
+        cfg = json.load(f)
+    with open(folder / "tokenizer_config.json", "w") as f:
+        json.dump(dict(cfg, chat_template=LLAMA2_CHAT), f)
+    ours, theirs = load_tokenizer(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    assert ours.template == "checkpoint"
+    system = [{"role": "system", "content": "Be kind."}]
+    for conv in (CONVERSATION, system + CONVERSATION[:2]):
+        text = ours.apply_chat_template(conv)
+        assert text == theirs.apply_chat_template(conv, tokenize=False)
+        ids, mask = ours.encode_chat(conv)  # the template writes <s> itself: no second one
+        enc = theirs(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == enc["input_ids"]
+        # restated: each answer's tokens ("▁It" carries the template's space before the answer,
+        # which the model writes itself after "[/INST]"), then " " and "</s>"
+        expected, pos = [0] * len(ids), 0
+        for m in conv:
+            if m["role"] == "assistant":
+                start = text.index(" " + m["content"] + " </s>", pos)
+                end = start + len(m["content"]) + 6
+                expected = [1 if start <= a and b <= end else e
+                            for e, (a, b) in zip(expected, enc["offset_mapping"])]
+                pos = end
+        assert mask == expected and sum(mask) > 0
