@@ -44,7 +44,7 @@ from .model import Transformer, build_model
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.json", "generation_config.json")
 
 _ST_DTYPES = {

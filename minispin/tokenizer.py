@@ -525,12 +525,13 @@ def _token_string(value, origin: str, key: str) -> Optional[str]:
 def load_tokenizer(path: str, template: Optional[str] = None) -> Tokenizer:
     """A model folder (tokenizer.json, else tokenizer.model) or a .json / .model file.
 
-    template: "checkpoint", "zephyr" or "instruction"; None = "checkpoint" when the folder
-    has a chat template, else "zephyr". A vocabulary larger than config.json's vocab_size is
+    template: "checkpoint", "zephyr" or "instruction"; None (or "auto", the recipe's word
+    for it) = "checkpoint" when the folder has a chat template, else "zephyr". A vocabulary larger than config.json's vocab_size is
     refused (its ids would index outside the embedding); a smaller one is fine (Qwen2.5
     pads its embedding).
     """
     path = os.fspath(path)
+    template = None if template == "auto" else template
     if os.path.isdir(path):
         folder = path
         candidates = [os.path.join(path, n) for n in ("tokenizer.json", "tokenizer.model")]
