@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 import torch
-from .errors import UserError
+from .errors import MissingFileError, UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -312,9 +312,9 @@ def _read_json(path: str, what: str):
 def read_config(model_dir: str) -> ModelArgs:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder '{model_dir}' does not exist")
+        raise MissingFileError(f"model folder '{model_dir}' does not exist")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: config.json is missing (a model folder needs config.json "
+        raise MissingFileError(f"{path}: config.json is missing (a model folder needs config.json "
                                 "and model.safetensors or model.safetensors.index.json)")
     return ModelArgs.from_hf(_read_json(path, "config.json"), source=path)
 

@@ -56,7 +56,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
-from .errors import UserError
+from .errors import MissingFileError, UserError
 
 PAIR_REQUIRED = ("id", "prompt", "real", "generated")
 CHAT_ROLES = ("system", "user", "assistant")   # what the chat templates render
@@ -204,7 +204,7 @@ def _iter_file(path: str) -> Iterator[Tuple[str, object]]:
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder (give one data file: .jsonl, .json or .parquet)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: data file not found")
+        raise MissingFileError(f"{path}: data file not found")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PAR1":

@@ -39,3 +39,7 @@ def run_cli(main: Callable[[Optional[List[str]]], int], prog: str, argv: Optiona
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (or the run layout needs) does not exist."""

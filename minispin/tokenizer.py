@@ -74,6 +74,7 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .chat import BUILT_IN, TEMPLATES, ChatTemplate, TokenizerError
+from .errors import MissingFileError
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "JsonTokenizer", "TokenizerError", "TEMPLATES",
            "load_tokenizer"]
@@ -537,11 +538,11 @@ def load_tokenizer(path: str, template: Optional[str] = None) -> Tokenizer:
         candidates = [os.path.join(path, n) for n in ("tokenizer.json", "tokenizer.model")]
         file = next((c for c in candidates if os.path.isfile(c)), None)
         if file is None:
-            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in the model folder")
+            raise MissingFileError(f"{path}: no tokenizer.json or tokenizer.model in the model folder")
     elif os.path.isfile(path):
         folder, file = None, path
     else:
-        raise FileNotFoundError(f"{path}: tokenizer not found (give a model folder, a "
+        raise MissingFileError(f"{path}: tokenizer not found (give a model folder, a "
                                 "tokenizer.json or a tokenizer.model)")
     tok = JsonTokenizer(file) if file.endswith(".json") else SentencePieceTokenizer(file)
     info = _Folder(folder)

@@ -76,7 +76,7 @@ def undocumented_flags(help_text):
     missing = []
     for i, line in enumerate(lines):
         stripped = line.strip()
-        if not line.startswith("  ") or not stripped.startswith("-"):
+        if not line.startswith("  -"):  # an option; descriptions are indented further
             continue
         parts = stripped.split("  ", 1)
         described = len(parts) == 2 and parts[1].strip()

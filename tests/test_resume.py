@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, make_hf_model
+from helpers import REPO, make_hf_model, run_cli
 
 sys.path.insert(0, REPO)
 from minispin import distributed as D  # noqa: E402
@@ -254,7 +254,6 @@ def test_planted_pickle_checkpoint_is_refused_unread(env, model_dir, tmp_path):
 
 def test_train_py_resume_refuses_planted_pickle(env, model_dir, tmp_path, capsys):
     """End to end: train.py on a run folder whose checkpoint is a planted pickle."""
-    import train
     run = tmp_path / "run"
     os.makedirs(run / "iter0")
     with open(run / "iter0" / "pairs.jsonl", "w") as f:
@@ -263,9 +262,9 @@ def test_train_py_resume_refuses_planted_pickle(env, model_dir, tmp_path, capsys
                                 "real": "the cat sat on a mat", "generated": "a dog ran", "gen": {}}) + "\n")
     marker = str(tmp_path / "pwned")
     plant(str(run / "iter0" / "ckpt" / "step_1"), marker)
-    rc = train.main(["--model", model_dir, "--run-dir", str(run), "--batch-size", "2",
-                     "--micro-batch-size", "1", "--max-length", "48", "--max-prompt-length", "24",
-                     "--epochs", "1", "--device", "cpu", "--no-progress"])
+    rc = run_cli("train.py", "--model", model_dir, "--run-dir", str(run), "--batch-size", "2",
+                 "--micro-batch-size", "1", "--max-length", "48", "--max-prompt-length", "24",
+                 "--epochs", "1", "--device", "cpu", "--no-progress")
     err = capsys.readouterr().err.strip()
     assert rc == 2 and not os.path.exists(marker)
     assert len(err.splitlines()) == 1 and "step_1" in err and "--run-dir" in err, err
@@ -366,12 +365,10 @@ def dead_pid():
 
 def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(tmp_path, capsys):
     folder = str(tmp_path / "run")
-    # lock.py alone, by its path: importing the package would import torch (seconds)
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('lock', {os.path.join(REPO, 'minispin', 'lock.py')!r})\n"
-            "lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(lock)\n"
-            f"with lock.RunLock({folder!r}):\n    print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    code = ("import sys\nfrom minispin.lock import RunLock\n"
+            f"with RunLock({folder!r}):\n    print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=REPO))
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockError) as e:
