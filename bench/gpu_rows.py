@@ -834,10 +834,14 @@ def probe_compiled_twice(model):
         return generate(model, prompts, new, temperature=0.0, eos_id=-1, batch_size=B, compile=P.compile)
 
     g0 = graphs_compiled()
-    _, t1 = timed(run)
+    out1, t1 = timed(run)
     g1, m1 = graphs_compiled(), mem_now()
-    _, t2 = timed(run)
+    out2, t2 = timed(run)
     g2, m2 = graphs_compiled(), mem_now()
+    # the compiled step must compute what the eager one does: the same greedy tokens
+    eager = generate(model, prompts, new, temperature=0.0, eos_id=-1, batch_size=B, compile=False)
+    agree = [same_prefix(a, b) for a, b in zip(out2, eager)]
+    repeat = sum(a == b for a, b in zip(out1, out2))
     max_len = -(-(T + new) // 256) * 256  # the compiled path's cache length
     cache = 2 * a.n_layers * B * a.n_kv_heads * max_len * a.head_dim * 2  # K and V, bf16
     growth = None if m1 is None else m2 - m1
@@ -845,7 +849,9 @@ def probe_compiled_twice(model):
     R.put("6b", ours=f"{recompiles} recompiles, " + ("mem n/a" if growth is None else f"+{growth / 1e6:.1f} MB"),
           hf="-", goal="0 recompiles, no growth",
           passed=recompiles == 0 and (growth is None or growth < cache / 2),
-          note=f"batch {B}, prompts {min(lens)}-{T} + {new}, {a.n_layers} layers: call 1 {t1:.1f}s "
+          note=f"compiled == eager for {sum(n == new for n in agree)}/{B} rows (shortest common "
+               f"prefix {min(agree)}/{new} tokens), call 2 == call 1 for {repeat}/{B} rows; "
+               f"batch {B}, prompts {min(lens)}-{T} + {new}, {a.n_layers} layers: call 1 {t1:.1f}s "
                f"({g1 - g0} graphs), call 2 {t2:.2f}s; memory allocated after call 1 "
                f"{gb(None if m1 is None else m1 / 1e9)}, after call 2 {gb(None if m2 is None else m2 / 1e9)}; "
                f"one KV cache is {cache / 1e6:.1f} MB",
