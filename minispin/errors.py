@@ -8,6 +8,7 @@ is a bug and keeps its traceback; `--debug` shows the traceback of a UserError t
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from typing import Callable, List, Optional
@@ -23,6 +24,13 @@ class StoppedError(UserError):
     """A run that started and had to stop (e.g. a non-finite loss): exit status 1."""
 
     exit_code = 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line: `prog: error: what (see --help)`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run_cli(main: Callable[[Optional[List[str]]], int], prog: str, argv: Optional[List[str]] = None) -> int:

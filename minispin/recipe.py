@@ -176,8 +176,9 @@ class Fixes:
                      "every step, needs --ref-mode online), neftune=α (NEFTune on the policy's "
                      "input embeddings, training only), seed=N (default: the run's seed). E.g. "
                      "'ref-logit=0.5,side=real' or 'neftune=5'", flag="--noise")
-    judge_threshold: float = key(5, "judge margin threshold τ of relabel and adaptive (the study "
-                                 "also ran 0)", flag="--threshold")
+    judge_threshold: float = key(5, "judge margin threshold τ of relabel and adaptive: swap iff "
+                                 "score(y') - score(y) >= τ (the study ran 0, where ties swap, and 5)",
+                                 lo=0, hi=100, flag="--threshold")
     judge_backend: str = key("none", "who judges when judged pairs are missing or out of date: "
                              "local (a checkpoint, by expected score) | openai (any OpenAI-"
                              "compatible endpoint) | none (print the judge.py command and stop)",
