@@ -97,3 +97,7 @@ def run(argv=None) -> int:
 def main(argv=None) -> int:
     """minispin-eval / python evaluate.py: run, with minispin's errors as one line (errors.run_cli)."""
     return run_cli(run, prog("minispin-eval"), argv)
+
+
+if __name__ == "__main__":   # python -m minispin.cli.evaluate, or torchrun -m minispin.cli.evaluate
+    raise SystemExit(main())

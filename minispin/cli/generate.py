@@ -75,3 +75,7 @@ def run(argv=None) -> int:
 def main(argv=None) -> int:
     """minispin-generate / python generate.py: run, with minispin's errors as one line (errors.run_cli)."""
     return run_cli(run, prog("minispin-generate"), argv)
+
+
+if __name__ == "__main__":   # python -m minispin.cli.generate, or torchrun -m minispin.cli.generate
+    raise SystemExit(main())

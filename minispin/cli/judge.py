@@ -85,3 +85,7 @@ def run(argv=None) -> int:
 def main(argv=None) -> int:
     """minispin-judge / python judge.py: run, with minispin's errors as one line (errors.run_cli)."""
     return run_cli(run, prog("minispin-judge"), argv)
+
+
+if __name__ == "__main__":   # python -m minispin.cli.judge
+    raise SystemExit(main())

@@ -137,3 +137,7 @@ def main(argv=None) -> int:
         return 1
     return 0
 
+
+
+if __name__ == "__main__":   # python -m minispin.cli.plot
+    raise SystemExit(main())

@@ -90,3 +90,7 @@ def run(argv=None) -> int:
 def main(argv=None) -> int:
     """minispin-train / python train.py: run, with minispin's errors as one line (errors.run_cli)."""
     return run_cli(run, prog("minispin-train"), argv)
+
+
+if __name__ == "__main__":   # python -m minispin.cli.train, or torchrun -m minispin.cli.train
+    raise SystemExit(main())
