@@ -58,6 +58,21 @@ def installed(tmp_path_factory):
     return {"venv": str(venv), "bin": bin_dir, "work": work, "env": env}
 
 
+def test_recipe_by_name_or_path_from_any_folder(tmp_path, monkeypatch):
+    """In a checkout, from another folder: the shipped recipe by name, by file name and by
+    its checkout path, and the assets it names, all found; a wrong name lists the shipped."""
+    from minispin import recipe as R
+    monkeypatch.chdir(tmp_path)
+    tiny = os.path.join(REPO, "configs", "tiny.toml")
+    for name in ("tiny", "tiny.toml", "configs/tiny.toml", None):
+        assert os.path.samefile(R.find_recipe(name), tiny), name
+    r = R.resolve("tiny")
+    assert os.path.samefile(r.model.path, os.path.join(REPO, "assets", "models", "tiny-sft"))
+    assert os.path.samefile(r.eval.eval_data, os.path.join(REPO, "assets", "data", "gsm8k", "test.jsonl"))
+    with pytest.raises(R.RecipeError, match=r"recipe tiniest not found \(a TOML file, or one of: .*tiny"):
+        R.find_recipe("tiniest")
+
+
 def test_import_and_recipes_come_from_the_venv(installed):
     code = ("import json, minispin, minispin.cli.train; from minispin import recipe as R; "
             "r = R.resolve('tiny'); "
