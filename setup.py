@@ -1,18 +1,48 @@
+"""minispin's package: `pip install .` (or a wheel) carries everything a run needs.
+
+configs/ and assets/ stay at the checkout's root, where the docs and recipes name them; an
+installed minispin carries them inside the package as minispin/configs and minispin/assets
+(package_dir below), and minispin/recipe.py looks there first, then beside the package.
+Only the run-time files ship: the recipes and the judge prompt, the tiny models, the GSM8K
+records of the tiny recipe, the offline lm-eval samples and the test tokenizers.
+"""
 from setuptools import find_packages, setup
+
+SHIPPED = {"minispin.configs": "configs", "minispin.assets": "assets"}
 
 setup(
     name="minispin",
     version="0.1.0",
     description="Self-Play Fine-Tuning (SPIN) for Llama/Mistral in plain PyTorch",
-    packages=find_packages(include=["minispin", "minispin.*"]),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE", "LICENSES.md"],
+    packages=find_packages(include=["minispin", "minispin.*"]) + list(SHIPPED),
+    package_dir=SHIPPED,
+    package_data={
+        "minispin": ["tasks/*.yaml"],
+        "minispin.configs": ["*.toml", "prompts/*.txt"],
+        "minispin.assets": ["models/tiny-sft/*", "models/stories260K/*", "data/gsm8k/*.jsonl",
+                            "eval/LICENSES.md", "eval/*/*", "tokenizers/*"],
+    },
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "sentencepiece", "protobuf", "safetensors", "numpy", "tqdm",
-                      "tokenizers", "jinja2>=3.1.6"],
+                      "tokenizers", "jinja2>=3.1.6", "tomli; python_version < '3.11'"],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "lm-eval[hf]>=0.4.5", "matplotlib"],
         "eval": ["lm-eval>=0.4.5"],
+        "tensorboard": ["tensorboard"],
+        "parquet": ["pyarrow"],
         "plot": ["matplotlib"],
         "judge": [],  # the OpenAI-compatible judge speaks HTTP with the standard library
-        "parquet": ["pyarrow"],
+        "test": ["pytest", "transformers>=4.45", "peft", "lm-eval[hf]>=0.4.5", "matplotlib",
+                 "tensorboard", "pyarrow"],
     },
+    entry_points={"console_scripts": [
+        "minispin-train = minispin.cli.train:main",
+        "minispin-generate = minispin.cli.generate:main",
+        "minispin-judge = minispin.cli.judge:main",
+        "minispin-eval = minispin.cli.evaluate:main",
+        "minispin-plot = minispin.cli.plot:main",
+    ]},
 )

@@ -63,12 +63,12 @@ from .checkpoint import load_model
 from .config import parse_dtype
 from . import distributed as D
 from .errors import UserError
-from .recipe import REPO_ROOT
+from .recipe import ASSET_ROOT
 from .sampling import generate
 from .tokenizer import load_tokenizer
 
 TASK_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
-EVAL_DATA = os.path.join(REPO_ROOT, "assets", "eval")
+EVAL_DATA = os.path.join(ASSET_ROOT, "eval")   # the offline samples: in the checkout or the installed package
 LM_EVAL_TASKS = os.path.join(os.path.dirname(os.path.abspath(lm_eval.__file__)), "tasks")
 
 

@@ -41,10 +41,21 @@ else:  # pragma: no cover
 
 from .errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(PACKAGE_DIR)   # a checkout's root; in an installed minispin, site-packages
+
+
+def _shipped(name: str) -> str:
+    """configs/ or assets/: inside the package when minispin is installed (setup.py ships
+    them as minispin/configs and minispin/assets), else at the checkout's root beside it."""
+    inside = os.path.join(PACKAGE_DIR, name)
+    return inside if os.path.isdir(inside) else os.path.join(REPO_ROOT, name)
+
+
+CONFIG_DIR = _shipped("configs")
+ASSET_ROOT = _shipped("assets")
 DEFAULT_RECIPE = os.path.join(CONFIG_DIR, "tiny.toml")
-PATH_KEYS = ("model", "data", "eval_data", "judge_model", "judge_prompt")  # resolved against the repo root too
+PATH_KEYS = ("model", "data", "eval_data", "judge_model", "judge_prompt")  # also found among the shipped files
 
 
 class RecipeError(UserError):
@@ -152,6 +163,10 @@ class Training:
                                choices=("auto", "bf16", "fp32"))
     activation_checkpointing: bool = key(False, "recompute each block's activations in backward "
                                          "(less memory)")
+    report_to: str = key("none", "where each step's metrics go besides iter<t>/metrics.jsonl: none | "
+                         "tensorboard (event files beside it, under TRL's names: train/loss, "
+                         "train/rewards/real, ...; needs pip install tensorboard)",
+                         choices=("none", "tensorboard"))
     checkpoint_every: int = key(500, "save a sharded checkpoint every N steps (0 = only at the end)",
                                 lo=0)
     keep_checkpoints: int = key(2, "how many checkpoints to keep", lo=1)
@@ -307,15 +322,16 @@ def _unknown(k: str, where: str, valid: Iterable[str]) -> RecipeError:
 
 
 def find_recipe(path: Optional[str]) -> str:
-    """A TOML path, or the name of a recipe in configs/ (default: the tiny recipe)."""
+    """A TOML path (from the current folder, else among the shipped files, so
+    "configs/tiny.toml" works anywhere) or the name of a shipped recipe ("tiny" or
+    "tiny.toml"); the default is the tiny recipe."""
     path = path or DEFAULT_RECIPE
-    if os.path.isfile(path):
-        return path
-    named = os.path.join(CONFIG_DIR, f"{path}.toml")
-    if os.path.isfile(named):
-        return named
-    shipped = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".toml"))
-    raise RecipeError(f"recipe {path} not found (a TOML file, or one of: {', '.join(shipped)})")
+    stem = path[:-5] if path.endswith(".toml") else path
+    for candidate in (path, _resolve_path(path), os.path.join(CONFIG_DIR, f"{stem}.toml")):
+        if os.path.isfile(candidate):
+            return candidate
+    shipped = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".toml")) if os.path.isdir(CONFIG_DIR) else []
+    raise RecipeError(f"recipe {path} not found (a TOML file, or one of: {', '.join(shipped) or 'none shipped'})")
 
 
 def read_toml(path: str) -> dict:
@@ -331,13 +347,22 @@ def read_toml(path: str) -> dict:
 
 
 def _resolve_path(value: str) -> str:
-    """Relative paths in a recipe: as given when they exist from the current folder, else
-    against the repository root (so `configs/tiny.toml` works from anywhere)."""
-    if value and not os.path.isabs(value) and not os.path.exists(value):
+    """A relative path in a recipe: as given when it exists from the current folder, else
+    among the shipped files — "assets/..." under ASSET_ROOT, "configs/..." under CONFIG_DIR,
+    anything else under the checkout's root when there is one — so the shipped recipes work from any folder,
+    from a checkout or from an installed package. A path found nowhere is left as given
+    (the code that opens it names it)."""
+    if not value or os.path.isabs(value) or os.path.exists(value):
+        return value
+    head, _, rest = os.path.normpath(value).replace(os.sep, "/").partition("/")
+    roots = {"assets": ASSET_ROOT, "configs": CONFIG_DIR}
+    if head in roots and rest:
+        alt = os.path.join(roots[head], rest)
+    elif CONFIG_DIR == os.path.join(REPO_ROOT, "configs"):  # a checkout (installed: no root to try)
         alt = os.path.join(REPO_ROOT, value)
-        if os.path.exists(alt):
-            return alt
-    return value
+    else:
+        return value
+    return alt if os.path.exists(alt) else value
 
 
 def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,

@@ -21,7 +21,8 @@ machinery (distributed.py). One SPIN iteration, or an SFT run, is one `Trainer.r
    in fp32, the SPIN loss with the batch's swap flags — or loss.sft_step for --sft.
 5. Optimizer step with gradient clipping; RMSprop (SPIN's choice) or AdamW; a linear (or
    cosine / constant) schedule with warmup. The step's metrics are a named dict, summed
-   over the global batch with one all-reduce, appended to metrics.jsonl by rank 0.
+   over the global batch with one all-reduce, appended to metrics.jsonl by rank 0
+   (and, with report_to = "tensorboard", written as TensorBoard scalars: MetricsLog).
 6. A non-finite loss or gradient norm stops the run BEFORE the optimizer step, with a
    message naming the step, the batch and the last good checkpoint, which stays intact.
 7. Checkpoints every `checkpoint_every` steps (model, optimizer, scheduler, step, RNG and a
@@ -79,6 +80,54 @@ class TrainingError(StoppedError):
 
 class ResumeError(UserError):
     """A checkpoint that belongs to another run."""
+
+
+TENSORBOARD_HINT = ("report_to = tensorboard (--report-to tensorboard) needs the tensorboard package: "
+                    "pip install tensorboard (or pip install 'minispin[tensorboard]')")
+TB_NAMES = {"lr": "learning_rate"}  # HF Trainer's / TRL's name where ours differs; the rest: train/<key>
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter, or the one-line error saying what to install. train.py calls
+    it at start-up, so a missing package stops the run before any model loads."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(TENSORBOARD_HINT) from None
+    return SummaryWriter
+
+
+class MetricsLog:
+    """Where each optimizer step's metrics go, on rank 0: a line of metrics.jsonl and, with
+    report_to = "tensorboard", the same numbers as TensorBoard scalars in event files beside
+    it, at global_step = the optimizer step and under the names HF Trainer / TRL (and so
+    uclaml/SPIN and the study) give them — train/loss, train/rewards/real, train/logps/real,
+    train/learning_rate, train/grad_norm, train/epoch, ... — so runs overlay in one
+    TensorBoard. A run resumed from step n rewrites steps n+1...: the writer opens with
+    purge_step = n + 1, which tells TensorBoard to drop what a killed run logged from there
+    on (JSONL lines past n are trimmed by the trainer before). Every step is flushed, so a
+    crash loses nothing a checkpoint would not replay."""
+
+    def __init__(self, work_dir: str, report_to: str = "none", resume_step: int = 0, enabled: bool = True):
+        self.jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a") if enabled else None
+        self.tb = None
+        if enabled and report_to == "tensorboard":
+            self.tb = tensorboard_writer()(log_dir=work_dir, purge_step=resume_step + 1)
+
+    def write(self, rec: dict):
+        if self.jsonl:
+            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar("train/" + TB_NAMES.get(k, k), v, global_step=rec["step"])
+            self.tb.flush()
+
+    def close(self):
+        for f in (self.jsonl, self.tb):
+            if f:
+                f.close()
 
 
 # settings that change the maths of a run: a checkpoint must agree on all of them
@@ -380,9 +429,9 @@ class Trainer:
                 json.dump(info, f, indent=2, default=str)
 
         from tqdm import tqdm
+        metrics_log = MetricsLog(self.work_dir, cfg.report_to, start, enabled=env.is_main)
         bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.mode}", unit="step",
                    disable=not (env.is_main and self.progress), file=sys.stdout)
-        metrics_file = open(self.metrics_path, "a") if env.is_main else None
         last = {}
         try:
             for step in range(start, self.total_steps):
@@ -390,9 +439,7 @@ class Trainer:
                 rec = self._train_step(policy, opt, step, last_ckpt)
                 sched.step()
                 last = rec
-                if metrics_file:
-                    metrics_file.write(json.dumps(rec) + "\n")
-                    metrics_file.flush()
+                metrics_log.write(rec)
                 bar.set_postfix({k: f"{rec[k]:.4f}" for k in ("loss", "rewards/accuracies") if k in rec})
                 bar.update(1)
                 done = step + 1
@@ -411,8 +458,7 @@ class Trainer:
                     fn(self, done)
         finally:
             bar.close()
-            if metrics_file:
-                metrics_file.close()
+            metrics_log.close()
         self.export(policy)
         if env.is_main and not cfg.keep_checkpoints_after_export:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)

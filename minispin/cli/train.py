@@ -1,0 +1,96 @@
+"""minispin-train (python train.py in a checkout) — one SPIN iteration (or an SFT run), on
+1 process, 8 GPUs or many nodes.
+
+    python train.py                                    # the tiny CPU recipe, iteration 0
+    torchrun --nproc_per_node 8 train.py --iter 1      # 8 processes (GPUs, or CPU/gloo)
+    torchrun --nproc_per_node 8 train.py --config zephyr-7b-sft-full --iter 0 --generate
+    python train.py --sft                              # SFT on the recipe's real answers
+
+Iteration t starts from θ_t (the recipe's SFT model for t = 0, else runs/<name>/iter<t-1>/model),
+uses θ_t frozen as the reference, trains on iter<t>/pairs.jsonl (plus iter<t-1>'s for t >= 1)
+and writes θ_{t+1} to iter<t>/model. Re-running the same command resumes; a finished
+iteration is skipped unless --force. The logic is minispin/iteration.py (docs/reading.md
+walks through it); this file only reads the command line.
+
+Settings: built-in defaults < recipe < the recipe's [iterations.<t>] (or [sft]) table < flags.
+Exit status: 0 done, 1 training stopped (e.g. non-finite loss), 2 a setup, data or flag error.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from minispin import distributed as D
+from minispin import recipe as R
+from minispin.cli import prog
+from minispin.errors import run_cli
+from minispin.iteration import locked, run_iteration, run_sft, summarize
+from minispin.trainer import tensorboard_writer
+
+MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads")
+DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_prompts", "seed")
+GEN_KEYS = ("generate", "compile", "gen_template", "gen_bos", "decode", "shuffle_seed")
+TRAIN_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "training")
+FIX_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "fixes")
+EVAL_KEYS = ("heldout_examples",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog("minispin-train"), description="Train one SPIN iteration θ_t -> θ_{t+1} (or SFT with --sft). "
+        "Run with python for one process or torchrun for many; flags override the recipe.")
+    ap.add_argument("--config", default=None, help="recipe: a TOML path or a name in configs/ "
+                    "(default: tiny, the CPU recipe)")
+    ap.add_argument("--iter", type=int, default=0, dest="iteration",
+                    help="SPIN iteration t: start from θ_t, reference θ_t, train on iter<t> pairs (default 0)")
+    ap.add_argument("--sft", action="store_true", help="supervised fine-tuning (cross-entropy on the "
+                    "real answers of the recipe's data) instead of SPIN; writes run_dir/sft/model")
+    ap.add_argument("--run-dir", default=None, help="where iterations live (default runs/<recipe name>)")
+    ap.add_argument("--pairs", default=None, help="train on this pairs file instead of iter<t>/pairs.jsonl")
+    ap.add_argument("--prev-pairs", default=None, help="iteration t-1's pairs to mix in "
+                    "(default iter<t-1>/pairs.jsonl)")
+    ap.add_argument("--out", default=None, help="export folder (default iter<t>/model, or sft/model)")
+    ap.add_argument("--force", action="store_true", help="train even if the export already exists")
+    ap.add_argument("--dump-rows", default=None, metavar="FILE", help="write the training rows "
+                    "(one JSON line per answer: input_ids, labels, attention_mask) and exit without training")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a setup error")
+    R.add_flags(ap, MODEL_KEYS + DATA_KEYS + GEN_KEYS, "model, data and generation")
+    R.add_flags(ap, TRAIN_KEYS, "training")
+    R.add_flags(ap, FIX_KEYS, "the study's fixes (docs/fixes.md; all off by default)")
+    R.add_flags(ap, EVAL_KEYS, "held-out check")
+    return ap
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = R.given_flags(args, MODEL_KEYS + DATA_KEYS + GEN_KEYS + TRAIN_KEYS + FIX_KEYS + EVAL_KEYS)
+    if args.run_dir:
+        flags["run_dir"] = args.run_dir
+    recipe = R.resolve(args.config, flags, iteration=args.iteration, sft=args.sft)
+    if recipe.training.report_to == "tensorboard":
+        tensorboard_writer()   # not installed: the one-line error now, before any model loads
+    if recipe.model.cpu_threads:
+        torch.set_num_threads(recipe.model.cpu_threads)
+    env = D.init_distributed(recipe.model.device)
+    log = (lambda *m: print(*m, flush=True)) if env.is_main else (lambda *m: None)
+    try:
+        with locked(recipe.run_dir, env):
+            if args.sft:
+                run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
+            elif run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out,
+                               args.force, args.dump_rows, args.progress, log) is not None and env.is_main:
+                print(summarize(recipe, args.iteration, args.out), flush=True)
+        return 0
+    finally:
+        D.close_distributed(env)
+
+
+def main(argv=None) -> int:
+    """minispin-train / python train.py: run, with minispin's errors as one line (errors.run_cli)."""
+    return run_cli(run, prog("minispin-train"), argv)
+
+
+if __name__ == "__main__":   # python -m minispin.cli.train, or torchrun -m minispin.cli.train
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""--report-to tensorboard: the event files hold metrics.jsonl's numbers under TRL's names,
+read back with TensorBoard's own reader; a killed and resumed run leaves each step once;
+without the tensorboard package the flag is a one-line error before any model loads."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO, make_hf_model, run_cli
+
+pytest.importorskip("tensorboard", reason="tensorboard is a test dependency (pip install -e .[test])")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+# uclaml/SPIN's and TRL's scalar names (HF Trainer prefixes "train/" and calls lr
+# "learning_rate"), written out here rather than taken from minispin
+EXPECTED_TAGS = {"train/loss", "train/rewards/real", "train/rewards/generated", "train/rewards/accuracies",
+                 "train/rewards/margins", "train/logps/real", "train/logps/generated",
+                 "train/learning_rate", "train/grad_norm", "train/epoch"}
+WORDS = "the cat sat on a mat and then ran to see dog bird tree sun moon star red blue".split()
+
+
+def tb_tag(key):
+    return "train/learning_rate" if key == "lr" else "train/" + key
+
+
+def write_pairs(path, n=16):
+    rng = random.Random(0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = lambda a, b: " ".join(rng.choices(WORDS, k=rng.randint(a, b)))  # noqa: E731
+            f.write(json.dumps({"id": f"p{i}", "prompt": [{"role": "user", "content": words(2, 6)}],
+                                "real": words(4, 12), "generated": words(2, 12), "gen": {}}) + "\n")
+
+
+def read_events(folder):
+    acc = EventAccumulator(folder, size_guidance={"scalars": 0})  # 0 = keep every event
+    acc.Reload()
+    return acc
+
+
+class Stop(Exception):
+    """Raised by a trainer hook: the run dies after a step, as a killed one would."""
+
+
+def test_event_files_equal_metrics_jsonl_and_resume_writes_each_step_once(tmp_path):
+    model, run = str(tmp_path / "model"), str(tmp_path / "run")
+    make_hf_model(model, "llama")
+    write_pairs(os.path.join(run, "iter0", "pairs.jsonl"))
+    args = ["--model", model, "--run-dir", run, "--batch-size", "4", "--micro-batch-size", "2",
+            "--max-length", "80", "--max-prompt-length", "48", "--lr", "1e-3", "--epochs", "2",
+            "--checkpoint-every", "3", "--heldout-examples", "0", "--device", "cpu", "--no-progress",
+            "--report-to", "tensorboard"]
+    from minispin.trainer import add_hook, clear_hooks
+
+    def die_after_5(trainer, done):
+        if done == 5:
+            raise Stop
+    add_hook("step_end", die_after_5)
+    try:
+        with pytest.raises(Stop):
+            run_cli("train.py", *args)
+    finally:
+        clear_hooks()
+    work = os.path.join(run, "iter0")
+    assert sorted(os.listdir(os.path.join(work, "ckpt"))) == ["step_3"]
+    assert read_events(work).Scalars("train/loss")[-1].step == 5   # steps 4, 5 logged, then lost
+
+    assert run_cli("train.py", *args) == 0                          # resumes from step_3
+    recs = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    events = [f for f in os.listdir(work) if f.startswith("events.out.tfevents.")]
+    assert len(events) == 2                                         # one per process that trained
+    acc = read_events(work)
+    assert EXPECTED_TAGS <= set(acc.Tags()["scalars"])
+    for key in recs[0]:
+        if key == "step":
+            continue
+        got = acc.Scalars(tb_tag(key))
+        assert [e.step for e in got] == list(range(1, 9)), key      # every step once, in order
+        assert [e.value for e in got] == [np.float32(r[key]) for r in recs], key
+
+
+def test_missing_tensorboard_is_one_line_before_any_model_loads():
+    code = ("import runpy, sys; sys.modules['tensorboard'] = None; "
+            "sys.argv = ['train.py', '--report-to', 'tensorboard', '--model', 'no/such/model', "
+            "'--device', 'cpu', '--no-progress']; runpy.run_path('train.py', run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and "pip install tensorboard" in lines[0]
+    assert "no/such/model" not in p.stderr and p.stdout == ""    # stopped before the model was looked at
