@@ -20,7 +20,7 @@ import sys
 
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import UserError, run_cli
+from minispin.errors import ArgumentParser, UserError, run_cli
 
 INSTALL_HINT = ("needs lm-evaluation-harness, an optional extra of minispin: pip install 'minispin[eval]' "
                 "(in a checkout: pip install -e .[eval])")
@@ -28,7 +28,7 @@ KEYS = ("device", "dtype", "eval_bos")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog("minispin-eval"), description="lm-eval suite of the SPIN study "
+    ap = ArgumentParser(prog=prog("minispin-eval"), description="lm-eval suite of the SPIN study "
                                  "over minispin models", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("--model", action="append", required=True,

@@ -18,7 +18,7 @@ import argparse
 from minispin import distributed as D
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import run_cli
+from minispin.errors import ArgumentParser, run_cli
 from minispin.iteration import locked
 from minispin.pairs import generate_pairs_file
 
@@ -28,7 +28,7 @@ KEYS = ("data", "num_prompts", "shuffle_seed", "max_new_tokens", "temperature", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog("minispin-generate"), description="Sample SPIN's synthetic answers y' ~ p_θt for the SFT "
         "prompts and write the pairs file {id, prompt, real, generated, gen} of iteration t.",
         epilog="Settings come from the recipe (--config), then these flags. Output: "

@@ -20,7 +20,7 @@ import sys
 
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import run_cli
+from minispin.errors import ArgumentParser, run_cli
 from minispin.iteration import judge_file
 from minispin.judge import format_summary, log_stderr, make_judge
 from minispin.layout import judge_cache_path, judged_path, pairs_path
@@ -34,7 +34,7 @@ FLAGS = {"judge_threshold": "--threshold", "judge_base_url": "--base-url", "judg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog=prog("minispin-judge"), description="Score each pair's real and generated answers with a judge "
         "(0-100) and swap the pairs whose generated answer wins by >= threshold.")
     ap.add_argument("--iter", type=int, required=True, help="SPIN iteration t: judges iter<t>/pairs.jsonl")

@@ -20,6 +20,7 @@ import re
 import sys
 
 from minispin.cli import prog
+from minispin.errors import ArgumentParser
 
 CURVES = [("loss", "SPIN loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
           ("rewards/accuracies", "reward accuracy")]
@@ -60,7 +61,7 @@ def smooth(values, k):
 
 def main(argv=None) -> int:
     name = prog("minispin-plot")
-    ap = argparse.ArgumentParser(prog=name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog=name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a run folder, e.g. runs/tiny")
     ap.add_argument("--out", help="folder for the PNGs (default RUN_DIR/plots)")
     ap.add_argument("--smooth", type=int, default=1, help="moving average over this many steps")

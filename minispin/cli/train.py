@@ -24,7 +24,7 @@ import torch
 from minispin import distributed as D
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import run_cli
+from minispin.errors import ArgumentParser, run_cli
 from minispin.iteration import locked, run_iteration, run_sft, summarize
 from minispin.trainer import tensorboard_writer
 
@@ -37,7 +37,7 @@ EVAL_KEYS = ("heldout_examples",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog=prog("minispin-train"), description="Train one SPIN iteration θ_t -> θ_{t+1} (or SFT with --sft). "
         "Run with python for one process or torchrun for many; flags override the recipe.")
     ap.add_argument("--config", default=None, help="recipe: a TOML path or a name in configs/ "
