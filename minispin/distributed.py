@@ -9,7 +9,9 @@
   builds the model on the meta device (no memory); all ranks shard it with FSDP2
   `fully_shard` (one unit per transformer Block, then the root), allocate only their
   shard and receive it from rank 0 by broadcast. Host memory therefore holds one full copy
-  per node-rank-0 at most, never one per GPU.
+  per node-rank-0 at most, never one per GPU. With LoRA (lora.py) the base is frozen and
+  stored in the given dtype, fp32 adapters join each Block's unit, and rank 0's step-0
+  adapters travel with the base.
 * Mixed precision is a `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the
   sharded parameters — the optimizer's master weights — stay fp32, and FSDP casts them to
   bf16 when it gathers them for compute. bf16 master weights would lose SPIN's lr = 5e-7
@@ -20,7 +22,8 @@
   DCP's file format pickles its `.metadata`, and its planner torch.loads non-tensor state
   (param_groups) with weights_only=False, even with DCP's safetensors storage. Each rank
   streams its local shards (FSDP2 DTensor `to_local()`) of the model and optimizer state, and
-  its tensors of the trainer's `extra` (RNG states, uint8), into `rank<r>.safetensors`; their offsets
+  its tensors of the trainer's `extra` (RNG states, uint8), into `rank<r>.safetensors` (frozen
+  weights, i.e. a LoRA base, are left out: θ_t holds them); their offsets
   in the global tensor travel in that file's header. Rank 0 then writes `checkpoint.json`:
   the files, where each chunk of each tensor lies, the optimizer's param_groups and every
   rank's `extra` as JSON (step, scheduler, resume key). Loading reads only that JSON and

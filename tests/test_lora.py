@@ -314,3 +314,22 @@ def test_resume_refuses_a_checkpoint_of_another_lora_setting(setup, capsys):
     assert train.main(full) == 2  # full fine-tuning from a LoRA checkpoint
     err = capsys.readouterr().err
     assert "lora_rank: 4 -> None" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_1gpu_recipe_and_its_adapter_count():
+    """configs/zephyr-7b-lora-1gpu.toml resolves, and its adapters on a meta-device
+    Mistral-7B number what docs/training.md's memory table says: r × Σ(in + out) × 32."""
+    from minispin.config import ModelArgs
+    from minispin.lora import apply_lora, parse_targets
+    from minispin.model import build_model
+    from minispin.recipe import resolve
+    t = resolve("zephyr-7b-lora-1gpu").training
+    assert (t.lora_rank, t.micro_batch_size, t.batch_size, t.activation_checkpointing,
+            t.lora_base_dtype) == (64, 1, 64, True, "bfloat16")
+    args = ModelArgs(model_type="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32,
+                     n_kv_heads=8, head_dim=128, intermediate_size=14336)
+    model = apply_lora(build_model(args, device="meta"), t.lora_rank, t.lora_alpha,
+                       parse_targets(t.lora_targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 64 * ((4096 + 4096) * 2 + (4096 + 1024) * 2) * 32 == 54_525_952
+    assert sum(p.numel() for p in model.parameters()) - trainable == 7_241_732_096
