@@ -23,9 +23,10 @@ Design choices, and why:
   dtype and casts its sum back to the base's output dtype, as peft does.
   Under FSDP2 (distributed.shard_model) the adapters live in their block's unit with the
   base weights: FSDP2 only asks a unit's *trainable* parameters (whose gradients are
-  reduce-scattered together) to share a dtype, which the fp32 adapters do; a unit's mixed
-  bf16/fp32 storage is all-gathered as bf16 under the bf16 MixedPrecisionPolicy, and as
-  raw bytes without one. Frozen weights get no gradient and no reduce-scatter.
+  reduce-scattered together) to share a dtype, which the fp32 adapters do; the bf16
+  MixedPrecisionPolicy, which the trainer always uses with a bf16 base, all-gathers the
+  unit's mixed bf16/fp32 storage as bf16 (without a policy FSDP2 would gather mixed dtypes
+  as raw bytes). Frozen weights get no gradient and no reduce-scatter.
 * Initial adapters are drawn on rank 0 from a seeded CPU generator, in module order
   (`initial_adapters`), and broadcast with the base, so 1, 2 or 64 processes start from
   the same A.
@@ -115,10 +116,6 @@ def lora_modules(model: nn.Module) -> Iterator[Tuple[str, LoRALinear]]:
 
 def is_adapter_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(True for _ in lora_modules(model))
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = TARGETS,

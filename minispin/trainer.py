@@ -29,6 +29,12 @@ machinery (distributed.py). One SPIN iteration, or an SFT run, is one `Trainer.r
    newest, and refuses one written from other data or settings. At the end the full state
    dict is gathered and written as an HF folder (atomically): θ_{t+1}.
 
+LoRA (`lora_rank > 0`, lora.py): θ_t is loaded frozen (in the compute dtype unless
+`lora_base_dtype` says otherwise) with fp32 adapters that alone train and have optimizer
+state; the reference is the same model with its adapters off (no second copy online);
+checkpoints hold the adapters and their optimizer state; the export writes the adapter in
+peft's format (work_dir/adapter) and then the merged θ_{t+1}.
+
 The study's noise (fixes.py decides, noise.py draws): each pair's "noise" σ goes on the
 reference logits of its answers on the recipe's noise side, drawn once per answer
 ("frozen") or anew at every step ("fresh"); NEFTune is a hook on the policy's embeddings.

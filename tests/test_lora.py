@@ -110,6 +110,32 @@ def test_adapters_start_at_the_base_and_compute_peft_lora(setup):
         torch.testing.assert_close(peft(x).logits, got, atol=1e-4, rtol=0)
 
 
+def test_dropout_masks_are_redrawn_alike_under_activation_checkpointing(setup):
+    """lora_dropout > 0 with activation checkpointing: the recomputed forward draws the same
+    masks (checkpoint restores the RNG), so the gradients equal those of a plain backward."""
+    from minispin import load_model
+    from minispin.distributed import apply_activation_checkpointing
+    from minispin.lora import apply_lora, lora_modules
+    grads = []
+    for ac in (False, True):
+        model = apply_lora(load_model(setup["model"]), RANK, ALPHA, TARGETS, dropout=0.3, seed=1)
+        with torch.no_grad():
+            for i, (_, m) in enumerate(lora_modules(model)):
+                m.lora_B.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
+        if ac:
+            apply_activation_checkpointing(model)
+        model.train()
+        torch.manual_seed(7)
+        model(ids()).float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        with torch.no_grad():  # dropout is on: two training forwards differ, eval is fixed
+            assert (model(ids()) - model(ids())).abs().max() > 1e-3
+            model.eval()
+            assert torch.equal(model(ids()), model(ids()))
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
 def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
     """One SPIN backward through the sharded LoRA policy: every base weight has no gradient;
     B has one (A's is zero at step 0, as B = 0); the trainer's optimizer holds the adapters."""
