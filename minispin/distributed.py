@@ -189,6 +189,25 @@ def device_mesh(env: DistEnv):
     return init_device_mesh(env.device.type, (env.world_size,))
 
 
+def build_sharded_model(args, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
+                        activation_checkpointing: bool = False,
+                        lora: Optional[LoRASettings] = None) -> Transformer:
+    """The model of `args` (a ModelArgs), with LoRA adapters if asked, sharded over the mesh,
+    its storage allocated on env.device and NOT initialised (load_sharded_model fills it;
+    a bench fills it with random numbers). The base is in `dtype`, adapters in fp32."""
+    model = build_model(args, device="meta")
+    if lora is not None:
+        apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
+        store_base_in(model, dtype)  # on the meta device: no memory moves
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    shard_model(model, mesh, mp_policy)
+    model.to_empty(device=env.device)
+    if dtype != torch.float32 and lora is None:
+        model.to(dtype)
+    return model
+
+
 def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
                        activation_checkpointing: bool = False, trainable: bool = True,
                        lora: Optional[LoRASettings] = None, lora_seed: int = 0) -> Transformer:
@@ -198,20 +217,11 @@ def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torc
     in fp32; rank 0 draws their step-0 values (seeded by lora_seed) and they travel with
     the base, so every world size starts alike. Only the adapters require grad."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    args = read_config(path)
     full = load_model(path, dtype=dtype, device="cpu").state_dict() if env.is_main else {}
-    model = build_model(args, device="meta")
-    if lora is not None:
-        apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
-        store_base_in(model, dtype)  # on the meta device: no memory moves
-        if env.is_main:
-            full.update(initial_adapters(model, lora_seed))
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    shard_model(model, mesh, mp_policy)
-    model.to_empty(device=env.device)
-    if dtype != torch.float32 and lora is None:
-        model.to(dtype)
+    model = build_sharded_model(read_config(path), env, mesh, mp_policy, dtype,
+                                activation_checkpointing, lora)
+    if lora is not None and env.is_main:
+        full.update(initial_adapters(model, lora_seed))
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                broadcast_from_rank0=True))
     del full
