@@ -1,5 +1,5 @@
-"""LoRA (minispin/lora.py) on CPU: adapters against peft's maths, SPIN with only the adapters
-training, the merged and the peft-format exports against transformers and peft, 1 process
+"""LoRA (minispin/lora.py) on CPU: adapters against peft's maths, dropout under activation
+checkpointing, SPIN with only the adapters training, the merged and the peft-format exports against transformers and peft, 1 process
 == 2 under torchrun, kill + resume, and a bf16 base with fp32 adapters under FSDP2.
 
 peft and transformers are the oracles here; minispin itself never imports them. The tiny
