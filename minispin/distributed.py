@@ -9,7 +9,9 @@
   builds the model on the meta device (no memory); all ranks shard it with FSDP2
   `fully_shard` (one unit per transformer Block, then the root), allocate only their
   shard and receive it from rank 0 by broadcast. Host memory therefore holds one full copy
-  per node-rank-0 at most, never one per GPU.
+  per node-rank-0 at most, never one per GPU. With LoRA (lora.py) the base is frozen and
+  stored in the given dtype, fp32 adapters join each Block's unit, and rank 0's step-0
+  adapters travel with the base.
 * Mixed precision is a `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the
   sharded parameters — the optimizer's master weights — stay fp32, and FSDP casts them to
   bf16 when it gathers them for compute. bf16 master weights would lose SPIN's lr = 5e-7
@@ -20,7 +22,8 @@
   DCP's file format pickles its `.metadata`, and its planner torch.loads non-tensor state
   (param_groups) with weights_only=False, even with DCP's safetensors storage. Each rank
   streams its local shards (FSDP2 DTensor `to_local()`) of the model and optimizer state, and
-  its tensors of the trainer's `extra` (RNG states, uint8), into `rank<r>.safetensors`; their offsets
+  its tensors of the trainer's `extra` (RNG states, uint8), into `rank<r>.safetensors` (frozen
+  weights, i.e. a LoRA base, are left out: θ_t holds them); their offsets
   in the global tensor travel in that file's header. Rank 0 then writes `checkpoint.json`:
   the files, where each chunk of each tensor lies, the optimizer's param_groups and every
   rank's `extra` as JSON (step, scheduler, resume key). Loading reads only that JSON and
@@ -52,6 +55,7 @@ import torch.nn as nn
 from .checkpoint import _ST_DTYPES, load_model
 from .errors import UserError
 from .config import read_config
+from .lora import LoRASettings, apply_lora, initial_adapters, store_base_in
 from .model import Block, Transformer, build_model
 
 
@@ -166,7 +170,9 @@ def apply_activation_checkpointing(model: Transformer):
 
 def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True):
     """FSDP2: one `fully_shard` unit per transformer Block, then the root (embeddings,
-    final norm, output head)."""
+    final norm, output head). LoRA adapters share their Block's unit: FSDP2 needs one dtype
+    only among a unit's trainable parameters (the fp32 adapters); the frozen base, bf16 or
+    not, is gathered with them and gets no gradient (lora.py's docstring)."""
     from torch.distributed.fsdp import fully_shard
     kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
@@ -183,19 +189,39 @@ def device_mesh(env: DistEnv):
     return init_device_mesh(env.device.type, (env.world_size,))
 
 
-def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
-                       activation_checkpointing: bool = False, trainable: bool = True) -> Transformer:
-    """θ from an HF folder, sharded over the mesh; rank 0 reads, the others receive."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    args = read_config(path)
-    full = load_model(path, dtype=dtype, device="cpu").state_dict() if env.is_main else {}
+def build_sharded_model(args, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
+                        activation_checkpointing: bool = False,
+                        lora: Optional[LoRASettings] = None) -> Transformer:
+    """The model of `args` (a ModelArgs), with LoRA adapters if asked, sharded over the mesh,
+    its storage allocated on env.device and NOT initialised (load_sharded_model fills it;
+    a bench fills it with random numbers). The base is in `dtype`, adapters in fp32."""
     model = build_model(args, device="meta")
+    if lora is not None:
+        apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
+        store_base_in(model, dtype)  # on the meta device: no memory moves
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     shard_model(model, mesh, mp_policy)
     model.to_empty(device=env.device)
-    if dtype != torch.float32:
+    if dtype != torch.float32 and lora is None:
         model.to(dtype)
+    return model
+
+
+def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
+                       activation_checkpointing: bool = False, trainable: bool = True,
+                       lora: Optional[LoRASettings] = None, lora_seed: int = 0) -> Transformer:
+    """θ from an HF folder, sharded over the mesh; rank 0 reads, the others receive.
+
+    lora: adapters on a frozen base (lora.py). The base is stored in `dtype`, the adapters
+    in fp32; rank 0 draws their step-0 values (seeded by lora_seed) and they travel with
+    the base, so every world size starts alike. Only the adapters require grad."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full = load_model(path, dtype=dtype, device="cpu").state_dict() if env.is_main else {}
+    model = build_sharded_model(read_config(path), env, mesh, mp_policy, dtype,
+                                activation_checkpointing, lora)
+    if lora is not None and env.is_main:
+        full.update(initial_adapters(model, lora_seed))
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                broadcast_from_rank0=True))
     del full
@@ -240,9 +266,11 @@ def latest_checkpoint(root: str) -> Optional[str]:
 
 def _train_state(model: nn.Module, optimizer):
     """get_state_dict's (model_sd, optim_sd), and their tensors under flat names:
-    'model/<fqn>' and 'optim/<fqn>/<state>' (FSDP2 gives DTensors; step counters are plain)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    'model/<fqn>' and 'optim/<fqn>/<state>' (FSDP2 gives DTensors; step counters are plain).
+    Frozen weights (a LoRA base) are left out: they never change and are reloaded from θ_t."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer,
+                                        options=StateDictOptions(ignore_frozen_params=True))
     flat = {f"model/{k}": v for k, v in model_sd.items()}
     for fqn, state in optim_sd["state"].items():
         for name, value in state.items():
@@ -548,7 +576,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, env: DistEnv) -> dic
     """Restore model + optimizer from a checkpoint of any world size (resharding) and return
     this rank's `extra` (rank 0's when the saving job had fewer ranks). Reads only JSON and
     safetensors: nothing is unpickled."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     index = _read_index(path)
     why = f"the checkpoint is damaged. {_start_fresh(path)}"
     # every rank checks every file's header, so a damaged file stops all ranks alike
@@ -595,7 +623,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, env: DistEnv) -> dic
         for k, v in was.items():  # lr, betas, ...; JSON made tuples lists: restore the type
             if k != "params":
                 now[k] = tuple(v) if isinstance(now.get(k), tuple) and isinstance(v, list) else v
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: only the adapters
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=not frozen))
     rank = env.rank if env.rank < index["world_size"] else 0
     name = index["files"][rank]
 

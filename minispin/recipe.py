@@ -175,6 +175,18 @@ class Training:
                             "update; bfloat16 halves the size)",
                             choices=("float32", "bfloat16", "float16"))
     sft_limit: int = key(0, "--sft: use only the first N records (0 = all)", lo=0)
+    lora_rank: int = key(0, "LoRA (docs/training.md): train rank-r adapters on a frozen base "
+                         "instead of every weight; 0 = off (full fine-tuning)", lo=0)
+    lora_alpha: float = key(16.0, "LoRA scale: the adapters add (alpha / rank)·B·A to each target",
+                            lo=0, lo_open=True)
+    lora_dropout: float = key(0.0, "LoRA dropout on the adapters' input (uclaml/SPIN's LoRA "
+                              "config: 0.1; > 0 makes runs depend on the process count)", lo=0)
+    lora_targets: str = key("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "LoRA: comma-separated projections that get adapters")
+    lora_base_dtype: str = key("auto", "LoRA: storage dtype of the frozen base; auto = the compute "
+                               "dtype (bfloat16 under bf16 mixed precision, else float32); the "
+                               "adapters and their optimizer state are always float32",
+                               choices=("auto", "bfloat16", "float32"))
 
 
 @dataclass
@@ -446,11 +458,36 @@ def check(recipe: Recipe, where_of: Optional[Dict[str, str]] = None):
     if fx.adaptive and fx.judge_threshold < 0:
         raise RecipeError(f"{where('judge_threshold')}: --adaptive needs a threshold >= 0 "
                           "(pairs with |margin| < τ get the noise)")
+    check_lora(recipe, where)
     if (noise.ref_sigma > 0 or fx.adaptive) and noise.mode == "fresh" and t.ref_mode == "precompute":
         raise RecipeError(f"{where('noise')}: mode=fresh draws new reference noise at every step, "
                           "which needs the reference logits at every step: add --ref-mode online, "
                           "or use mode=frozen (one fixed draw per answer, which the precompute "
                           "pass stores)")
+
+
+LORA_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
+
+
+def check_lora(recipe: Recipe, where):
+    t = recipe.training
+    if t.lora_rank == 0:
+        given = [k for k in LORA_KEYS if k in recipe.given]
+        if given:
+            raise RecipeError(f"{KEYS[given[0]].flag} sets up LoRA, which is off: add --lora-rank R "
+                              "(e.g. 16)")
+        return
+    from .lora import parse_targets
+    try:
+        parse_targets(t.lora_targets)
+    except ValueError as e:
+        raise RecipeError(f"{where('lora_targets')}: 'lora_targets': {e}") from None
+    if not t.lora_dropout < 1:
+        raise RecipeError(f"{where('lora_dropout')}: 'lora_dropout' must be < 1, got {t.lora_dropout}")
+    if t.lora_base_dtype == "bfloat16" and t.mixed_precision == "fp32":
+        raise RecipeError(f"{where('lora_base_dtype')}: a bfloat16 base computes in bf16, but "
+                          "mixed_precision is fp32: set mixed_precision to bf16 (or auto on a GPU), "
+                          "or lora_base_dtype to float32")
 
 
 def check_device(device: str, where: str = "device"):

@@ -30,6 +30,12 @@ machinery (distributed.py). One SPIN iteration, or an SFT run, is one `Trainer.r
    newest, and refuses one written from other data or settings. At the end the full state
    dict is gathered and written as an HF folder (atomically): θ_{t+1}.
 
+LoRA (`lora_rank > 0`, lora.py): θ_t is loaded frozen (in the compute dtype unless
+`lora_base_dtype` says otherwise) with fp32 adapters that alone train and have optimizer
+state; the reference is the same model with its adapters off (no second copy online);
+checkpoints hold the adapters and their optimizer state; the export writes the adapter in
+peft's format (work_dir/adapter) and then the merged θ_{t+1}.
+
 The study's noise (fixes.py decides, noise.py draws): each pair's "noise" σ goes on the
 reference logits of its answers on the recipe's noise side, drawn once per answer
 ("frozen") or anew at every step ("fresh"); NEFTune is a hook on the policy's embeddings.
@@ -53,6 +59,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import distributed as D
+from . import lora
 from .checkpoint import save_model
 from .config import parse_dtype, read_config
 from .data import JsonlAppender, TokenizedPair, collate_pairs, collate_sft, read_jsonl, write_jsonl_atomic
@@ -136,6 +143,8 @@ RESUME_SETTINGS = ("beta", "loss_type", "label_smoothing", "optimizer", "lr", "w
                    "adam_beta1", "adam_beta2", "optim_eps", "rmsprop_alpha", "lr_scheduler",
                    "warmup_ratio", "epochs", "batch_size", "max_length", "max_prompt_length",
                    "max_grad_norm", "seed", "noise")
+# ... and, for a LoRA run only (so checkpoints of full fine-tuning keep their key), these
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -200,6 +209,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.ref_cache: Dict[str, tuple] = {}
         self.ref_model = None
+        self.policy = None  # set by run(); step_end hooks may look at it
+        # LoRA (lora.py): adapters on a frozen base; None = every weight trains
+        self.lora = (lora.LoRASettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                       lora.parse_targets(cfg.lora_targets))
+                     if cfg.lora_rank > 0 else None)
+        self.adapter_dir = os.path.join(work_dir, "adapter")
         self.noise_gen: Optional[torch.Generator] = None
         self.step = 0  # the optimizer step being computed (0-based)
 
@@ -236,7 +251,7 @@ class Trainer:
         draw = self.step if self.noise.mode == "fresh" else None
         noise = reference_noise(batch["keys"], batch["noise"], self.noise.side, self.noise.seed, draw)
         seen = {"attention_mask": batch["attention_mask"].to(dev)} if "attention_mask" in batch else {}
-        with torch.no_grad():
+        with torch.no_grad(), lora.adapters_disabled(model):  # under LoRA, θ_t is the base
             logits = model(ids, **seen)
             if noise is None:
                 return sequence_logps(logits, ids, mask)
@@ -318,9 +333,12 @@ class Trainer:
         return rec
 
     def _prepare(self, policy, mesh, compute):
-        """The reference θ_t: stored log-probs of every pair, or a frozen online copy."""
+        """The reference θ_t: stored log-probs of every pair, or a frozen online copy (under
+        LoRA no copy: the policy with its adapters off is θ_t)."""
         if self.cfg.ref_mode == "precompute":
             self.precompute_reference(policy)   # the policy is still θ_t here
+        elif self.lora:
+            self.ref_model = policy
         else:
             self.ref_model = D.load_sharded_model(self.init_model, self.env, mesh, None, dtype=compute,
                                                   trainable=False)
@@ -343,7 +361,7 @@ class Trainer:
         """What a checkpoint must agree on to be resumed by this run: the settings that
         change the maths, the data (a fingerprint per source file) and θ_t."""
         settings = as_dict(self.recipe)
-        key = {k: settings[k] for k in RESUME_SETTINGS}
+        key = {k: settings[k] for k in RESUME_SETTINGS + (LORA_SETTINGS if self.lora else ())}
         key.update(total_steps=self.total_steps, mode=self.mode,
                    init_model=os.path.abspath(self.init_model), data=self.info.get("fingerprints", {}))
         return key
@@ -351,15 +369,15 @@ class Trainer:
     def _check_resume_key(self, path: str, was: dict):
         now = self._resume_key()
         diff = []
-        for k in now:
+        for k in list(now) + [k for k in LORA_SETTINGS if k in was and k not in now]:
             if k == "data":
                 for tag in sorted(set(now[k]) | set(was.get(k, {}))):
                     a, b = was.get(k, {}).get(tag), now[k].get(tag)
                     if a != b:
                         what = "changed" if a and b else ("added" if b else "removed")
                         diff.append(f"the pairs of {tag} ({(b or a)['file']}) {what}")
-            elif was.get(k) != now[k]:
-                diff.append(f"{k}: {was.get(k)!r} -> {now[k]!r}")
+            elif was.get(k) != now.get(k):
+                diff.append(f"{k}: {was.get(k)!r} -> {now.get(k)!r}")
         if diff:
             raise ResumeError(f"{path} was written by a run with other data or settings "
                               f"({'; '.join(diff)}); resuming would mix two runs. Restore them, or "
@@ -391,13 +409,29 @@ class Trainer:
         mesh = D.device_mesh(env)
         mp = D.mixed_precision_policy(cfg.mixed_precision, env.device)
         t0 = time.time()
-        policy = D.load_sharded_model(self.init_model, env, mesh, mp,
-                                      activation_checkpointing=cfg.activation_checkpointing)
+        base = torch.float32  # full fine-tuning: fp32 master weights
+        if self.lora:
+            # a LoRA base is never updated: "auto" stores it in the compute dtype, all the
+            # forward ever sees of it; and a bf16 base computes in bf16 (recipe.check refuses
+            # it with an explicit fp32), so "auto" on the CPU gets the bf16 policy then
+            base = parse_dtype(cfg.lora_base_dtype) if cfg.lora_base_dtype != "auto" else \
+                (torch.bfloat16 if mp is not None else torch.float32)
+            if base == torch.bfloat16 and mp is None:
+                mp = D.mixed_precision_policy("bf16", env.device)
+        compute = torch.bfloat16 if mp is not None else torch.float32
+        policy = D.load_sharded_model(self.init_model, env, mesh, mp, dtype=base,
+                                      activation_checkpointing=cfg.activation_checkpointing,
+                                      lora=self.lora, lora_seed=self.recipe.seed)
         if self.noise.neftune_alpha > 0:
             # training mode + autograd only: never in the precompute pass (eval, no_grad),
-            # the online reference (another model) or generation
+            # the online reference (another model, or under LoRA a no_grad forward) or generation
             add_neftune(policy, self.noise.neftune_alpha, generator=self.noise_gen)
-        compute = torch.bfloat16 if mp is not None else torch.float32
+        if self.lora:
+            trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in policy.parameters())
+            self.log(f"LoRA rank {self.lora.rank}, alpha {self.lora.alpha:g} on "
+                     f"{','.join(self.lora.targets)}: {trainable:,} trainable parameters "
+                     f"({100 * trainable / total:.2f}%), base frozen in {str(base)[6:]}")
         self.log(f"loaded {self.init_model} ({read_config(self.init_model).n_layers} layers) on "
                  f"{env.world_size} process(es), {env.device.type}, compute {str(compute)[6:]}, "
                  f"{time.time() - t0:.1f}s")
@@ -410,7 +444,7 @@ class Trainer:
         os.makedirs(self.work_dir, exist_ok=True)
         torch.manual_seed(self.recipe.seed)
         self.noise_gen = torch.Generator(device=env.device).manual_seed(self.recipe.seed + 1 + env.rank)
-        policy = self._load_models()
+        policy = self.policy = self._load_models()
         opt, sched = self._build_optimizer(policy)
         start, last_ckpt = 0, D.latest_checkpoint(self.ckpt_root)
         if last_ckpt:
@@ -500,10 +534,22 @@ class Trainer:
         return rec
 
     def export(self, policy):
-        """Gather the full weights and write θ_{t+1} as an HF folder (atomic rename)."""
+        """Gather the full weights and write θ_{t+1} as an HF folder (atomic rename). Under
+        LoRA, first the adapters alone in peft's format (work_dir/adapter), then the merged
+        W + (alpha/r)·B·A as θ_{t+1}: the model folder, which marks the iteration done,
+        comes last."""
         t0 = time.time()
         full = D.gather_full_state_dict(policy)
         if self.env.is_main:
+            if self.lora:
+                lora.save_peft_adapter(self.adapter_dir, full, self.lora, os.path.abspath(self.init_model))
+                self.log(f"adapter (peft format): {self.adapter_dir}")
+                stats: Dict[str, float] = {}
+                full = lora.merged_state_dict(full, self.lora, parse_dtype(self.cfg.export_dtype), stats)
+                if stats.get("update"):
+                    self.log(f"note: a bf16 copy of θ_{{t+1}} (what the next LoRA iteration stores) differs "
+                             f"from it by {math.sqrt(stats['bf16_error'] / stats['update']):.2f} x the norm "
+                             f"of this iteration's update (rounding; >= 1 means it is mostly lost)")
             save_model(None, self.export_dir, tokenizer_from=self.init_model, state_dict=full,
                        config=read_config(self.init_model), dtype=parse_dtype(self.cfg.export_dtype))
             self.log(f"exported {self.export_dir} ({time.time() - t0:.1f}s)")
