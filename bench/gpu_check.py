@@ -48,6 +48,7 @@ ROWS = [  # (row, group, what)
     ("4a", "4", "SPIN step 1.1B full FSDP2 bf16, no AC"),
     ("4b", "4", "SPIN step 1.1B full FSDP2 bf16, AC"),
     ("4c", "4", "SPIN step 7B LoRA"),
+    ("4d", "4", "7B LoRA as the 1-GPU recipe trains it"),
     ("5", "5", "tiny recipe iter 0, torchrun, nccl"),
     ("6a", "6", "SDPA backend per attention call"),
     ("6b", "6", "compiled generate() x2: recompiles, mem"),
