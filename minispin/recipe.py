@@ -327,8 +327,15 @@ def _convert(info: KeyInfo, value, where: str):
     return value
 
 
+# the names uclaml/SPIN's and transformers' configs use for some keys, so their users get a hint
+FOREIGN_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "optim": "optimizer",
+                 "per_device_train_batch_size": "micro_batch_size", "lr_scheduler_type": "lr_scheduler",
+                 "gradient_checkpointing": "activation_checkpointing", "model_name_or_path": "model",
+                 "max_new_token": "max_new_tokens", "bf16": "mixed_precision"}
+
+
 def _unknown(k: str, where: str, valid: Iterable[str]) -> RecipeError:
-    close = difflib.get_close_matches(k, list(valid), n=1, cutoff=0.6)
+    close = [FOREIGN_NAMES[k]] if k in FOREIGN_NAMES else difflib.get_close_matches(k, list(valid), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return RecipeError(f"{where}: unknown key '{k}'{hint}; the keys are listed in minispin/recipe.py")
 

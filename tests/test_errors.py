@@ -68,7 +68,7 @@ def test_unknown_recipe_key_names_it_its_file_and_the_closest_key(tmp_path, caps
     recipe = tmp_path / "typo.toml"
     recipe.write_text('model = "x"\nlearning_rate = 1e-6\n')
     line = one_line_error(capsys, "train.py", "--config", recipe)
-    assert str(recipe) in line and "'learning_rate'" in line
+    assert str(recipe) in line and "'learning_rate'" in line and "did you mean 'lr'" in line
     recipe.write_text('[iterations.1]\nbetaa = 0.5\n')
     line = one_line_error(capsys, "train.py", "--config", recipe)
     assert str(recipe) in line and "'betaa'" in line and "did you mean 'beta'" in line
