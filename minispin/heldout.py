@@ -54,7 +54,7 @@ def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 51
         nll -= float(sequence_logps(model(ids), ids, mask).sum())
         ntok += int(mask[:, 1:].sum())
     prompts = [it.prompt for it in items]
-    outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
+    outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_ids,
                     batch_size=batch_size)
     formatted = correct = 0
     for ex, out in zip(examples, outs):

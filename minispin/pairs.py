@@ -108,7 +108,7 @@ def sample_pairs(model, tok, examples: List[SFTExample], recipe: Recipe,
     for start in range(0, len(encoded), g.gen_batch_size):
         chunk = encoded[start:start + g.gen_batch_size]
         outs = generate(model, [ids for _, ids, _ in chunk], g.max_new_tokens,
-                        temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_id=tok.eos_id,
+                        temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_id=tok.eos_ids,
                         seeds=[row_seed(recipe.seed, ex.id) for ex, _, _ in chunk],
                         batch_size=len(chunk), compile=g.compile)
         for (ex, ids, cut), out in zip(chunk, outs):
@@ -189,6 +189,10 @@ def generate_pairs_file(recipe: Recipe, t: int, env, model_dir: Optional[str] = 
     n_done = len(examples) - len(todo)
     _log(env, f"{len(examples)} prompts, {n_done} already in {out}, {len(todo)} to generate "
               f"on {env.world_size} process(es) with {model_dir}")
+    g = recipe.generation
+    _log(env, f"sampling: temperature {g.temperature}, top_p {g.top_p}, top_k {g.top_k}, "
+              f"max_new_tokens {g.max_new_tokens}"
+              + (f" (unset keys from {recipe.sampling_from})" if recipe.sampling_from else ""))
     if other:
         _log(env, f"warning: {other} existing lines were generated with other settings; they are "
                   "kept (use --overwrite to regenerate everything)")

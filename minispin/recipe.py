@@ -255,6 +255,7 @@ class Recipe:
     eval: Eval = field(default_factory=Eval)
     source: str = ""                   # the TOML file it came from
     given: frozenset = frozenset()     # keys set by a command-line flag
+    sampling_from: str = ""            # generation_config.json, where it set sampling keys
 
     def noise_settings(self) -> "NoiseSettings":
         return parse_noise(self.fixes.noise, self.seed)
@@ -432,8 +433,9 @@ def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None
     for k in PATH_KEYS:
         if k in values and where_of.get(k) != KEYS[k].flag:
             values[k] = _resolve_path(values[k])
+    sampling_from = take_checkpoint_sampling(values, where_of)
 
-    recipe = Recipe(source=path, given=frozenset(given))
+    recipe = Recipe(source=path, given=frozenset(given), sampling_from=sampling_from)
     recipe.name = values.get("name", os.path.splitext(os.path.basename(path))[0])
     recipe.run_dir = values.get("run_dir") or os.path.join("runs", recipe.name)
     recipe.seed = values.get("seed", 42)
@@ -442,6 +444,32 @@ def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None
         setattr(recipe, sec, cls(**kw))
     check(recipe, where_of)
     return recipe
+
+
+def take_checkpoint_sampling(values: Dict[str, Any], where_of: Dict[str, str]) -> str:
+    """THE rule for the checkpoint's sampling defaults: generation_config.json of θ_0 (the
+    `model` key) fills max_new_tokens, temperature, top_p and top_k where neither the recipe
+    nor a flag set them, so a Llama-3-Instruct samples at its own 0.6 / 0.9 as its authors
+    (and HF generate) intend. `do_sample: false` there means greedy (temperature 0), as in
+    HF generate, whatever temperature the file also gives. Only the file's own keys count:
+    HF's library defaults (top_k 50, max_length 20) are not the checkpoint's choice and are
+    not taken. θ_0's file serves every iteration, so the settings do not drift as the model
+    changes. The shipped SPIN and study recipes set all four keys, so this never applies to
+    them. Returns the file's path when it set anything, else ""."""
+    folder = values.get("model", "")
+    if not folder or not os.path.isdir(folder):
+        return ""
+    from .config import read_generation_config  # imported late: config.py loads torch
+    gen = read_generation_config(folder)
+    taken = {k: gen[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k") if k in gen}
+    if gen.get("do_sample") is False:
+        taken["temperature"] = 0.0
+    where = os.path.join(folder, "generation_config.json")
+    taken = {k: v for k, v in taken.items() if k not in values}
+    for k, v in taken.items():
+        values[k] = _convert(KEYS[k], v, where)
+        where_of[k] = where
+    return where if taken else ""
 
 
 def check(recipe: Recipe, where_of: Optional[Dict[str, str]] = None):
