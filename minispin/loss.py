@@ -41,10 +41,15 @@ API (what the trainer calls)
     One SPIN micro-batch: ONE forward of the concatenated [real; generated] rows, their
     log-probs, and `spin_loss` against the reference's log-probs of the same rows.
 `sft_step(policy, batch) -> (Σ token NLL, stats)`: the cross-entropy of `train.py --sft`.
+`answer_logps(model, input_ids, loss_mask, fp32_logits=True, ...) -> (B,)`
+    the forward both of them use: lm_head only at the answer positions, in fp32 (so under
+    bf16 FSDP the logits are never rounded to bf16; fp32_logits=False is uclaml/SPIN's bf16
+    logits), then sequence_logps.
 `sequence_logps(logits, input_ids, loss_mask, noise_std=None, generator=None) -> (B,)`
     logits (B, T, V) predict input_ids shifted by one (logits[:, t] predicts
-    input_ids[:, t + 1]); loss_mask (B, T) is 1 on the tokens whose log-prob counts (answer
-    tokens and their eos). Returns fp32 sums per row. noise_std (B,) and one generator per
+    input_ids[:, t + 1]), or are already the (N, V) rows at those positions; loss_mask
+    (B, T) is 1 on the tokens whose log-prob counts (answer tokens and their eos).
+    Returns fp32 sums per row. noise_std (B,) and one generator per
     row add the study's reference noise (noise.reference_noise draws the generators):
     N(0, σ²) on the row's fp32 logits at its answer positions, before the log-softmax, as
     one (n_b, V) draw from the row's own generator. Rows with σ = 0 draw nothing and are
@@ -69,18 +74,43 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "ipo_sum", "robust")
 LN2 = math.log(2.0)
 
 
+def answer_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose logits predict a counted token (logits[:, t]
+    predicts input_ids[:, t + 1]), i.e. loss_mask shifted left by one."""
+    at = torch.zeros_like(loss_mask, dtype=torch.bool)
+    at[:, :-1] = loss_mask[:, 1:].bool()
+    return at
+
+
+def answer_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, fp32_logits: bool = True,
+                 noise_std: Optional[torch.Tensor] = None,
+                 generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+                 **model_kw) -> torch.Tensor:
+    """(B,) log p of each row's answer tokens: ONE forward that computes lm_head on the
+    answer positions only. fp32_logits: lm_head itself runs in fp32 there, so under bf16
+    weights the logits are never rounded to bf16 (a logit near 20 would move by up to 0.06;
+    summed over hundreds of tokens, and over reference and policy passes of other batch
+    shapes, that is how step 0 drifts from ln 2). Off = bf16 logits, as uclaml/SPIN ran."""
+    logits = model(input_ids, logits_at=answer_positions(loss_mask),
+                   logits_dtype=torch.float32 if fp32_logits else None, **model_kw)
+    return sequence_logps(logits, input_ids, loss_mask, noise_std, generator)
+
+
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                    noise_std: Optional[torch.Tensor] = None,
                    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
                    ) -> torch.Tensor:
-    """Σ over masked positions of log p(input_ids[t] | input_ids[<t]), fp32, one per row."""
-    B = logits.shape[0]
+    """Σ over masked positions of log p(input_ids[t] | input_ids[<t]), fp32, one per row.
+    logits: (B, T, V), or (N, V) already taken at answer_positions(loss_mask)."""
+    B = input_ids.shape[0]
     mask = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:][mask]                     # (N,)
     rows = torch.arange(B, device=logits.device)[:, None].expand_as(mask)[mask]  # (N,)
     # Only the answer positions are lifted to fp32: the prompt never costs a float copy.
-    x = logits[:, :-1][mask]                             # (N, V), a copy: safe to add to
+    x = logits if logits.dim() == 2 else logits[:, :-1][mask]   # (N, V)
     x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
+    if noise_std is not None and x is logits:
+        x = x.clone()                                    # the noise is added in place
     if noise_std is not None:
         std = torch.as_tensor(noise_std, dtype=torch.float32).detach().cpu().tolist()
         counts = mask.sum(1).tolist()
@@ -141,13 +171,13 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
 
 
 def spin_step(policy, batch: dict, reference: torch.Tensor, beta: float = 0.1,
-              loss_type: str = "sigmoid", label_smoothing: float = 0.0
+              loss_type: str = "sigmoid", label_smoothing: float = 0.0, fp32_logits: bool = True
               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One SPIN micro-batch. batch: collate_pairs' [real; generated] rows (2B of them);
     reference: (2B,) log p_θt of the same rows. Returns per-pair losses (B,) and stats."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
     seen = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}  # SPIN's rows
-    logps = sequence_logps(policy(ids, **seen), ids, mask)   # log p_θ of all 2B rows, one forward
+    logps = answer_logps(policy, ids, mask, fp32_logits, **seen)   # log p_θ of all 2B rows, one forward
     if loss_type == "ipo":  # TRL's IPO: log-probs per answer token, the policy's and the reference's
         n = mask[:, 1:].sum(1).clamp(min=1).to(logps.dtype)
         logps, reference = logps / n, reference / n.to(reference.device)
@@ -156,8 +186,8 @@ def spin_step(policy, batch: dict, reference: torch.Tensor, beta: float = 0.1,
                      loss_type=loss_type, label_smoothing=label_smoothing, swap=batch.get("swap"))
 
 
-def sft_step(policy, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+def sft_step(policy, batch: dict, fp32_logits: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Supervised fine-tuning: Σ token NLL of the answers, and the token count."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
-    nll, n = sft_loss(policy(ids), ids, mask)
+    nll, n = -answer_logps(policy, ids, mask, fp32_logits).sum(), int(mask[:, 1:].sum())
     return nll, {"nll": float(nll.detach()), "tokens": n}

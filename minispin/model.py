@@ -30,6 +30,7 @@ Design choices, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -235,6 +236,50 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
 
+@contextlib.contextmanager
+def _tf32_on_cuda(t: torch.Tensor):
+    """TF32 for fp32 matmuls on CUDA inside the block (torch's setting is restored after).
+    Used where the fp32 operands hold bf16 values: TF32's 10-bit mantissa stores those
+    exactly, so the products and their fp32 sums are fp32's, at tensor-core speed."""
+    try:
+        old = torch.get_float32_matmul_precision() if t.is_cuda else None
+    except RuntimeError:  # the program uses torch's newer TF32 switches: leave them alone
+        old = None
+    if old is None:
+        yield
+        return
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+class WideLogits(torch.autograd.Function):
+    """lm_head with a wider output than its inputs: F.linear(h, W) of bf16 h and W, computed
+    and returned in fp32, so no logit is rounded to bf16 before the log-softmax. It saves
+    the bf16 h and W for backward (no fp32 copies live between forward and backward); the
+    gradients come back in the inputs' dtypes, as bf16 autograd would give them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, dtype):
+        ctx.save_for_backward(h, weight)
+        with _tf32_on_cuda(h):
+            return F.linear(h.to(dtype), weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        grad_h = grad_w = None
+        with _tf32_on_cuda(grad):
+            if ctx.needs_input_grad[0]:
+                grad_h = (grad @ weight.to(grad.dtype)).to(h.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad.reshape(-1, grad.shape[-1]).t() @
+                          h.reshape(-1, h.shape[-1]).to(grad.dtype)).to(weight.dtype)
+        return grad_h, grad_w, None
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -249,7 +294,9 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 cache_pos: int = 0, return_hidden: bool = False,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None,
+                logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab).
 
         positions: (B, T) or (T,) token positions for RoPE (default: cache_pos + arange(T)).
@@ -265,6 +312,11 @@ class Transformer(nn.Module):
         cache/cache_pos: write this chunk's K/V at slot cache_pos and attend to slots
                    [0, cache_pos + T).
         return_hidden: return the final normed hidden states instead of logits.
+        logits_at: (B, T) bool: return only these positions' logits, as (N, vocab) in row
+                   order — the loss needs the answers' positions only, so the prompt's
+                   logits are never computed.
+        logits_dtype: the dtype lm_head computes in (default: the hidden states'). float32
+                   under bf16 weights gives logits that were never rounded to bf16.
         """
         args = self.config
         B, T = input_ids.shape
@@ -283,6 +335,10 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         if return_hidden:
             return h
+        if logits_at is not None:
+            h = h[logits_at]
+        if logits_dtype is not None and logits_dtype != h.dtype:
+            return WideLogits.apply(h, self.output_weight, logits_dtype)
         return F.linear(h, self.output_weight)
 
     def _mask(self, attn_mask, attention_mask, B, T, cache_pos, device):

@@ -163,6 +163,9 @@ class Training:
                                choices=("auto", "bf16", "fp32"))
     activation_checkpointing: bool = key(False, "recompute each block's activations in backward "
                                          "(less memory)")
+    fp32_logits: bool = key(True, "lm_head in fp32 on the answer positions, so bf16 compute never "
+                            "rounds the logits the log-probs come from (uclaml/SPIN: bf16 "
+                            "logits; false reproduces that)")
     report_to: str = key("none", "where each step's metrics go besides iter<t>/metrics.jsonl: none | "
                          "tensorboard (event files beside it, under TRL's names: train/loss, "
                          "train/rewards/real, ...; needs pip install tensorboard)",

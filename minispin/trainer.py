@@ -64,7 +64,7 @@ from .checkpoint import save_model
 from .config import parse_dtype, read_config
 from .data import JsonlAppender, TokenizedPair, collate_pairs, collate_sft, read_jsonl, write_jsonl_atomic
 from .errors import StoppedError, UserError
-from .loss import sequence_logps, sft_step, spin_step
+from .loss import answer_logps, sft_step, spin_step
 from .noise import add_neftune, reference_noise
 from .recipe import Recipe, as_dict
 
@@ -142,7 +142,7 @@ class MetricsLog:
 RESUME_SETTINGS = ("beta", "loss_type", "label_smoothing", "optimizer", "lr", "weight_decay",
                    "adam_beta1", "adam_beta2", "optim_eps", "rmsprop_alpha", "lr_scheduler",
                    "warmup_ratio", "epochs", "batch_size", "max_length", "max_prompt_length",
-                   "max_grad_norm", "seed", "noise")
+                   "max_grad_norm", "seed", "noise", "fp32_logits")
 # ... and, for a LoRA run only (so checkpoints of full fine-tuning keep their key), these
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
 
@@ -240,7 +240,9 @@ class Trainer:
     # ------------------------------------------------------------------ reference
     def _fingerprint(self, p: TokenizedPair) -> str:
         noise = [p.noise, self.noise.side, self.noise.seed] if p.noise else []
-        blob = json.dumps([os.path.abspath(self.init_model), p.prompt, p.real, p.generated, noise]
+        # the numerics too: a bf16 or bf16-logit log-prob is not the fp32 one
+        numerics = [self.cfg.mixed_precision, self.cfg.fp32_logits, torch.device(self.env.device).type]
+        blob = json.dumps([os.path.abspath(self.init_model), p.prompt, p.real, p.generated, noise, numerics]
                           + ([p.attention] if p.attention is not None else []))
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -252,10 +254,10 @@ class Trainer:
         noise = reference_noise(batch["keys"], batch["noise"], self.noise.side, self.noise.seed, draw)
         seen = {"attention_mask": batch["attention_mask"].to(dev)} if "attention_mask" in batch else {}
         with torch.no_grad(), lora.adapters_disabled(model):  # under LoRA, θ_t is the base
-            logits = model(ids, **seen)
             if noise is None:
-                return sequence_logps(logits, ids, mask)
-            return sequence_logps(logits, ids, mask, noise_std=noise[0], generator=noise[1])
+                return answer_logps(model, ids, mask, self.cfg.fp32_logits, **seen)
+            return answer_logps(model, ids, mask, self.cfg.fp32_logits, noise_std=noise[0],
+                                generator=noise[1], **seen)
 
     def precompute_reference(self, model):
         """log p_θt of both answers of every pair, once; cached in ref_logps.jsonl."""
@@ -314,7 +316,7 @@ class Trainer:
         ref = self.reference_logps(batch)
         batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
         losses, stats = spin_step(policy, batch, ref, beta=cfg.beta, loss_type=cfg.loss_type,
-                                  label_smoothing=cfg.label_smoothing)
+                                  label_smoothing=cfg.label_smoothing, fp32_logits=cfg.fp32_logits)
         loss = losses.sum() * (W / cfg.batch_size)  # FSDP averages over ranks: × W
         for fn in _HOOKS["loss"]:
             loss = fn(self.step, loss)
@@ -567,7 +569,8 @@ class SFTTrainer(Trainer):
         # the mean over the global batch's answer tokens, whatever the processes
         global_tokens = sum(len(self.items[i].real) for i in self.global_batch(self.step))
         batch = collate_sft(items, self.pad_id)
-        nll, stats = sft_step(policy, {k: v.to(dev) for k, v in batch.items() if k != "keys"})
+        nll, stats = sft_step(policy, {k: v.to(dev) for k, v in batch.items() if k != "keys"},
+                              fp32_logits=self.cfg.fp32_logits)
         loss = nll * (W / global_tokens)
         for fn in _HOOKS["loss"]:
             loss = fn(self.step, loss)

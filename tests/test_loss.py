@@ -204,7 +204,7 @@ def test_spin_step_ipo_averages_log_probs_per_answer_token_as_trl():
     count before Δ; ipo_sum keeps the sums. Checked by hand on fixed logits."""
     from minispin.loss import spin_step
     logits, ids, mask = _batch(7, B=4)
-    policy = lambda x: logits  # noqa: E731  (a "model" that returns fixed logits)
+    policy = lambda x, logits_at, logits_dtype: logits[logits_at]  # noqa: E731  (fixed logits)
     ref = torch.tensor([-30.0, -20.0, -25.0, -40.0])
     batch = {"input_ids": ids, "loss_mask": mask}
     lp = sequence_logps(logits, ids, mask)
@@ -216,3 +216,55 @@ def test_spin_step_ipo_averages_log_probs_per_answer_token_as_trl():
             d = (float(lp[i]) / scale[i] - float(ref[i]) / scale[i]) - \
                 (float(lp[2 + i]) / scale[2 + i] - float(ref[2 + i]) / scale[2 + i])
             assert float(losses[i]) == pytest.approx((d - 1 / (2 * beta)) ** 2, rel=1e-5)
+
+
+def test_answer_logps_fp32_logits_under_bf16_weights():
+    """lm_head on the answer positions only, in fp32: under bf16 weights the log-probs are
+    those of the bf16 hidden states with unrounded logits (float64 hand computation);
+    bf16 logits (uclaml/SPIN's, fp32_logits=False) are measurably further off. In fp32
+    the answer-only path equals the full-logits path."""
+    from helpers import TINY
+    from minispin.config import ModelArgs
+    from minispin.loss import answer_logps
+    from minispin.model import Transformer
+    torch.manual_seed(0)
+    args = ModelArgs(dim=TINY["hidden_size"], n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     vocab_size=512, intermediate_size=TINY["intermediate_size"])
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)        # logits of a trained model's size (tens)
+    ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(3, 40, dtype=torch.long)
+    mask[0, 10:] = 1
+    mask[1, 25:35] = 1
+    mask[2, 39:] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(answer_logps(model, ids, mask), sequence_logps(model(ids), ids, mask),
+                                   rtol=1e-5, atol=1e-4)
+        model = model.to(torch.bfloat16)
+        hidden = model(ids, return_hidden=True).double()
+        exact = torch.tensor(_hand_logps(hidden @ model.lm_head.weight.double().T, ids, mask))
+        fp32 = answer_logps(model, ids, mask).double()
+        bf16 = answer_logps(model, ids, mask, fp32_logits=False).double()
+    assert fp32.dtype == torch.float64 and (fp32 - exact).abs().max() < 1e-3
+    assert (bf16 - exact).abs().max() > 10 * (fp32 - exact).abs().max()
+
+
+def test_wide_logits_gradients_equal_autograd():
+    """model.WideLogits (bf16 in, fp32 logits out, bf16 saved) against plain autograd of
+    F.linear(h.float(), W.float()), in forward and in both gradients."""
+    from minispin.model import WideLogits
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 16, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
+    up = torch.randn(2, 5, 40, generator=g)
+    out = WideLogits.apply(h, w, torch.float32)
+    assert out.dtype == torch.float32
+    (out * up).sum().backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.linear(h2.float(), w2.float())
+    (ref * up).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h.grad, h2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
