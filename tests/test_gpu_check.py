@@ -9,7 +9,7 @@ from helpers import REPO
 
 # the rows the GPU check promises (bench/README.md), written out here on purpose: a row
 # dropped from the script must fail this test
-ROWS = ["1a", "1b", "1c", "1d", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "5", "6a", "6b", "6c"]
+ROWS = ["1a", "1b", "1c", "1d", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "4d", "5", "6a", "6b", "6c"]
 
 
 def test_dry_run_prints_every_row_marked_dry(tmp_path):

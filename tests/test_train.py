@@ -223,6 +223,13 @@ def test_resume_refuses_changed_settings(setup, capsys):
     assert train.main(args + ["--beta", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "beta: 0.1 -> 0.5" in err and "start fresh" in err and len(err.strip().splitlines()) == 1
+    # regenerated pairs (another sample of y') under the same settings: refused, naming the file
+    pairs = os.path.join(run, "iter0", "pairs.jsonl")
+    write_pairs(pairs, seed=1)
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the pairs of iter0 ({pairs}) changed" in err and "start fresh" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_pair_noise_reaches_the_reference_and_precompute_equals_online(setup):
