@@ -6,7 +6,9 @@
 
 One step = what train.py does per optimizer step with one micro-batch: ONE forward of the
 concatenated [real; generated] rows (2 x pairs rows of --seq tokens, the second half of each
-row is the answer), fp32 sequence log-probs of the answers (loss.sequence_logps), the SPIN
+row is the answer), fp32 sequence log-probs of the answers (ours: loss.answer_logps, the
+trainer's forward, lm_head on the answer positions in fp32; transformers: full logits,
+then loss.sequence_logps), the SPIN
 sigmoid loss against fixed reference log-probs (the precomputed reference), backward,
 gradient clipping and an RMSprop step (the trainer's optimizer).
 
@@ -102,7 +104,7 @@ def peak_flops(device: torch.device, override: float) -> tuple:
 
 def run_child(args) -> dict:
     """Time one implementation; print one JSON line."""
-    from minispin.loss import sequence_logps, spin_loss
+    from minispin.loss import answer_logps, sequence_logps, spin_loss
     device = torch.device(args.device)
     bf16 = args.dtype == "bf16"
     env = None
@@ -114,7 +116,8 @@ def run_child(args) -> dict:
         mp = D.mixed_precision_policy("bf16" if bf16 else "fp32", device)
         model = D.load_sharded_model(args.weights, env, D.device_mesh(env), mp,
                                      activation_checkpointing=args.ac)
-        forward = lambda ids: model(ids)
+        # the trainer's forward: lm_head on the answer positions only, fp32 logits
+        logps_of = lambda ids, mask: answer_logps(model, ids, mask)  # noqa: E731
         flops_tok = model.flops_per_token(args.seq)
     else:  # as transformers' Trainer: fp32 weights, autocast for bf16
         from transformers import AutoModelForCausalLM
@@ -123,9 +126,13 @@ def run_child(args) -> dict:
         if args.ac:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        forward = lambda ids: model(input_ids=ids, use_cache=False).logits
         if bf16:
             autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+        def logps_of(ids, mask):
+            with autocast():
+                logits = model(input_ids=ids, use_cache=False).logits
+            return sequence_logps(logits, ids, mask)
         flops_tok = None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,9 +145,7 @@ def run_child(args) -> dict:
     ref = (-T / 2 * 10.0 + torch.randn(2 * B, generator=g)).to(device)
 
     def step():
-        with autocast():
-            logits = forward(ids)
-        logps = sequence_logps(logits, ids, mask)
+        logps = logps_of(ids, mask)
         losses, _ = spin_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=0.1)
         losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
