@@ -809,7 +809,7 @@ def collate_pairs(items: List[TokenizedPair], pad_id: int) -> dict:
     if any(p.attention is not None for p in items):
         # uclaml/SPIN's rows hide some tokens (every eos inside the prompt and the answers)
         # from attention; padding is hidden too
-        atts = [[a for _, _, a in pair_rows(p)] for p in items]
+        atts = [[a for _, _, _, a in pair_rows(p)] for p in items]
         att_rows = [(r, r) for r in [a[0] for a in atts] + [a[1] for a in atts]]
         batch["attention_mask"] = _pad_rows(att_rows, 0)[0]
     return batch

@@ -9,6 +9,7 @@
 * the study's noise, a fresh draw at every step, resumes to the same numbers.
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -154,6 +155,42 @@ def test_minispin_rows_differ_where_the_fidelity_table_says(mistral, tmp_path):
                    "--no-progress") == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["input_ids"][0] == 1 and set(r["attention_mask"]) == {1} for r in rows)
+
+
+def test_spin_rows_train_with_transformers_log_probs(mistral, tmp_path, capsys):
+    """Training on uclaml/SPIN's rows (attention 0 on every eos inside them): the reference
+    pass's log-probs of θ_0 equal transformers' forward of the dumped rows with their
+    attention_mask, and the first step's loss is ln 2."""
+    from transformers import AutoModelForCausalLM
+    pairs = fidelity_pairs()[:8]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    run, rows = tmp_path / "run", tmp_path / "rows.jsonl"
+    argv = ["--config", "spin-official-zephyr", "--model", mistral, "--pairs", src, "--run-dir", run,
+            "--device", "cpu", "--no-progress", "--batch-size", "4", "--micro-batch-size", "2",
+            "--max-steps", "2", "--lr", "1e-3", "--max-length", "256", "--max-prompt-length", "128",
+            "--checkpoint-every", "0", "--heldout-examples", "0", "--mixed-precision", "fp32",
+            "--ref-mode", "precompute"]
+    assert run_cli("train.py", *argv, "--dump-rows", rows) == 0, capsys.readouterr().err
+    assert run_cli("train.py", *argv) == 0, capsys.readouterr().err
+    ref = {}
+    for line in (run / "iter0" / "ref_logps.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        ref[rec["key"]] = rec
+    model = AutoModelForCausalLM.from_pretrained(mistral, dtype=torch.float32).eval()
+    dumped = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert len(dumped) == 16 and any(0 in r["attention_mask"] for r in dumped)
+    for r in dumped:
+        ids = torch.tensor([r["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.tensor([r["attention_mask"]])).logits[0]
+        logp = torch.log_softmax(logits[:-1].double(), -1)
+        counted = [t for t in range(1, len(r["labels"])) if r["labels"][t] != -100]
+        want = float(sum(logp[t - 1, r["input_ids"][t]] for t in counted))
+        got = ref[f"{r['source']}/{r['id']}"][r["side"]]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-3), (r["id"], r["side"])
+    first = json.loads((run / "iter0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_spin_generation_equals_transformers_generate(mistral, tmp_path):
