@@ -29,20 +29,30 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPIN_GENERATION = ["--gen-template", "instruction", "--no-gen-bos", "--temperature", "0",
                    "--decode", "spin", "--shuffle-seed", "42"]
-RUNS = [("minispin (defaults)", "ours", [], None),
-        ("SPIN's rows", "spin-rows", ["--rows", "spin"], "ours"),
-        ("SPIN's generation", "spin-gen", SPIN_GENERATION, None),
-        ("SPIN (generation and rows)", "spin-both", SPIN_GENERATION + ["--rows", "spin"], "spin-gen")]
+# (label, run name, generate.py flags, train.py flags, the run whose pairs it reuses)
+RUNS = [("minispin (defaults)", "ours", None, [], None),
+        ("SPIN's rows", "spin-rows", None, ["--rows", "spin"], "ours"),
+        ("SPIN's generation", "spin-gen", SPIN_GENERATION, [], None),
+        ("SPIN (generation and rows)", "spin-both", None, ["--rows", "spin"], "spin-gen")]
 
 
-def train(root: str, name: str, flags, pairs_from):
-    run = os.path.join(root, name)
-    if pairs_from and not os.path.isfile(os.path.join(run, "iter0", "pairs.jsonl")):
-        os.makedirs(os.path.join(run, "iter0"), exist_ok=True)
-        shutil.copy(os.path.join(root, pairs_from, "iter0", "pairs.jsonl"), os.path.join(run, "iter0"))
-    cmd = [sys.executable, "train.py", "--run-dir", run, "--no-progress", *flags]
+def run_tool(script: str, *argv):
+    cmd = [sys.executable, script, *argv]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+
+
+def train(root: str, name: str, gen_flags, train_flags, pairs_from):
+    """One iteration 0 in root/name: its pairs copied from another run, sampled by
+    generate.py with gen_flags, or (neither) sampled by train.py's own --generate."""
+    run = os.path.join(root, name)
+    pairs = os.path.join(run, "iter0", "pairs.jsonl")
+    if pairs_from and not os.path.isfile(pairs):
+        os.makedirs(os.path.dirname(pairs), exist_ok=True)
+        shutil.copy(os.path.join(root, pairs_from, "iter0", "pairs.jsonl"), pairs)
+    if gen_flags is not None:
+        run_tool("generate.py", "--run-dir", run, "--no-progress", *gen_flags)
+    run_tool("train.py", "--run-dir", run, "--no-progress", *train_flags)
     return run
 
 
@@ -64,13 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=os.path.join(REPO, "runs", "fidelity"), help="where the runs go")
     ap.add_argument("--write", action="store_true", help="write the table into docs/fidelity.md")
     args = ap.parse_args(argv)
-    runs = {name: train(args.root, name, flags, src) for _, name, flags, src in RUNS}
+    runs = {name: train(args.root, name, gen, flags, src) for _, name, gen, flags, src in RUNS}
     h0 = json.load(open(os.path.join(runs["ours"], "iter0", "summary.json")))["heldout"]["before"]
     lines = ["| run | y' tokens (mean) | y' finished | loss, step 1 | loss, last quarter | "
              "reward acc. | reward margin | held-out NLL ↓ | format rate ↑ |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| θ_0 (tiny-sft), before SPIN | | | | | | | {h0['answer_nll']:.4f} | {h0['format_rate']:.3f} |"]
-    lines += [row(label, runs[name]) for label, name, _, _ in RUNS]
+    lines += [row(label, runs[name]) for label, name, *_ in RUNS]
     table = "\n".join(lines)
     print(table)
     if args.write:
