@@ -281,6 +281,12 @@ def save_model(model: Optional[Transformer], out_dir: str, tokenizer_from: Optio
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
+    return replace_folder(tmp, out_dir)
+
+
+def replace_folder(tmp: str, out_dir: str) -> str:
+    """Put the finished folder tmp in out_dir's place by renames, so out_dir is at every
+    moment either the old complete folder or the new one, never half written."""
     old = f"{out_dir}.old-{os.getpid()}"
     if os.path.exists(out_dir):
         os.rename(out_dir, old)

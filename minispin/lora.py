@@ -49,6 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import replace_folder
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."          # peft's key prefix for a causal LM
 ADAPTER_CONFIG = "adapter_config.json"
@@ -238,9 +240,4 @@ def save_peft_adapter(out_dir: str, state: Dict[str, torch.Tensor], settings: Lo
     save_file(peft_state_dict(state), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
         json.dump(peft_config(settings, base_model), f, indent=2)
-    old = f"{out_dir}.old-{os.getpid()}"
-    if os.path.exists(out_dir):
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return replace_folder(tmp, out_dir)
