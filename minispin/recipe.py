@@ -617,7 +617,9 @@ def add_flags(parser: argparse.ArgumentParser, keys: Iterable[str], group: Optio
 
 
 def given_flags(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """{recipe key: value} of the flags given on the command line (for `resolve`),
+    --run-dir included where the command has it."""
+    return {k: getattr(args, k) for k in (*keys, "run_dir") if getattr(args, k, None) is not None}
 
 
 def with_values(recipe: Recipe, **changes) -> Recipe:

@@ -58,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    flags = R.given_flags(args, KEYS)
-    if args.run_dir:
-        flags["run_dir"] = args.run_dir
-    recipe = R.resolve(args.config, flags, iteration=args.iter)
+    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
     env = D.init_distributed(recipe.model.device)
     try:
         with locked(recipe.run_dir, env):

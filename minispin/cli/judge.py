@@ -56,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    flags = R.given_flags(args, KEYS)
-    if args.run_dir:
-        flags["run_dir"] = args.run_dir
-    recipe = R.resolve(args.config, flags, iteration=args.iter)
+    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
     backend = args.backend or (recipe.fixes.judge_backend if recipe.fixes.judge_backend != "none" else "openai")
     log = (lambda msg: None) if args.quiet else log_stderr
     src = args.pairs or pairs_path(recipe.run_dir, args.iter)

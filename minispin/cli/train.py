@@ -66,8 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = R.given_flags(args, MODEL_KEYS + DATA_KEYS + GEN_KEYS + TRAIN_KEYS + FIX_KEYS + EVAL_KEYS)
-    if args.run_dir:
-        flags["run_dir"] = args.run_dir
     recipe = R.resolve(args.config, flags, iteration=args.iteration, sft=args.sft)
     if recipe.training.report_to == "tensorboard":
         tensorboard_writer()   # not installed: the one-line error now, before any model loads
