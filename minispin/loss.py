@@ -163,13 +163,6 @@ def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor,
     return losses, stats
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor,
-             loss_mask: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """(Σ token negative log-likelihood over masked tokens, number of those tokens)."""
-    n = int(loss_mask[:, 1:].sum())
-    return -sequence_logps(logits, input_ids, loss_mask).sum(), n
-
-
 def spin_step(policy, batch: dict, reference: torch.Tensor, beta: float = 0.1,
               loss_type: str = "sigmoid", label_smoothing: float = 0.0, fp32_logits: bool = True
               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -457,8 +457,8 @@ def take_checkpoint_sampling(values: Dict[str, Any], where_of: Dict[str, str]) -
     HF generate, whatever temperature the file also gives. Only the file's own keys count:
     HF's library defaults (top_k 50, max_length 20) are not the checkpoint's choice and are
     not taken. θ_0's file serves every iteration, so the settings do not drift as the model
-    changes. The shipped SPIN and study recipes set all four keys, so this never applies to
-    them. Returns the file's path when it set anything, else ""."""
+    changes. The shipped recipes set temperature and max_new_tokens themselves. Returns the
+    file's path when it set anything, else ""."""
     folder = values.get("model", "")
     if not folder or not os.path.isdir(folder):
         return ""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minispin.data import collate_pairs, truncate_pair, TokenizedPair
-from minispin.loss import LN2, sequence_logps, sft_loss, spin_loss
+from minispin.loss import LN2, sequence_logps, sft_step, spin_loss
 
 
 def _hand_logps(logits, ids, mask):
@@ -158,9 +158,11 @@ def test_noise_off_is_bit_identical_and_per_row():
     assert torch.equal(a[3], only3[3])
 
 
-def test_sft_loss_is_cross_entropy_on_answer_tokens():
+def test_sft_step_is_cross_entropy_on_answer_tokens():
     logits, ids, mask = _batch(5)
-    nll, n = sft_loss(logits, ids, mask)
+    policy = lambda x, logits_at, logits_dtype: logits[logits_at]  # noqa: E731  (fixed logits)
+    nll, stats = sft_step(policy, {"input_ids": ids, "loss_mask": mask})
+    n = stats["tokens"]
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                          ignore_index=-100, reduction="sum")
