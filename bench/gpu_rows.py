@@ -53,7 +53,7 @@ import cards  # noqa: E402
 from gpu_check import OWN_PROCESS_GROUP, ROWS  # noqa: E402  (standard library only)
 from minispin import distributed as D  # noqa: E402
 from minispin.config import ModelArgs  # noqa: E402
-from minispin.loss import LN2, sequence_logps, spin_loss  # noqa: E402
+from minispin.loss import LN2, answer_logps, sequence_logps, spin_loss  # noqa: E402
 from minispin.model import build_model  # noqa: E402
 from minispin.sampling import generate, generate_batch  # noqa: E402
 
@@ -370,8 +370,10 @@ def spin_batch(pairs: int, seq: int, vocab: int, seed: int):
 
 
 def spin_step_loss(logits, ids, mask, ref):
+    """logits: full (B, T, V) logits, or already the (B,) log-probs (ours, from
+    loss.answer_logps, the trainer's forward)."""
     pairs = ids.shape[0] // 2
-    logps = sequence_logps(logits, ids, mask)
+    logps = logits if logits.dim() == 1 else sequence_logps(logits, ids, mask)
     losses, _ = spin_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], beta=0.1)
     return losses
 
@@ -585,7 +587,8 @@ def train_ours(shape, ac):
     ref = torch.zeros(P.train_rows, device=DEV)  # precomputed reference: read, not computed
 
     def step():
-        losses = spin_step_loss(model(ids), ids, mask, ref)
+        # the trainer's forward: lm_head on the answer positions only, in fp32 (fp32_logits)
+        losses = spin_step_loss(answer_logps(model, ids, mask), ids, mask, ref)
         (losses.sum() / len(losses)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -708,7 +711,7 @@ def lora_recipe_row():
     """configs/zephyr-7b-lora-1gpu.toml's micro-step on the 7B shape: one process, FSDP2 with
     the bf16 policy, a bf16 base, fp32 adapters (rank 64, alpha 16, dropout 0.1, q/k/v/o),
     activation checkpointing, one pair of 2 x train_seq tokens, RMSprop over the adapters.
-    Its peak memory is what docs/training.md's 24 GB budget predicts (about 18.4 GB)."""
+    Its peak memory is what docs/training.md's 24 GB budget predicts (about 18.7 GB)."""
     from minispin import lora
     from minispin.loss import spin_step
     env = dist_env()
@@ -748,7 +751,7 @@ def lora_recipe_row():
     R.put("4d", ours=f"{o['tokens_per_s']:,.0f} tok/s, peak {gb(peak)}", hf="-",
           goal=f"peak <= {budget:g} GB", passed=None if peak is None else peak <= budget,
           note=f"rank {rank}, alpha 16, q/k/v/o, 1 pair x {P.train_seq} tokens x 2 rows, bf16 base, "
-               f"fp32 adapters, AC, FSDP2 one process; docs/training.md predicts ~18.4 GB",
+               f"fp32 adapters, AC, FSDP2 one process; docs/training.md predicts ~18.7 GB",
           figures=dict(ours=o, rank=rank))
     del model, opt
 
@@ -922,11 +925,11 @@ def probe_fsdp_7b():
     mem_reset()
     model.eval()
     with torch.no_grad():
-        ref_trainer = sequence_logps(model(ids2), ids2, mask2)[rows]
-        ref_same = sequence_logps(model(ids), ids, mask)
+        ref_trainer = answer_logps(model, ids2, mask2)[rows]   # the trainer's forward (fp32 logits)
+        ref_same = answer_logps(model, ids, mask)
     model.train()
     opt = torch.optim.RMSprop(model.parameters(), lr=5e-7, alpha=0.99, eps=1e-8)
-    logps = sequence_logps(model(ids), ids, mask)
+    logps = answer_logps(model, ids, mask)
     losses, _ = spin_loss(logps[:pairs], logps[pairs:], ref_trainer[:pairs], ref_trainer[pairs:], beta=0.1)
     same, _ = spin_loss(logps[:pairs].detach(), logps[pairs:].detach(), ref_same[:pairs], ref_same[pairs:], beta=0.1)
     (losses.sum() / pairs).backward()
