@@ -97,7 +97,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UserError
@@ -675,8 +675,14 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
             pool = ThreadPoolExecutor(max_workers=backend.concurrency, thread_name_prefix="judge")
             try:
                 futures = [pool.submit(work, k) for k in todo]
-                for f in as_completed(futures):
-                    note(*f.result())
+                pending = set(futures)
+                while pending:
+                    # a timed wait, not as_completed's endless one: the kernel may hand
+                    # Ctrl-C to a worker thread, and only a main thread back in Python
+                    # then raises the KeyboardInterrupt (a flaky test showed it)
+                    finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        note(*f.result())
             except BaseException:
                 stop.set()  # no new attempts; queued items are cancelled
                 running = sum(f.running() for f in futures) if "futures" in locals() else 0

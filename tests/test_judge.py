@@ -315,6 +315,46 @@ def test_wrong_key_stops_the_run(server, tmp_path):
     assert "401" in str(e.value) and "sk-wrong-key-123456" not in str(e.value)
 
 
+def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_judge(tmp_path):
+    """The kernel may deliver SIGINT to any thread of the process. Delivered to a judge
+    worker (pthread_kill makes that happen here on purpose), it must still stop the run at
+    once — no new requests, "stopping" said — not when the requests in flight return: the
+    main thread waits in short slices."""
+    release, waiting = threading.Event(), threading.Semaphore(0)
+    said = []
+
+    class Held:  # a backend whose requests return only when the test releases them
+        judge_id, concurrency = "held", 2
+
+        def score(self, prompt, answer, stop=None):
+            waiting.release()
+            release.wait(30)
+            return {"score": 50, "reply": "50"}
+
+    def interrupt_a_worker():
+        for _ in range(2):
+            assert waiting.acquire(timeout=30)
+        worker = next(t for t in threading.enumerate() if t.name.startswith("judge"))
+        said.append((time.time(), "sent"))
+        signal.pthread_kill(worker.ident, signal.SIGINT)
+        time.sleep(5)           # the two requests in flight return only after this
+        release.set()
+
+    helper = threading.Thread(target=interrupt_a_worker)
+    helper.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            judge_pairs(make_pairs(4), Held(), ScoreCache(str(tmp_path / "c.jsonl")),
+                        log=lambda m: said.append((time.time(), m)))
+    finally:
+        release.set()
+        helper.join()
+    sent = next(t for t, m in said if m == "sent")
+    stopping = [t for t, m in said if "stopping" in m]
+    assert stopping and stopping[0] - sent < 2, said
+    assert waiting.acquire(timeout=0) is False   # no third request was started
+
+
 # ---------------------------------------------------------------- the CLI, killed midway
 class CLIRun:
     """judge.py in a subprocess, its stdout and stderr collected line by line as they come."""
