@@ -642,17 +642,25 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
         f"{hits} cached, {len(todo)} to score")
     failed: Dict[str, str] = {}
     stop = threading.Event()
-    done = 0
+    done = in_flight = 0
+    counting = threading.Lock()
 
     def work(k):
-        pt, ans = items[k]
-        res = backend.score(pt, ans, stop)
-        if "error" in res:
+        nonlocal in_flight
+        with counting:  # counted by the workers: a Ctrl-C may stop the main thread anywhere
+            in_flight += 1
+        try:
+            pt, ans = items[k]
+            res = backend.score(pt, ans, stop)
+            if "error" in res:
+                return k, res
+            rec = {"key": k, "judge": backend.judge_id, "template": tag, **res,
+                   "time": round(time.time(), 3)}
+            cache.put(rec)  # the moment it arrives
             return k, res
-        rec = {"key": k, "judge": backend.judge_id, "template": tag, **res,
-               "time": round(time.time(), 3)}
-        cache.put(rec)  # the moment it arrives
-        return k, res
+        finally:
+            with counting:
+                in_flight -= 1
 
     def note(k, res):
         nonlocal done
@@ -678,16 +686,16 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
                 pending = set(futures)
                 while pending:
                     # a timed wait, not as_completed's endless one: the kernel may hand
-                    # Ctrl-C to a worker thread, and only a main thread back in Python
-                    # then raises the KeyboardInterrupt (a flaky test showed it)
+                    # Ctrl-C to a worker thread, and the main thread raises the
+                    # KeyboardInterrupt only once back in Python — after an endless wait,
+                    # not before a request returns
                     finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                     for f in finished:
                         note(*f.result())
             except BaseException:
                 stop.set()  # no new attempts; queued items are cancelled
-                running = sum(f.running() for f in futures) if "futures" in locals() else 0
-                if running:
-                    log(f"judge: stopping; waiting for {running} request(s) in flight so their "
+                if in_flight:
+                    log(f"judge: stopping; waiting for {in_flight} request(s) in flight so their "
                         "scores are cached (interrupt again to abandon them)")
                 try:  # requests in flight were (or will be) paid for: keep their scores
                     pool.shutdown(wait=True, cancel_futures=True)

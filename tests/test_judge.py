@@ -355,6 +355,35 @@ def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_judge(tmp_path):
     assert waiting.acquire(timeout=0) is False   # no third request was started
 
 
+def test_ctrl_c_while_requests_are_still_being_submitted_says_stopping(tmp_path):
+    """Ctrl-C the moment the first request starts, while the main thread may still be handing
+    out the rest: the run stops with "stopping" said (the requests in flight were counted), and
+    the queued ones are never sent."""
+    release, said, started = threading.Event(), [], []
+
+    class Held:
+        judge_id, concurrency = "held", 2
+
+        def score(self, prompt, answer, stop=None):
+            started.append(answer)
+            if len(started) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            release.wait(30)
+            return {"score": 50, "reply": "50"}
+
+    releaser = threading.Timer(3, release.set)
+    releaser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            judge_pairs(make_pairs(100), Held(), ScoreCache(str(tmp_path / "c.jsonl")),
+                        log=lambda m: said.append(m))
+    finally:
+        release.set()
+        releaser.cancel()
+    assert any("stopping" in m for m in said), said
+    assert len(started) <= 2, len(started)
+
+
 # ---------------------------------------------------------------- the CLI, killed midway
 class CLIRun:
     """judge.py in a subprocess, its stdout and stderr collected line by line as they come."""
