@@ -406,15 +406,22 @@ def test_lock_from_another_host_or_unreadable_is_refused(tmp_path):
     assert open(lock).read() == "garbage"
 
 
-def test_lock_on_a_read_only_folder_is_a_one_line_error(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
+def test_lock_on_a_read_only_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    if os.geteuid() == 0:  # root writes into read-only folders: have the kernel's refusal raised
+        real_open = os.open
+
+        def refused(path, *a, **k):
+            if str(path).endswith(LOCK_NAME):
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *a, **k)
+        monkeypatch.setattr(os, "open", refused)
     os.chmod(tmp_path, 0o555)
     try:
-        with pytest.raises(RunLockError, match="cannot create the lock file"):
+        with pytest.raises(RunLockError, match="cannot create the lock file .Permission denied."):
             RunLock(str(tmp_path)).__enter__()
     finally:
         os.chmod(tmp_path, 0o755)
+    assert not os.path.exists(tmp_path / LOCK_NAME)
 
 
 def test_clean_orphans_removes_dead_writers_litter_only(tmp_path):
