@@ -330,7 +330,13 @@ class OpenAIJudge:
         self.prompt_template = prompt_template
         self.system_prompt, self.temperature, self.max_tokens = system_prompt, temperature, max_tokens
         self.log = log
-        self.judge_id = f"openai:{self.model}"
+        # the endpoint is part of the judge's identity (two local servers may serve different
+        # models under one name), except OpenAI's own: its ids stay those of older caches.
+        # Without user:password@, which is not an identity and must not reach the cache file.
+        u = urllib.parse.urlsplit(self.base_url)
+        where = "" if self.base_url == DEFAULT_BASE_URL else \
+            f"@{u.scheme}://{u.hostname}{f':{u.port}' if u.port else ''}{u.path}"
+        self.judge_id = f"openai:{self.model}{where}"
         self.settings_tag = settings_tag(
             {"template": prompt_template or USER_TEMPLATE, "system": system_prompt,
              "temperature": None if temperature is None else float(temperature), "max_tokens": max_tokens},

@@ -430,7 +430,7 @@ def test_cli_sigint_sigkill_resume_never_pays_twice(tmp_path):
             for p in pairs:
                 f.write(json.dumps(p) + "\n")
         cache_path = str(run_dir / "judge_cache.jsonl")
-        key_to_answer = {item_key("openai:gpt-4o-mini", p["prompt"][0]["content"], p[s]): p[s]
+        key_to_answer = {item_key(f"openai:gpt-4o-mini@{server.url}", p["prompt"][0]["content"], p[s]): p[s]
                          for p in pairs for s in ("real", "generated")}
         outputs = []
 

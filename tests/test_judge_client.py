@@ -22,7 +22,7 @@ import pytest
 
 from helpers import REPO, STORIES
 from minispin.judge import (SYSTEM_PROMPT, JudgeError, LocalJudge, OpenAIJudge, ScoreCache,
-                            format_summary, judge_pairs, load_prompt_template, redact)
+                            format_summary, item_key, judge_pairs, load_prompt_template, redact)
 
 # a realistic-looking key: none of its 4-character pieces occurs in our own messages
 KEY = "sk-proj-Qm7ZrT2vXk9LwP4nB8cY1hJd6Fs3Ga0E"
@@ -403,10 +403,29 @@ def test_cache_never_crosses_prompts_or_settings(servers, tmp_path):
         assert len(server.requests) - before == new_requests, settings
         assert s["judged"] == 3
     cache.close()
-    # our default keys are the ones caches had before templates existed
+    # our default keys are the ones caches had before templates existed (the judge id names a
+    # server other than OpenAI's: test_the_judge_id_names_the_endpoint)
     pt, ans = pairs[0]["prompt"][0]["content"], pairs[0]["real"]
-    old_key = hashlib.sha256(json.dumps(["openai:gpt-4o-mini", "v1", pt, ans], ensure_ascii=False).encode()).hexdigest()
+    old_key = hashlib.sha256(json.dumps([f"openai:gpt-4o-mini@{server.url}/v1", "v1", pt, ans],
+                                        ensure_ascii=False).encode()).hexdigest()
     assert cache.get(old_key)["template"] == "v1"
+
+
+def test_the_judge_id_names_the_endpoint(monkeypatch):
+    """Two OpenAI-compatible servers may serve different models under one name: their scores
+    must not share cache keys. OpenAI's own endpoint keeps the id older caches were made with,
+    and a user:password in the URL never reaches the id (it is written into the cache file)."""
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    ids = {url: OpenAIJudge(api_key=KEY, base_url=url).judge_id for url in
+           [None, "https://api.openai.com/v1/", "http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1",
+            "https://alice:s3cret-pw@judge.example.org/openai/v1"]}
+    assert ids[None] == ids["https://api.openai.com/v1/"] == "openai:gpt-4o-mini"
+    assert ids["http://127.0.0.1:8000/v1"] == "openai:gpt-4o-mini@http://127.0.0.1:8000/v1"
+    assert ids["http://127.0.0.1:8001/v1"] == "openai:gpt-4o-mini@http://127.0.0.1:8001/v1"
+    assert ids["https://alice:s3cret-pw@judge.example.org/openai/v1"] == \
+        "openai:gpt-4o-mini@https://judge.example.org/openai/v1"
+    keys = {item_key(i, "q", "a") for i in ids.values()}
+    assert len(keys) == 4
 
 
 def test_load_prompt_template_errors_name_the_file(tmp_path):
