@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import sys
 from typing import Callable, List, Optional, Tuple
 
 from . import distributed as D
@@ -42,8 +43,15 @@ class SetupError(UserError):
 
 
 def command(recipe: Recipe, tool: str, t: int, *extra: str, world: int = 1) -> str:
-    """The shell command that runs `tool` for iteration t with this recipe."""
-    cmd = f"torchrun --nproc_per_node {world} {tool}" if world > 1 else f"python {tool}"
+    """The shell command that runs `tool` (train.py, generate.py, judge.py) for iteration t with
+    this recipe — spelt the way this run was started: `python train.py` in a checkout, the
+    console script (`minispin-train`) where the package is installed and run by that name."""
+    name = tool[:-len(".py")]
+    if os.path.basename(sys.argv[0]).startswith("minispin-"):
+        cmd = (f"torchrun --nproc_per_node {world} -m minispin.cli.{name}" if world > 1
+               else f"minispin-{name}")
+    else:
+        cmd = f"torchrun --nproc_per_node {world} {tool}" if world > 1 else f"python {tool}"
     cmd += f" --iter {t}"
     if recipe.source and os.path.abspath(recipe.source) != os.path.abspath(DEFAULT_RECIPE):
         cmd += f" --config {shlex.quote(recipe.source)}"

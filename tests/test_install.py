@@ -101,6 +101,11 @@ def test_console_scripts_run_the_tiny_recipe_from_an_empty_folder(installed):
     assert len(open(os.path.join(it0, "metrics.jsonl")).readlines()) == 2   # 8 pairs / batch 4, 1 epoch
     for name in ("config.json", "model.safetensors", "tokenizer.model"):
         assert os.path.isfile(os.path.join(it0, "model", name)), name
+    # what to run next is spelt the way the user ran it: the console script, not python train.py
+    p = subprocess.run([str(bin_dir / "minispin-train"), "--config", "short.toml", "--iter", "2"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "train iteration 1 first (`minispin-train --iter 1 --config short.toml`)" \
+        in p.stderr, p.stderr
     # the offline eval: task files and samples from the package
     out = sh([bin_dir / "minispin-eval", "--model", os.path.join(it0, "model"), "--offline",
               "--tasks", "arc_easy", "--limit", "2", "--num-fewshot", "0"], work, env)

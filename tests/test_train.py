@@ -310,6 +310,18 @@ def test_rerun_of_a_finished_iteration_is_skipped(setup, capsys):
     assert "already trained" in capsys.readouterr().out
 
 
+def test_next_step_commands_are_spelt_as_the_run_was_started(monkeypatch):
+    from minispin.iteration import command
+    from minispin.recipe import resolve
+    recipe = resolve()
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert command(recipe, "generate.py", 1) == "python generate.py --iter 1"
+    assert command(recipe, "judge.py", 1, world=8) == "torchrun --nproc_per_node 8 judge.py --iter 1"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/minispin-train"])
+    assert command(recipe, "generate.py", 1) == "minispin-generate --iter 1"
+    assert command(recipe, "train.py", 0, world=8) == "torchrun --nproc_per_node 8 -m minispin.cli.train --iter 0"
+
+
 def test_iteration_one_starts_from_theta1_and_mixes_iteration_zero(setup, capsys):
     run = str(setup["root"] / "iters")
     shutil.rmtree(run, ignore_errors=True)
