@@ -212,7 +212,8 @@ def test_spin_step_ipo_averages_log_probs_per_answer_token_as_trl():
     lp = sequence_logps(logits, ids, mask)
     n = mask[:, 1:].sum(1).double()
     beta = 0.1
-    for loss_type, scale in (("ipo", n), ("ipo_sum", torch.ones(4, dtype=torch.float64))):
+    # floats, not 0-d tensors: pytest >= 9 iterates a tensor handed to approx and fails on 0-d
+    for loss_type, scale in (("ipo", n.tolist()), ("ipo_sum", [1.0] * 4)):
         losses, _ = spin_step(policy, batch, ref, beta=beta, loss_type=loss_type)
         for i in range(2):
             d = (float(lp[i]) / scale[i] - float(ref[i]) / scale[i]) - \
