@@ -27,7 +27,8 @@ from typing import List, Optional
 import torch
 
 from .checkpoint import load_model
-from .data import SFTExample, collate_sft, read_jsonl, read_sft, tokenize_sft
+from .data import SFTExample, read_jsonl, read_sft
+from .rows import collate_sft, tokenize_sft
 from .loss import sequence_logps
 from .sampling import generate
 

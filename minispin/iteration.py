@@ -7,7 +7,7 @@
       2. ensure_judged   only for relabel / adaptive: judge scores for every pair
                          (judge.py scores, fixes.relabel decides), judged now if missing
                          or out of date and the recipe names a judge backend
-      3. train_iteration fixes.apply_fixes sets each pair's swap / noise, data.tokenize_pairs
+      3. train_iteration fixes.apply_fixes sets each pair's swap / noise, rows.tokenize_pairs
                          builds the rows, Trainer.run() trains θ_{t+1} against the frozen
                          reference θ_t and exports it
 
@@ -25,10 +25,10 @@ import sys
 from typing import Callable, List, Optional, Tuple
 
 from . import distributed as D
-from .data import (read_jsonl, read_pairs, read_sft, tokenize_pairs, tokenize_sft, write_json_atomic,
-                   write_jsonl_atomic)
+from .data import read_jsonl, read_pairs, read_sft, write_json_atomic, write_jsonl_atomic
 from .errors import UserError
 from .fixes import apply_recipe_fixes, pair_margin
+from .rows import tokenize_pairs, tokenize_sft
 from .layout import export_path, iter_dir, judge_cache_path, judged_path, pairs_path, theta_path
 from .pairs import generate_pairs_file
 from .recipe import DEFAULT_RECIPE, Recipe
@@ -256,7 +256,7 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
         f"{recipe.data.max_prompt_length}): {stats.prompts} prompts, {stats.real} real and "
         f"{stats.generated} generated answers cut of {stats.pairs} pairs")
     if dump_rows:
-        from .data import dump_rows as write_rows
+        from .rows import dump_rows as write_rows
         if env.is_main:
             write_rows(dump_rows, rows)
             log(f"wrote {len(rows)} pairs as {2 * len(rows)} rows to {dump_rows}")

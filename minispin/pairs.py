@@ -17,7 +17,7 @@ generate.py and `train.py --generate` run):
   a step of the inverse CDF).
 
 The prompt y' is sampled from is the one training will condition on: training's rule
-(data.truncate_pair) applied to (prompt, real answer, an answer of max_new_tokens + eos);
+(rows.truncate_pair) applied to (prompt, real answer, an answer of max_new_tokens + eos);
 whatever still does not fit the model's context next to max_new_tokens is cut further,
 keeping the end. Truncated prompts are counted and flagged ("truncated" in "gen").
 """
@@ -33,10 +33,11 @@ import torch
 
 from . import distributed as D
 from .checkpoint import load_model
-from .data import JsonlAppender, SFTExample, read_jsonl, read_sft, truncate_pair, write_jsonl_atomic
+from .data import JsonlAppender, ReadStats, SFTExample, read_jsonl, read_sft, write_jsonl_atomic
 from .errors import UserError
 from .layout import pairs_path, theta_path
 from .recipe import Recipe
+from .rows import truncate_pair
 from .sampling import generate, row_seed
 from .tokenizer import load_tokenizer
 
@@ -118,15 +119,36 @@ def sample_pairs(model, tok, examples: List[SFTExample], recipe: Recipe,
             progress(len(chunk), sum(len(o) for o in outs))
 
 
+def select_records(n_records: int, seed: int, n: Optional[int]) -> List[int]:
+    """Which records `Dataset.shuffle(seed=seed).select(range(n))` of HF datasets takes:
+    its permutation is numpy's default_rng(seed).permutation over ALL n_records rows
+    (datasets' arrow_dataset.py, Dataset.shuffle); n=None takes them all."""
+    import numpy as np
+    return [int(i) for i in np.random.default_rng(seed).permutation(n_records)[:n]]
+
+
 def read_sft_prompts(recipe: Recipe, strict: bool = False):
     """The SFT records generation uses: the recipe's data, shuffled first when it names a
-    shuffle_seed (uclaml/SPIN: datasets' shuffle(seed=42), i.e. the permutation of numpy's
-    default_rng(42)), then the first num_prompts."""
-    n, seed = recipe.data.num_prompts or None, recipe.data.shuffle_seed
-    examples, stats = read_sft(recipe.data.path, strict=strict, limit=None if seed >= 0 else n)
+    shuffle_seed, then the first num_prompts. The shuffle is datasets' shuffle(seed) as
+    uclaml/SPIN's and the study's generate.py ran it (select_records); shuffle_rows says
+    over what: "usable" permutes the records our reader keeps, "all" every record of the
+    file, as datasets does, so a record we cannot use moves no other prompt; of the
+    selection, the records without a user turn or an answer are left out (counted in
+    stats.skipped), blank ones are kept as the original code kept them."""
+    d = recipe.data
+    n, seed = d.num_prompts or None, d.shuffle_seed
+    if seed >= 0 and d.shuffle_rows == "all":
+        every, whole = read_sft(d.path, strict=strict, every_record=True)
+        chosen = [every[i] for i in select_records(len(every), seed, n)]
+        examples = [ex for ex in chosen if ex is not None]
+        stats = ReadStats(records=whole.records, kept=len(examples))
+        skipped = len(chosen) - len(examples)
+        if skipped:
+            stats.skipped["selected, but without a user turn or an answer"] = skipped
+        return examples, stats
+    examples, stats = read_sft(d.path, strict=strict, limit=None if seed >= 0 else n)
     if seed >= 0:
-        import numpy as np
-        examples = [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))][:n]
+        examples = [examples[i] for i in select_records(len(examples), seed, n)]
     return examples, stats
 
 

@@ -102,7 +102,16 @@ class Data:
                     "answers as its continuation, the whole conversation's tokens; truncation "
                     "cuts answers to fit) | spin (uclaml/SPIN's rows token for token: no <s>, "
                     "each piece tokenized alone, attention 0 on every eos inside, SPIN's "
-                    "truncation)", choices=("minispin", "spin"))
+                    "truncation) | study (the study's rows: as spin, but no system turn and "
+                    "each answer text is the template of the whole [user, assistant] "
+                    "conversation, so the question is repeated and labelled)",
+                    choices=("minispin", "spin", "study"))
+    # issue 17: which records the shuffle runs over (the study's and uclaml/SPIN's selection)
+    shuffle_rows: str = key("usable", "what shuffle_seed permutes: usable (the records our reader "
+                            "keeps) | all (every record of the file, as datasets' "
+                            "Dataset.shuffle does for uclaml/SPIN and the study, then the first "
+                            "num_prompts; a selected record with an empty prompt or answer is kept, "
+                            "as their generate.py keeps it)", choices=("usable", "all"))
 
 
 @dataclass
@@ -152,6 +161,11 @@ class Training:
     warmup_ratio: float = key(0.1, "fraction of the steps spent warming up linearly from 0",
                               lo=0, hi=1)
     epochs: int = key(2, "passes over the pairs", lo=1)
+    # issue 17: HF Trainer keeps an epoch's last partial batch (steps per epoch = ceil)
+    last_batch: str = key("drop", "an epoch's incomplete last global batch: drop | fill (steps per "
+                          "epoch = ceil: the batch is completed with the epoch's first pairs, as "
+                          "HF Trainer's accelerate data loader does with even_batches)",
+                          choices=("drop", "fill"))
     batch_size: int = key(64, "GLOBAL batch: pairs per optimizer step over all processes "
                           "(accumulation = batch / (micro batch x processes))", lo=1)
     micro_batch_size: int = key(8, "pairs per process per forward (each pair = 2 rows)", lo=1)

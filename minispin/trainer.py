@@ -12,7 +12,8 @@ machinery (distributed.py). One SPIN iteration, or an SFT run, is one `Trainer.r
    copy of θ_t and recomputes the reference every step, as the original SPIN code did.
 3. The data order is a function of (seed, epoch) only: each epoch is a seeded permutation
    of all pairs, cut into global batches of `batch_size` pairs (an incomplete last batch is
-   dropped). A global batch is dealt to ranks and accumulation steps in micro-batches of
+   dropped; `last_batch = "fill"` keeps it, completed with the epoch's first pairs, as HF
+   Trainer under accelerate did for uclaml/SPIN and the study: steps per epoch = ceil). A global batch is dealt to ranks and accumulation steps in micro-batches of
    `micro_batch_size` pairs; each micro-batch's loss is Σ losses / batch_size (× world
    size, because FSDP averages gradients over ranks), so the gradient is that of the mean
    over the global batch whatever the number of processes. That is why 1, 2 or 16
@@ -62,8 +63,9 @@ from . import distributed as D
 from . import lora
 from .checkpoint import save_model
 from .config import parse_dtype, read_config
-from .data import JsonlAppender, TokenizedPair, collate_pairs, collate_sft, read_jsonl, write_jsonl_atomic
+from .data import JsonlAppender, read_jsonl, write_jsonl_atomic
 from .errors import StoppedError, UserError
+from .rows import TokenizedPair, collate_pairs, collate_sft
 from .loss import answer_logps, sft_step, spin_step
 from .noise import add_neftune, reference_noise
 from .recipe import Recipe, as_dict
@@ -200,8 +202,10 @@ class Trainer:
         self.ref_path = os.path.join(work_dir, "ref_logps.jsonl")
         cfg = self.cfg
         self.accum = accumulation_steps(cfg.batch_size, cfg.micro_batch_size, env.world_size)
-        self.steps_per_epoch = len(items) // cfg.batch_size
-        if self.steps_per_epoch == 0:
+        # an epoch's steps: floor (drop the incomplete last batch) or ceil (fill it)
+        self.steps_per_epoch = -(-len(items) // cfg.batch_size) if cfg.last_batch == "fill" \
+            else len(items) // cfg.batch_size
+        if len(items) < cfg.batch_size:
             raise UserError(f"{len(items)} training examples are fewer than one global batch "
                             f"(batch_size {cfg.batch_size}); lower --batch-size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -229,7 +233,10 @@ class Trainer:
         g = torch.Generator().manual_seed(self.recipe.seed + epoch)
         perm = torch.randperm(len(self.items), generator=g)
         B = self.cfg.batch_size
-        return perm[b * B:(b + 1) * B].tolist()
+        idx = perm[b * B:(b + 1) * B].tolist()
+        if len(idx) < B:   # last_batch = "fill": accelerate's even_batches wraps to the start
+            idx += perm[:B - len(idx)].tolist()
+        return idx
 
     def my_micro_batches(self, step: int) -> List[List[int]]:
         """This rank's micro-batches: micro j = a * world + rank for a in accumulation."""
@@ -364,6 +371,8 @@ class Trainer:
         change the maths, the data (a fingerprint per source file) and θ_t."""
         settings = as_dict(self.recipe)
         key = {k: settings[k] for k in RESUME_SETTINGS + (LORA_SETTINGS if self.lora else ())}
+        if self.cfg.last_batch != "drop":   # default runs keep their checkpoints' key
+            key["last_batch"] = self.cfg.last_batch
         key.update(total_steps=self.total_steps, mode=self.mode,
                    init_model=os.path.abspath(self.init_model), data=self.info.get("fingerprints", {}))
         return key

@@ -141,8 +141,8 @@ def test_long_prompt_keeps_its_end_and_is_counted(tmp_path, stories):
     text = tok.decode(kept)
     assert "What is the last word?" in text and "word0 " not in text and "<|system|>" not in text
     assert long_["generated"] == tok.decode(sample(model, [kept], 16, temperature=0, eos_id=tok.eos_id)[0])
-    # the rule is training's: data.truncate_pair gives the same prompt for an answer of 16 + eos
-    from minispin.data import truncate_pair
+    # the rule is training's: rows.truncate_pair gives the same prompt for an answer of 16 + eos
+    from minispin.rows import truncate_pair
     assert truncate_pair(full, [5], [0] * 17, 200, 64, tok.bos_id)[0] == kept
 
 

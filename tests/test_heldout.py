@@ -3,7 +3,8 @@ import torch
 
 from helpers import REPO
 from minispin import load_model, load_tokenizer
-from minispin.data import SFTExample, collate_sft, tokenize_sft
+from minispin.data import SFTExample
+from minispin.rows import collate_sft, tokenize_sft
 from minispin.heldout import final_number, heldout_metrics
 
 TINY_SFT = f"{REPO}/assets/models/tiny-sft"

@@ -140,7 +140,8 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
     """One SPIN backward through the sharded LoRA policy: every base weight has no gradient;
     B has one (A's is zero at step 0, as B = 0); the trainer's optimizer holds the adapters."""
     from minispin import distributed as D
-    from minispin.data import collate_pairs, tokenize_pairs, read_pairs
+    from minispin.data import read_pairs
+    from minispin.rows import collate_pairs, tokenize_pairs
     from minispin.loss import spin_step
     from minispin.lora import LoRASettings
     from minispin.recipe import resolve

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minispin.data import collate_pairs, truncate_pair, TokenizedPair
+from minispin.rows import collate_pairs, truncate_pair, TokenizedPair
 from minispin.loss import LN2, sequence_logps, sft_step, spin_loss
 
 

@@ -393,7 +393,7 @@ def test_truncation_is_applied_and_counted(tmp_path, setup, capsys):
     assert (t["truncated_prompts"], t["truncated_real"], t["truncated_generated"]) == (1, 1, 1)
     assert "1 prompts, 1 real and 1 generated answers cut of 16 pairs" in out
     # the rule itself, on the same records
-    from minispin.data import tokenize_pairs
+    from minispin.rows import tokenize_pairs
     from minispin.tokenizer import load_tokenizer
     tok = load_tokenizer(setup["model"])
     items, _ = tokenize_pairs(tok, recs[:3], "x", 128, 64)

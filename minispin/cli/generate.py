@@ -22,7 +22,7 @@ from minispin.errors import ArgumentParser, run_cli
 from minispin.iteration import locked
 from minispin.pairs import generate_pairs_file
 
-KEYS = ("data", "num_prompts", "shuffle_seed", "max_new_tokens", "temperature", "top_p", "top_k",
+KEYS = ("data", "num_prompts", "shuffle_seed", "shuffle_rows", "max_new_tokens", "temperature", "top_p", "top_k",
         "seed", "gen_batch_size", "max_length", "max_prompt_length", "template", "empty_system",
         "gen_template", "gen_bos", "decode", "dtype", "device", "compile")
 
