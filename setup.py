@@ -36,7 +36,8 @@ setup(
         "plot": ["matplotlib"],
         "judge": [],  # the OpenAI-compatible judge speaks HTTP with the standard library
         "test": ["pytest", "transformers>=4.45", "peft", "lm-eval[hf]>=0.4.5", "matplotlib",
-                 "tensorboard", "pyarrow"],
+                 "tensorboard", "pyarrow",
+                 "datasets", "accelerate"],   # oracles of the study's prompt selection and batches
     },
     entry_points={"console_scripts": [
         "minispin-train = minispin.cli.train:main",
