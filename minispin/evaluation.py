@@ -244,8 +244,8 @@ class MinispinLM(TemplateLM):
                  batch_size=8, max_batch_size: Optional[int] = None, max_length: Optional[int] = None,
                  max_gen_toks: int = 256, gen_chunk: int = 64, add_bos_token=None, **kwargs):
         super().__init__()
-        # None: as the installed lm-eval's "hf" backend does by default (lm-eval >= 0.4.3
-        # lets the tokenizer add <s>; early-2024 releases, which the study ran, added none)
+        # None: as lm-eval's "hf" backend does by default since v0.4.9.2 (PR #3347 lets the
+        # tokenizer add <s>); up to v0.4.9.1, which the study ran, it added none
         if isinstance(add_bos_token, str):
             add_bos_token = {"true": True, "false": False, "none": None, "auto": None}[add_bos_token.lower()]
         self.add_bos_token = add_bos_token

@@ -4,12 +4,14 @@
     python scripts/fidelity.py --write             # and puts it into docs/fidelity.md
 
 SPIN iteration 0 of the tiny recipe (configs/tiny.toml: θ_0 = assets/models/tiny-sft, 64
-GSM8K prompts, 16 steps, 100 held-out problems), four times:
+GSM8K prompts, 16 steps, 100 held-out problems), five times:
 
 * minispin — our defaults: one template for generation and training (zephyr, <s>),
   sampling at temperature 1, our rows;
 * SPIN's rows — the same pairs, trained on uclaml/SPIN's rows (rows = "spin": no <s>,
   each piece tokenized alone, eos hidden from attention, SPIN's truncation);
+* the study's rows — the same pairs, trained on the study's rows (rows = "study": as SPIN's,
+  but no system turn and each answer row holds the question again, labelled);
 * SPIN's generation — pairs sampled as spin/generate.py does ("### Instruction:" prompt
   without <s>, greedy, decode-and-strip, prompts shuffled with seed 42), our rows;
 * SPIN (both) — SPIN's generation and SPIN's rows.
@@ -32,6 +34,7 @@ SPIN_GENERATION = ["--gen-template", "instruction", "--no-gen-bos", "--temperatu
 # (label, run name, generate.py flags, train.py flags, the run whose pairs it reuses)
 RUNS = [("minispin (defaults)", "ours", None, [], None),
         ("SPIN's rows", "spin-rows", None, ["--rows", "spin"], "ours"),
+        ("the study's rows", "study-rows", None, ["--rows", "study"], "ours"),
         ("SPIN's generation", "spin-gen", SPIN_GENERATION, [], None),
         ("SPIN (generation and rows)", "spin-both", None, ["--rows", "spin"], "spin-gen")]
 
