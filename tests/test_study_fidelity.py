@@ -222,3 +222,28 @@ def test_fill_last_batch_is_accelerates(n, world, micro):
     assert trainer.steps_per_epoch == len(theirs) == -(-n // B)
     assert [sorted(set(b)) for b in ours] == [sorted(set(b)) for b in theirs]
     assert [len(b) for b in ours] == [len(b) for b in theirs]
+
+
+@pytest.mark.parametrize("name", ["study-zephyr", "study-zephyr-noise", "study-zephyr-judge", "study-llama2"])
+def test_fidelity_doc_lists_every_key_of_each_study_recipe(name):
+    """docs/fidelity.md's table of each study run names every key the recipe sets, with the
+    recipe's value: the table cannot drift from the recipe."""
+    import sys
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    from helpers import REPO
+    raw = tomllib.load(open(os.path.join(REPO, "configs", f"{name}.toml"), "rb"))
+    doc = open(os.path.join(REPO, "docs", "fidelity.md"), encoding="utf-8").read()
+    start = doc.index(f"### `configs/{name}.toml`")
+    section = doc[start:doc.find("\n### ", start + 1) if "\n### " in doc[start + 1:] else None]
+    section = section.split("\n## ")[0]
+
+    def shown(v):
+        return json.dumps(v) if isinstance(v, (bool, str)) else repr(v)
+    want = [(f"`{k}`", shown(v)) for k, v in raw.items() if k != "iterations"]
+    want += [(f"`{k}` [iterations.{t}]", shown(v)) for t, table in raw.get("iterations", {}).items()
+             for k, v in table.items()]
+    for key, value in want:
+        assert f"| {key} | `{value}` |" in section, (name, key, value)
