@@ -166,7 +166,8 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
             else:
                 assert p.grad is not None and p.grad.full_tensor().abs().max() == 0, name
         recipe = resolve(None, {"lora_rank": RANK, "model": setup["model"]})
-        trainer = Trainer(recipe, env, items, setup["model"], str(setup["root"] / "unused"),
+        from minispin.iteration import train_settings
+        trainer = Trainer(train_settings(recipe), env, items, setup["model"], str(setup["root"] / "unused"),
                           str(setup["root"] / "unused-out"), tok.pad_id, progress=False)
         opt, _ = trainer._build_optimizer(policy)
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
