@@ -23,7 +23,8 @@ Loading
 Saving writes config.json, safetensors shards (+ index when there is more than one) and
 copies the tokenizer files, first into a temporary sibling folder that is renamed into
 place at the end, so a crash never leaves a half-written model where a loader looks.
-Files get the process umask's modes (0644 under umask 022): nothing copies a source's mode.
+Files get the process umask's modes (0644 under umask 022; safetensors itself writes 0600
+temporaries, so replace_folder sets every file's mode): nothing copies a source's mode.
 
 Exports never delete what minispin did not write: a folder is replaced only if it is empty
 or holds minispin's export marker, `minispin_export.json`, which every export writes. The
@@ -388,6 +389,11 @@ def replace_folder(tmp: str, out_dir: str) -> str:
     export marker (with every file's sha256) first; out_dir is checked by
     check_export_target, so a folder minispin did not write is never deleted."""
     check_export_target(out_dir)
+    umask = os.umask(0)  # read it (the only way), and put it back at once
+    os.umask(umask)
+    for n in os.listdir(tmp):  # safetensors writes 0600 temporaries: give every file the umask's mode
+        if os.path.isfile(os.path.join(tmp, n)):
+            os.chmod(os.path.join(tmp, n), 0o666 & ~umask)
     hashes = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
               if os.path.isfile(os.path.join(tmp, n)) and n != EXPORT_MARKER}
     marker = {"format": EXPORT_FORMAT, "version": 1, "fingerprint": _fingerprint_of(hashes),
@@ -395,6 +401,7 @@ def replace_folder(tmp: str, out_dir: str) -> str:
                         for n, h in hashes.items()}}
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(marker, f, indent=1)
+    os.chmod(tmp, 0o777 & ~umask)
     old = f"{out_dir}.old-{os.getpid()}"
     if os.path.exists(out_dir):
         os.rename(out_dir, old)

@@ -32,7 +32,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line: `prog: error: what (see --help)`, exit 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see --help)\n")
 
 
 def path_arg(value: str) -> str:

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_model, model_fingerprint
 from .data import SFTExample, collate_sft, read_jsonl, read_sft, tokenize_sft
 from .loss import sequence_logps
 from .sampling import generate
@@ -102,11 +102,13 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
         if os.path.isfile(cache):
             with open(cache) as f:
                 saved = json.load(f)
-            if saved.get("theta") == os.path.abspath(theta) and saved.get("examples") == len(examples):
+            # θ_t by content: a model retrained at the same path is measured again
+            if saved.get("theta_fingerprint") == model_fingerprint(theta) and saved.get("examples") == len(examples):
                 before = saved
         if before is None:
             before = heldout_metrics(load_model(theta), load_tokenizer(theta, template=template), examples, **kw)
             before["theta"] = os.path.abspath(theta)
+            before["theta_fingerprint"] = model_fingerprint(theta)
             with open(cache, "w") as f:
                 json.dump(before, f, indent=2)
         after = heldout_metrics(load_model(export), load_tokenizer(export, template=template), examples, **kw)

@@ -571,21 +571,28 @@ class Trainer:
 
     def _intact_checkpoint(self) -> Optional[str]:
         """The newest checkpoint whose files match their checksums (rank 0 checks, the
-        others follow); each damaged newer one is named on stderr and skipped, never deleted."""
-        chosen = None
+        others follow); each damaged newer one is named on stderr and skipped (a later save
+        of its step replaces it). When none is intact the newest one's error stops the run:
+        a run never starts over silently on top of checkpoints it cannot read."""
+        chosen, errors = None, []
         if self.env.is_main:
             for path in D.checkpoints_newest_first(self.ckpt_root):
                 try:
                     D.verify_checkpoint(path)
                 except D.TrainCheckpointError as e:
-                    print(f"warning: skipping a damaged checkpoint: {e}", file=sys.stderr, flush=True)
+                    errors.append(str(e))
                     continue
                 chosen = path
                 break
-            newest = D.latest_checkpoint(self.ckpt_root)
-            if chosen and chosen != newest:
+            if chosen and errors:
+                for e in errors:
+                    print(f"warning: skipping a damaged checkpoint: {e}", file=sys.stderr, flush=True)
                 print(f"note: resuming from {chosen}, the newest intact checkpoint", file=sys.stderr, flush=True)
-        return D.broadcast_object(chosen)
+        first_error = errors[0] if errors else None
+        chosen, first_error = D.broadcast_object((chosen, first_error))
+        if chosen is None and first_error:
+            raise D.TrainCheckpointError(first_error)
+        return chosen
 
     def _train_step(self, policy, opt, step: int, last_ckpt: Optional[str]) -> dict:
         """Forward/backward of this rank's micro-batches, the checks, the optimizer step;
