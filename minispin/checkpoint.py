@@ -413,10 +413,12 @@ def replace_folder(tmp: str, out_dir: str) -> str:
 _FP_CACHE: Dict[tuple, str] = {}
 
 
-def model_fingerprint(model_dir: str) -> str:
+def model_fingerprint(model_dir: str, cache_path: Optional[str] = None) -> str:
     """A content fingerprint of a model folder (config.json + weight files): read from its
     export marker when the listed files are all there with their recorded sizes, else the
-    files are hashed (once per process for an unchanged folder)."""
+    files are hashed — once per process, and once per run when cache_path (a JSON file in
+    the run folder) remembers it for the files' (path, size, mtime): a copied folder gets
+    new mtimes and is hashed again, so the cache never vouches for other content."""
     marker = os.path.join(model_dir, EXPORT_MARKER)
     if os.path.isfile(marker):
         try:
@@ -433,7 +435,26 @@ def model_fingerprint(model_dir: str) -> str:
     stats = tuple((n, os.stat(os.path.join(model_dir, n)).st_size, os.stat(os.path.join(model_dir, n)).st_mtime_ns)
                   for n in names if os.path.isfile(os.path.join(model_dir, n)))
     key = (os.path.realpath(model_dir), stats)
-    if key not in _FP_CACHE:
-        _FP_CACHE[key] = _fingerprint_of({n: _sha256(os.path.join(model_dir, n)) for n, _, _ in stats})
-    return _FP_CACHE[key]
+    if key in _FP_CACHE:
+        return _FP_CACHE[key]
+    saved = {}
+    if cache_path and os.path.isfile(cache_path):
+        try:
+            saved = load_json_file(cache_path)
+        except UserError:
+            saved = {}
+    entry = json.dumps([key[0], [list(x) for x in stats]])
+    fp = saved.get(entry) if isinstance(saved, dict) else None
+    if not isinstance(fp, str):
+        fp = _fingerprint_of({n: _sha256(os.path.join(model_dir, n)) for n, _, _ in stats})
+        if cache_path:
+            saved = dict(saved) if isinstance(saved, dict) else {}
+            saved[entry] = fp
+            tmp = f"{cache_path}.tmp-{os.getpid()}"
+            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(saved, f)
+            os.replace(tmp, cache_path)
+    _FP_CACHE[key] = fp
+    return fp
 

@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import _ST_DTYPES, load_model
+from .checkpoint import _ST_DTYPES, check_config_sizes, load_model
 from .errors import UserError, json_loads
 from .config import read_config
 from .device import compute_dtype, pick_device  # noqa: F401  (re-exported: D.pick_device)
@@ -203,7 +203,9 @@ def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torc
     the base, so every world size starts alike. Only the adapters require grad."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     full = load_model(path, dtype=dtype, device="cpu").state_dict() if env.is_main else {}
-    model = build_sharded_model(read_config(path), env, mesh, mp_policy, dtype,
+    args = read_config(path)
+    check_config_sizes(args, path)  # every rank: none builds what config.json merely claims
+    model = build_sharded_model(args, env, mesh, mp_policy, dtype,
                                 activation_checkpointing, lora)
     if lora is not None and env.is_main:
         full.update(initial_adapters(model, lora_seed))

@@ -33,7 +33,8 @@ from .data import (read_jsonl, read_pairs, read_sft, tokenize_pairs, tokenize_sf
                    write_jsonl_atomic)
 from .errors import UserError
 from .fixes import apply_recipe_fixes, pair_margin
-from .layout import export_path, iter_dir, judge_cache_path, judged_path, pairs_path, theta_path
+from .layout import (export_path, fingerprint_cache_path, iter_dir, judge_cache_path, judged_path, pairs_path,
+                     theta_path)
 from .pairs import generate_pairs_file
 from .recipe import DEFAULT_RECIPE, Recipe, as_dict
 from .tokenizer import load_tokenizer
@@ -56,10 +57,23 @@ def train_settings(recipe: Recipe) -> TrainSettings:
     return TrainSettings(seed=recipe.seed, noise=recipe.noise_settings(), **values)
 
 
-def check_pairs_theta(recipe: Recipe, sources: List[Source], commands_world: int = 1):
+def check_pairs_theta(recipe: Recipe, sources: List[Source], env):
     """Pairs of the run layout were sampled from θ_s, whose fingerprint each line records
     (gen.model_sha): refuse pairs that another θ_s sampled (e.g. iteration s-1 was trained
-    again since), naming the file and the command that makes them again."""
+    again since), naming the file and the command that makes them again. Rank 0 checks
+    (hashing θ_0 once), the others follow."""
+    problem = None
+    if env.is_main:
+        try:
+            _check_pairs_theta(recipe, sources, env.world_size)
+        except SetupError as e:
+            problem = str(e)
+    problem = D.broadcast_object(problem)
+    if problem:
+        raise SetupError(problem)
+
+
+def _check_pairs_theta(recipe: Recipe, sources: List[Source], commands_world: int):
     from .checkpoint import model_fingerprint
     for tag, path in sources:
         s = int(tag[len("iter"):])
@@ -70,7 +84,7 @@ def check_pairs_theta(recipe: Recipe, sources: List[Source], commands_world: int
             continue
         recorded = {(rec.get("gen") or {}).get("model_sha") for rec in read_jsonl(path) if isinstance(rec, dict)}
         recorded.discard(None)  # lines from before fingerprints: not checkable
-        if recorded and recorded != {model_fingerprint(theta)}:
+        if recorded and recorded != {model_fingerprint(theta, fingerprint_cache_path(recipe.run_dir))}:
             raise SetupError(
                 f"{path}: these pairs were sampled from another θ_{s} than {theta} holds now (its "
                 f"weights changed since); make them again with "
@@ -286,7 +300,7 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
     from .checkpoint import check_export_target
     check_export_target(export)  # before any work: never after hours of it
     sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
-    check_pairs_theta(recipe, sources, env.world_size)
+    check_pairs_theta(recipe, sources, env)
     if recipe.fixes.relabel or recipe.fixes.adaptive:
         sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p), log)
     tok = load_tokenizer(theta, template=recipe.model.template)

@@ -73,7 +73,9 @@ valid) and otherwise a hash of every setting that shapes the request: the templa
 the system message, temperature and max_tokens (local: the template text, the chat
 template, the empty system turn and the dtype). A cache made under one prompt is never
 reused under another. A re-run — after a crash, SIGKILL or Ctrl-C — looks every item up
-first and never requests a cached one again. Unparsable replies are cached too (the
+first and never requests a cached one again; what a SIGKILL can cost twice is the requests
+in flight at that moment, at most `concurrency` of them (a reply that arrives after the
+kill was paid for but is never written). Unparsable replies are cached too (the
 reply was paid for; they stay unparsable, `--retry-unparsable` re-asks); requests that
 failed after all retries are not cached, so a re-run retries them. Records hold the key,
 the judge, the settings tag, the score (or null), the redacted reply (first 200
@@ -554,7 +556,7 @@ class LocalJudge:
                  prompt_template: Optional[str] = None):
         import torch
 
-        from .checkpoint import load_model
+        from .checkpoint import load_model, model_fingerprint
         from .config import parse_dtype
         from .tokenizer import load_tokenizer
         if prompt_template is not None:
@@ -565,7 +567,9 @@ class LocalJudge:
         self.tok = load_tokenizer(path, template)
         self.device, self.empty_system = device, empty_system
         self.prompt_template = prompt_template
-        self.judge_id = f"local:{os.path.realpath(path)}"
+        # by content, not path: a judge model retrained (or replaced) at the same path is
+        # another judge, and a copied judge folder is the same one
+        self.judge_id = f"local:{model_fingerprint(path)}"
         self.settings_tag = settings_tag(
             {"template": prompt_template or USER_TEMPLATE, "chat_template": template,
              "empty_system": bool(empty_system), "dtype": str(torch_dtype)},

@@ -35,7 +35,7 @@ from . import distributed as D
 from .checkpoint import load_model
 from .data import JsonlAppender, SFTExample, read_jsonl, read_sft, truncate_pair, write_jsonl_atomic
 from .errors import UserError
-from .layout import pairs_path, theta_path
+from .layout import fingerprint_cache_path, pairs_path, theta_path
 from .recipe import Recipe
 from .sampling import generate, row_seed
 from .tokenizer import load_tokenizer
@@ -165,7 +165,9 @@ def generate_pairs_file(recipe: Recipe, t: int, env, model_dir: Optional[str] = 
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.skipped.items()))
         _log(env, f"{recipe.data.path}: skipped {sum(stats.skipped.values())} of {stats.records} records ({why})")
     from .checkpoint import model_fingerprint
-    theta_sha = model_fingerprint(model_dir)  # by content: a retrained θ_t at the same path differs
+    # by content: a retrained θ_t at the same path differs (rank 0 hashes, cached in the run folder)
+    theta_sha = D.broadcast_object(model_fingerprint(model_dir, fingerprint_cache_path(recipe.run_dir))
+                                   if env.is_main else None)
     settings = {"model": model_dir, "model_sha": theta_sha, "iter": t, "max_new_tokens": recipe.generation.max_new_tokens,
                 "temperature": recipe.generation.temperature, "top_p": recipe.generation.top_p,
                 "top_k": recipe.generation.top_k, "seed": recipe.seed, "template": tok.template,

@@ -256,7 +256,10 @@ class Trainer:
         self.progress = progress
         self.noise = settings.noise
         check_export_target(export_dir)  # refused now, not after hours of training
-        self.theta_fp = model_fingerprint(init_model)  # θ_t by content (module docstring)
+        # θ_t by content (module docstring): rank 0 hashes (cached in the run folder), all use it
+        fp = model_fingerprint(init_model, os.path.join(os.path.dirname(os.path.abspath(work_dir)),
+                                                        "fingerprints.json")) if env.is_main else None
+        self.theta_fp = D.broadcast_object(fp) if D.dist.is_initialized() else fp
         self.ckpt_root = os.path.join(work_dir, "ckpt")
         self.metrics_path = os.path.join(work_dir, "metrics.jsonl")
         self.ref_path = os.path.join(work_dir, "ref_logps.jsonl")

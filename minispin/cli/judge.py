@@ -8,7 +8,8 @@ iteration's pairs (fix 1; docs/fixes.md).
 Reads runs/<name>/iter<t>/pairs.jsonl, scores the real and the generated answer of every
 pair 0-100, and writes iter<t>/judged.jsonl (the pairs plus "scores", "margin", "swap") and
 iter<t>/judge_summary.json. Scores are cached as they arrive in runs/<name>/judge_cache.jsonl,
-so a re-run after a crash or Ctrl-C resumes without paying twice. The API key is read from
+so a re-run after a crash or Ctrl-C resumes without paying twice for a score that arrived (a
+kill -9 can cost the requests in flight again: at most --concurrency). The API key is read from
 OPENAI_API_KEY only (there is deliberately no flag for it).
 Exit status: 0 done, 1 some requests failed after all retries (their pairs keep their
 labels; re-run to retry only those), 2 a setup error, 130 interrupted.
