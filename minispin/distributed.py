@@ -34,8 +34,9 @@
   `latest_checkpoint` picks the newest. checkpoint.json records the sha256 of every rank file
   and a checksum of itself: `verify_checkpoint` (the trainer runs it before resuming, and
   falls back to the newest intact checkpoint) catches a flipped bit in a rank file or an
-  edited step in the index, which the header checks alone would let through. A non-finite model or optimizer state is refused before
-  anything is written, keeping the last finite checkpoint (`all_finite` is the same check for
+  edited step in the index, which the header checks alone would let through. A non-finite
+  model or optimizer state is refused before anything is written, keeping the last finite
+  checkpoint (`all_finite` is the same check for
   callers). A rank that fails to write or read tells the others, so none waits forever.
   On many nodes the checkpoint folder must be on a filesystem every node sees.
 * `gather_full_state_dict`: the full fp32 weights on rank 0 (CPU), for the HF export.

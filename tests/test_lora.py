@@ -340,7 +340,7 @@ def test_resume_refuses_a_checkpoint_of_another_lora_setting(setup, capsys):
                                      "--heldout-examples", "0"]
     assert train.main(full) == 2  # full fine-tuning from a LoRA checkpoint
     err = capsys.readouterr().err
-    assert "lora_rank: 4 -> None" in err and len(err.strip().splitlines()) == 1
+    assert "lora_rank: 4 -> 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_1gpu_recipe_and_its_adapter_count():
