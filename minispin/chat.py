@@ -20,7 +20,8 @@ transformers; we do not need its marks (below).
 
 A template comes with a downloaded model folder, so it is untrusted beyond what the sandbox
 already stops: one render may produce at most OUTPUT_LIMIT characters (checked on the
-stream, and before any `*`, `+`, `**` or method call whose size argument would pass it) and
+stream, and before any `*`, `+`, `**`, `%`, format width or call whose size argument would
+pass it) and
 take at most TIME_LIMIT seconds (a timer, in the main thread); either ends in one line
 naming the file. Limits: a string doubled with `~` inside `{% set %}` is caught only by the
 time limit.
@@ -50,6 +51,7 @@ mask.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -126,9 +128,17 @@ def _environment():
     def too_big(n) -> bool:
         return isinstance(n, int) and not isinstance(n, bool) and n > OUTPUT_LIMIT
 
+    def check_widths(fmt, pattern: str):
+        """A format string's field widths and precisions ('%0999999999d', '{:>999999999}')."""
+        if isinstance(fmt, str) and any(int(w) > OUTPUT_LIMIT for w in re.findall(pattern, fmt)):
+            raise _TemplateLimit("a format width past the output limit")
+
+    PERCENT_WIDTH = r"%[-+ #0]*(\d+)|%[-+ #0]*\d*\.(\d+)"
+    BRACE_WIDTH = r"\{[^{}]*:[^{}]*?(\d+)"
+
     class LimitedSandbox(ImmutableSandboxedEnvironment):
         """The sandbox, with sizes checked before a string or list is built."""
-        intercepted_binops = frozenset(["*", "+", "**"])
+        intercepted_binops = frozenset(["*", "+", "**", "%"])
 
         def call_binop(self, context, operator, left, right):
             if operator == "**" and isinstance(right, int) and abs(right) > 4096:
@@ -137,19 +147,38 @@ def _environment():
                 for a, b in ((left, right), (right, left)):
                     if hasattr(a, "__len__") and isinstance(b, int) and len(a) * max(b, 0) > OUTPUT_LIMIT:
                         raise _TemplateLimit(f"a repetition to {len(a) * b} items")
+            if operator == "%":
+                for fmt in re.findall(PERCENT_WIDTH, left) if isinstance(left, str) else []:
+                    if any(w and int(w) > OUTPUT_LIMIT for w in fmt):
+                        raise _TemplateLimit("a format width past the output limit")
             if operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__") \
                     and len(left) + len(right) > OUTPUT_LIMIT:
                 raise _TemplateLimit("a concatenation past the output limit")
             return super().call_binop(context, operator, left, right)
 
+        def wrap_str_format(self, value):  # 'text'.format(...) / format_map: widths first
+            wrapped = super().wrap_str_format(value)
+            if wrapped is not None:
+                check_widths(value.__self__, BRACE_WIDTH)
+            return wrapped
+
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
             if any(too_big(a) for a in list(args) + list(kwargs.values())):
                 raise _TemplateLimit("a call with a size argument past the output limit")
+
             return super().call(__context, __obj, *args, **kwargs)
 
     env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
                          extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
+    plain_format = env.filters["format"]
+
+    def format_filter(value, *args, **kwargs):  # "%0999999999d"|format(1)
+        for fmt in re.findall(PERCENT_WIDTH, value) if isinstance(value, str) else []:
+            if any(w and int(w) > OUTPUT_LIMIT for w in fmt):
+                raise _TemplateLimit("a format width past the output limit")
+        return plain_format(value, *args, **kwargs)
+    env.filters["format"] = format_filter
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env

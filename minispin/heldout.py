@@ -121,10 +121,13 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
 
 
 def format_summary(s: dict, t: int) -> str:
-    lines = [f"SPIN iteration {t} summary",
-             f"  training: {s['steps']} steps, loss {s['loss_first']:.4f} -> {s['loss_last_quarter']:.4f} "
-             f"(mean of the last quarter), reward accuracy {s['rewards/accuracies_last_quarter']:.3f}, "
-             f"reward margin {s['rewards/margins_last_quarter']:.4f}"]
+    if not s["steps"] or s["loss_first"] is None:  # metrics.jsonl missing or emptied by hand
+        lines = [f"SPIN iteration {t} summary", "  training: no step metrics logged (metrics.jsonl is empty)"]
+    else:
+        lines = [f"SPIN iteration {t} summary",
+                 f"  training: {s['steps']} steps, loss {s['loss_first']:.4f} -> {s['loss_last_quarter']:.4f} "
+                 f"(mean of the last quarter), reward accuracy {s['rewards/accuracies_last_quarter']:.3f}, "
+                 f"reward margin {s['rewards/margins_last_quarter']:.4f}"]
     h = s.get("heldout")
     if h:
         b, a = h["before"], h["after"]

@@ -352,9 +352,10 @@ def _template(text):
     _escaping_index, _symlink_out, _ten_million_layers, _huge_vocab, _deep_json,
     _template("{{ 'x' * 3000000000 }}"),
     _template("{% for m in messages %}{{ m.content.ljust(3000000000) }}{% endfor %}"),
+    _template("{{ '{:>2999999999}'.format(1) }}{{ '%0999999999d' % 1 }}"),
     _template("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"),
 ], ids=["index-escapes", "symlink-out", "1e7-layers", "1e9-vocab", "nested-json", "3GB-string",
-        "3GB-ljust", "1e10-loop"])
+        "3GB-ljust", "3GB-format-width", "1e10-loop"])
 def test_hostile_model_folder_fails_fast_naming_the_file(base, tmp_path, capsys, monkeypatch, plant):
     import minispin.chat
     monkeypatch.setattr(minispin.chat, "TIME_LIMIT", 1.0)
