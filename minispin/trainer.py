@@ -74,6 +74,7 @@ from .checkpoint import check_export_target, model_fingerprint, save_model
 from .config import parse_dtype, read_config
 from .data import JsonlAppender, TokenizedPair, collate_pairs, collate_sft, read_jsonl, write_jsonl_atomic
 from .errors import StoppedError, UserError, redact_all
+from .layout import fingerprint_cache_path
 from .loss import answer_logps, sft_step, spin_step
 from .noise import add_neftune, reference_noise
 
@@ -175,7 +176,6 @@ class TrainSettings:
     epochs: int
     batch_size: int
     max_grad_norm: float
-    max_steps: int
     mixed_precision: str  # in the key as the precision it resolves to on this device
     fp32_logits: bool
     lora_rank: int
@@ -186,6 +186,7 @@ class TrainSettings:
     seed: int
     noise: "NoiseSettings"  # what the fixes do to each pair (swap, σ) is in the data fingerprint
     # bookkeeping: any process count, any micro-batching, any logging trains alike
+    max_steps: int = _bookkeeping()  # what it changes, the number of steps, is in the key itself
     micro_batch_size: int = _bookkeeping()
     ref_batch_size: int = _bookkeeping()
     activation_checkpointing: bool = _bookkeeping()
@@ -257,8 +258,8 @@ class Trainer:
         self.noise = settings.noise
         check_export_target(export_dir)  # refused now, not after hours of training
         # θ_t by content (module docstring): rank 0 hashes (cached in the run folder), all use it
-        fp = model_fingerprint(init_model, os.path.join(os.path.dirname(os.path.abspath(work_dir)),
-                                                        "fingerprints.json")) if env.is_main else None
+        run_dir = os.path.dirname(os.path.abspath(work_dir))  # work_dir is iter<t>/ or sft/
+        fp = model_fingerprint(init_model, fingerprint_cache_path(run_dir)) if env.is_main else None
         self.theta_fp = D.broadcast_object(fp) if D.dist.is_initialized() else fp
         self.ckpt_root = os.path.join(work_dir, "ckpt")
         self.metrics_path = os.path.join(work_dir, "metrics.jsonl")

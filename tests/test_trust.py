@@ -416,3 +416,19 @@ def test_judge_module_does_not_import_the_training_machinery():
     code = "import sys, minispin.judge; print('minispin.distributed' in sys.modules, 'minispin.trainer' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["False", "False"], r.stderr[-2000:]
+
+
+def test_a_hugging_face_cache_snapshot_still_loads(tmp_path):
+    """The one allowed link out of a model folder: an HF hub cache snapshot's files are
+    symlinks to ../../blobs/<sha>; they load as before (and equal the plain folder)."""
+    import torch
+    from minispin.checkpoint import load_model
+    repo = tmp_path / "models--org--stories"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    for name in os.listdir(STORIES):
+        shutil.copy(os.path.join(STORIES, name), repo / "blobs" / f"blob-{name}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob-{name}"), snap / name)
+    a, b = load_model(str(snap)).state_dict(), load_model(STORIES).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
