@@ -18,6 +18,14 @@ add_generation_prompt and the special tokens (bos_token, eos_token, ...) as stri
 `{% generation %}` tag that some templates use to mark answers renders its body, as in
 transformers; we do not need its marks (below).
 
+A template comes with a downloaded model folder, so it is untrusted beyond what the sandbox
+already stops: one render may produce at most OUTPUT_LIMIT characters (checked on the
+stream, and before any `*`, `+`, `**`, `%`, format width or call whose size argument would
+pass it) and
+take at most TIME_LIMIT seconds (a timer, in the main thread); either ends in one line
+naming the file. Limits: a string doubled with `~` inside `{% set %}` is caught only by the
+time limit.
+
 Where the answers are. `answer_spans` finds, for each assistant message i, the characters
 of its content in the rendered text and the end of its turn. It renders twice more:
   probe = the conversation up to i with message i's content replaced by a sentinel word:
@@ -43,6 +51,10 @@ mask.
 from __future__ import annotations
 
 import json
+import re
+import signal
+import threading
+import time
 from datetime import datetime
 from typing import Dict, List, Tuple
 
@@ -77,6 +89,14 @@ class TokenizerError(UserError):
     """Bad tokenizer file, chat template or text (re-exported by minispin.tokenizer)."""
 
 
+OUTPUT_LIMIT = 4_000_000  # characters of one render (a million-token conversation is far below)
+TIME_LIMIT = 10.0         # seconds of one render
+
+
+class _TemplateLimit(Exception):
+    pass
+
+
 def _environment():
     import jinja2
     from jinja2.ext import Extension, loopcontrols
@@ -105,9 +125,60 @@ def _environment():
     def strftime_now(format):
         return datetime.now().strftime(format)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, loopcontrols])
+    def too_big(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n > OUTPUT_LIMIT
+
+    def check_widths(fmt, pattern: str):
+        """A format string's field widths and precisions ('%0999999999d', '{:>999999999}')."""
+        if isinstance(fmt, str) and any(int(w) > OUTPUT_LIMIT for w in re.findall(pattern, fmt)):
+            raise _TemplateLimit("a format width past the output limit")
+
+    PERCENT_WIDTH = r"%[-+ #0]*(\d+)|%[-+ #0]*\d*\.(\d+)"
+    BRACE_WIDTH = r"\{[^{}]*:[^{}]*?(\d+)"
+
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, with sizes checked before a string or list is built."""
+        intercepted_binops = frozenset(["*", "+", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 4096:
+                raise _TemplateLimit(f"an exponent of {right}")
+            if operator == "*":
+                for a, b in ((left, right), (right, left)):
+                    if hasattr(a, "__len__") and isinstance(b, int) and len(a) * max(b, 0) > OUTPUT_LIMIT:
+                        raise _TemplateLimit(f"a repetition to {len(a) * b} items")
+            if operator == "%":
+                for fmt in re.findall(PERCENT_WIDTH, left) if isinstance(left, str) else []:
+                    if any(w and int(w) > OUTPUT_LIMIT for w in fmt):
+                        raise _TemplateLimit("a format width past the output limit")
+            if operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__") \
+                    and len(left) + len(right) > OUTPUT_LIMIT:
+                raise _TemplateLimit("a concatenation past the output limit")
+            return super().call_binop(context, operator, left, right)
+
+        def wrap_str_format(self, value):  # 'text'.format(...) / format_map: widths first
+            wrapped = super().wrap_str_format(value)
+            if wrapped is not None:
+                check_widths(value.__self__, BRACE_WIDTH)
+            return wrapped
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            if any(too_big(a) for a in list(args) + list(kwargs.values())):
+                raise _TemplateLimit("a call with a size argument past the output limit")
+
+            return super().call(__context, __obj, *args, **kwargs)
+
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
+                         extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
+    plain_format = env.filters["format"]
+
+    def format_filter(value, *args, **kwargs):  # "%0999999999d"|format(1)
+        for fmt in re.findall(PERCENT_WIDTH, value) if isinstance(value, str) else []:
+            if any(w and int(w) > OUTPUT_LIMIT for w in fmt):
+                raise _TemplateLimit("a format width past the output limit")
+        return plain_format(value, *args, **kwargs)
+    env.filters["format"] = format_filter
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
@@ -125,11 +196,40 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise TokenizerError(f"{origin}: chat template line {e.lineno}: {e.message}") from None
 
+    def _render_limited(self, **kw) -> str:
+        """The render, streamed and cut at OUTPUT_LIMIT characters, under a TIME_LIMIT timer
+        (SIGALRM: only in the main thread; elsewhere the deadline is checked per chunk)."""
+        deadline = time.monotonic() + TIME_LIMIT
+        timer = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+        if timer:
+            def expired(signum, frame):
+                raise _TemplateLimit(f"more than {TIME_LIMIT:g} s")
+            old = signal.signal(signal.SIGALRM, expired)
+            signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT)
+        try:
+            out, n = [], 0
+            for chunk in self._template.generate(**kw):
+                n += len(chunk)
+                if n > OUTPUT_LIMIT:
+                    raise _TemplateLimit(f"more than {OUTPUT_LIMIT} characters of output")
+                if time.monotonic() > deadline:
+                    raise _TemplateLimit(f"more than {TIME_LIMIT:g} s")
+                out.append(chunk)
+            return "".join(out)
+        finally:
+            if timer:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+
     def render(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
+            return self._render_limited(messages=messages, tools=None, documents=None,
+                                        add_generation_prompt=add_generation_prompt,
+                                        **self.special_tokens)
+        except _TemplateLimit as e:
+            raise TokenizerError(f"{self.origin}: chat template '{self.name}' stopped: {e} (a template "
+                                 f"may write at most {OUTPUT_LIMIT} characters in {TIME_LIMIT:g} s); "
+                                 "use template 'zephyr' or fix the template") from None
         except Exception as e:  # raise_exception, undefined names, type errors in the template
             raise TokenizerError(f"{self.origin}: chat template '{self.name}' refused the "
                                  f"conversation: {type(e).__name__}: {e}") from None

@@ -23,9 +23,25 @@ Loading
 Saving writes config.json, safetensors shards (+ index when there is more than one) and
 copies the tokenizer files, first into a temporary sibling folder that is renamed into
 place at the end, so a crash never leaves a half-written model where a loader looks.
+Files get the process umask's modes (0644 under umask 022; safetensors itself writes 0600
+temporaries, so replace_folder sets every file's mode): nothing copies a source's mode.
+
+Exports never delete what minispin did not write: a folder is replaced only if it is empty
+or holds minispin's export marker, `minispin_export.json`, which every export writes. The
+marker also records the sha256 of every file and one content fingerprint of the model
+(config.json + weights): `model_fingerprint` reads it back instead of hashing again, and
+hashes any other folder (θ_0) itself. Derived files (pairs, reference log-probs,
+checkpoints) record that fingerprint, so a model retrained at the same path is noticed and
+a copied run folder, whose content is unchanged, still matches.
+
+A model folder read from disk is treated as untrusted: the index may only name weight files
+that resolve inside the folder (no `../`, no symlink out of it; a Hugging Face cache
+snapshot's links into its own `blobs/` are the one exception), and config.json's sizes are
+checked against the tensors' shapes in the headers before the model is built.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,7 +54,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .errors import UserError
+from .errors import UserError, json_loads, load_json_file
 from .config import ModelArgs, parse_dtype, read_config
 from .model import Transformer, build_model
 
@@ -58,6 +74,14 @@ class CheckpointError(UserError):
     """Weights that do not fit the model. The message names the file and the tensors."""
 
 
+class ExportError(UserError):
+    """An export target that minispin did not write (it is never deleted)."""
+
+
+EXPORT_MARKER = "minispin_export.json"
+EXPORT_FORMAT = "minispin-export"
+
+
 def _is_ignored(key: str) -> bool:
     return key.endswith("rotary_emb.inv_freq")
 
@@ -75,7 +99,7 @@ def read_safetensors_header(path: str) -> dict:
             raise CheckpointError(f"{path}: truncated safetensors file: header claims {n} bytes, "
                                   f"file has {size}")
         try:
-            header = json.loads(f.read(n))
+            header = json_loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
@@ -126,18 +150,59 @@ def weight_files(model_dir: str) -> Dict[str, str]:
     if os.path.isfile(index):
         try:
             with open(index, "rb") as f:
-                weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
+                weight_map = json_loads(f.read().decode("utf-8"))["weight_map"]
             if not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError("weight_map values must be file names")
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+        return {k: _inside(model_dir, v, index) for k, v in weight_map.items()}
     if os.path.isfile(single):
-        return {k: single for k in read_safetensors_header(single)}
+        return {k: _inside(model_dir, SINGLE, single) for k in read_safetensors_header(_inside(model_dir, SINGLE, single))}
     pickles = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
     hint = (f" (found {', '.join(sorted(pickles))}: pickle checkpoints are never loaded because "
             "unpickling runs code; convert them to safetensors first)") if pickles else ""
     raise CheckpointError(f"{model_dir}: neither {SINGLE} nor {INDEX} found{hint}")
+
+
+def _inside(model_dir: str, name: str, named_by: str) -> str:
+    """model_dir/name, refused unless it resolves inside model_dir: a weight file never
+    comes from elsewhere (`../`, an absolute path, a symlink out). The one link allowed is a
+    Hugging Face cache snapshot's (snapshots/<rev>/x -> ../../blobs/<sha>)."""
+    path = os.path.join(model_dir, name)
+    real, root = os.path.realpath(path), os.path.realpath(model_dir)
+    roots = [root]
+    snapshots = os.path.dirname(root)
+    if os.path.basename(snapshots) == "snapshots":  # an HF hub cache: models--org--name/snapshots/<rev>
+        roots.append(os.path.join(os.path.dirname(snapshots), "blobs"))
+    if os.path.isabs(name) or not any(real == r or real.startswith(r + os.sep) for r in roots):
+        raise CheckpointError(f"{named_by}: weight file {name!r} resolves to {real}, outside the model "
+                              f"folder {model_dir}; a model folder's files must lie inside it")
+    return path
+
+
+def check_config_sizes(args: ModelArgs, model_dir: str):
+    """config.json's sizes against the real tensor shapes of the headers, BEFORE the model is
+    built: a config that claims 10^7 layers or a huge vocabulary is refused in milliseconds
+    instead of allocating (or building meta modules) for hours."""
+    files = weight_files(model_dir)
+    config = os.path.join(model_dir, "config.json")
+    layers = {int(m.group(1)) for k in files if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    n = max(layers) + 1 if layers else 0
+    if args.n_layers != n:
+        raise CheckpointError(f"{config}: num_hidden_layers is {args.n_layers}, but the weight files "
+                              f"hold {n} layers; fix config.json or re-download the model")
+    key = "model.embed_tokens.weight"
+    if key in files:
+        path = files[key]
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: listed in {INDEX} but missing")
+        meta = read_safetensors_header(path).get(key)
+        want = [args.vocab_size, args.dim]
+        if meta is not None and meta["shape"] != want:
+            raise CheckpointError(f"{config}: vocab_size x hidden_size is {want[0]} x {want[1]}, but "
+                                  f"{os.path.basename(path)} holds {key} as {meta['shape'][0] if meta['shape'] else '?'} "
+                                  f"x {meta['shape'][1] if len(meta['shape']) > 1 else '?'}; fix config.json "
+                                  "or re-download the model")
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
@@ -206,6 +271,7 @@ def load_state_into(model: Transformer, model_dir: str, dtype=torch.float32, dev
 def load_model(path: str, dtype=torch.float32, device="cpu") -> Transformer:
     """Load an HF Llama/Mistral/Qwen2 folder (config.json + safetensors) as a minispin model."""
     args = read_config(path)
+    check_config_sizes(args, path)
     model = build_model(args, device="meta")
     load_state_into(model, path, dtype=dtype, device=device)
     model.eval()
@@ -280,17 +346,115 @@ def save_model(model: Optional[Transformer], out_dir: str, tokenizer_from: Optio
         src = tokenizer_from if os.path.isdir(tokenizer_from) else os.path.dirname(tokenizer_from)
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src, name)):
-                shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
+                # copyfile, not copy: the process umask sets the mode, not the source's
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
     return replace_folder(tmp, out_dir)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint_of(hashes: Dict[str, str]) -> str:
+    """One fingerprint of a model from its files' hashes: config.json and the weights
+    (tokenizer files travel beside them but do not change log-probs of token ids)."""
+    keep = {n: h for n, h in hashes.items() if n == "config.json" or n.endswith(".safetensors")
+            or n == INDEX}
+    return hashlib.sha256(json.dumps(sorted(keep.items())).encode()).hexdigest()[:32]
+
+
+def check_export_target(out_dir: str):
+    """Refuse (one line, exit 2) to replace anything minispin did not export: out_dir may be
+    missing, an empty folder, or a folder carrying EXPORT_MARKER. Call it before the work
+    that leads to the export, so a long run is not lost at its end."""
+    if not os.path.lexists(out_dir):
+        return
+    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+        raise ExportError(f"{out_dir}: exists and is not a folder; minispin writes its export as a "
+                          "folder there and never deletes what it did not write: choose another --out")
+    names = os.listdir(out_dir)
+    if names and EXPORT_MARKER not in names:
+        raise ExportError(f"{out_dir}: not empty and not written by minispin (no {EXPORT_MARKER}); "
+                          "minispin never deletes what it did not write: choose another --out, or "
+                          "empty that folder yourself")
 
 
 def replace_folder(tmp: str, out_dir: str) -> str:
     """Put the finished folder tmp in out_dir's place by renames, so out_dir is at every
-    moment either the old complete folder or the new one, never half written."""
+    moment either the old complete folder or the new one, never half written. tmp gets the
+    export marker (with every file's sha256) first; out_dir is checked by
+    check_export_target, so a folder minispin did not write is never deleted."""
+    check_export_target(out_dir)
+    umask = os.umask(0)  # read it (the only way), and put it back at once
+    os.umask(umask)
+    for n in os.listdir(tmp):  # safetensors writes 0600 temporaries: give every file the umask's mode
+        if os.path.isfile(os.path.join(tmp, n)):
+            os.chmod(os.path.join(tmp, n), 0o666 & ~umask)
+    hashes = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
+              if os.path.isfile(os.path.join(tmp, n)) and n != EXPORT_MARKER}
+    marker = {"format": EXPORT_FORMAT, "version": 1, "fingerprint": _fingerprint_of(hashes),
+              "files": {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": h}
+                        for n, h in hashes.items()}}
+    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+        json.dump(marker, f, indent=1)
+    os.chmod(tmp, 0o777 & ~umask)
     old = f"{out_dir}.old-{os.getpid()}"
     if os.path.exists(out_dir):
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+_FP_CACHE: Dict[tuple, str] = {}
+
+
+def model_fingerprint(model_dir: str, cache_path: Optional[str] = None) -> str:
+    """A content fingerprint of a model folder (config.json + weight files): read from its
+    export marker when the listed files are all there with their recorded sizes, else the
+    files are hashed — once per process, and once per run when cache_path (a JSON file in
+    the run folder) remembers it for the files' (path, size, mtime): a copied folder gets
+    new mtimes and is hashed again, so the cache never vouches for other content."""
+    marker = os.path.join(model_dir, EXPORT_MARKER)
+    if os.path.isfile(marker):
+        try:
+            m = load_json_file(marker)
+            files = m["files"]
+            if (m.get("format") == EXPORT_FORMAT and isinstance(m.get("fingerprint"), str)
+                    and all(os.path.getsize(os.path.join(model_dir, n)) == f["size"] for n, f in files.items())):
+                return m["fingerprint"]
+        except (UserError, OSError, KeyError, TypeError, AttributeError):
+            pass  # unreadable or stale marker: hash the files
+    names = ["config.json"] + sorted({os.path.relpath(p, model_dir) for p in weight_files(model_dir).values()})
+    if os.path.isfile(os.path.join(model_dir, INDEX)):
+        names.append(INDEX)
+    stats = tuple((n, os.stat(os.path.join(model_dir, n)).st_size, os.stat(os.path.join(model_dir, n)).st_mtime_ns)
+                  for n in names if os.path.isfile(os.path.join(model_dir, n)))
+    key = (os.path.realpath(model_dir), stats)
+    if key in _FP_CACHE:
+        return _FP_CACHE[key]
+    saved = {}
+    if cache_path and os.path.isfile(cache_path):
+        try:
+            saved = load_json_file(cache_path)
+        except UserError:
+            saved = {}
+    entry = json.dumps([key[0], [list(x) for x in stats]])
+    fp = saved.get(entry) if isinstance(saved, dict) else None
+    if not isinstance(fp, str):
+        fp = _fingerprint_of({n: _sha256(os.path.join(model_dir, n)) for n, _, _ in stats})
+        if cache_path:
+            saved = dict(saved) if isinstance(saved, dict) else {}
+            saved[entry] = fp
+            tmp = f"{cache_path}.tmp-{os.getpid()}"
+            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(saved, f)
+            os.replace(tmp, cache_path)
+    _FP_CACHE[key] = fp
+    return fp
 

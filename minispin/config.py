@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 import torch
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, json_loads
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -304,7 +304,7 @@ def _read_json(path: str, what: str):
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: byte {e.start}: not valid UTF-8 (re-save {what} as UTF-8)") from None
     try:
-        return json.loads(text)
+        return json_loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 

@@ -56,7 +56,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, json_loads, redact_all
 
 PAIR_REQUIRED = ("id", "prompt", "real", "generated")
 CHAT_ROLES = ("system", "user", "assistant")   # what the chat templates render
@@ -139,7 +139,7 @@ def _json_document(path: str) -> Iterator[Tuple[str, object]]:
     idx = _skip_ws(text, 0)
     if not text.startswith("[", idx):
         try:
-            doc = json.loads(text)
+            doc = json_loads(text)
         except json.JSONDecodeError as e:
             raise fail(e) from None
         if isinstance(doc, dict) and isinstance(doc.get("data"), list):
@@ -176,7 +176,7 @@ def _jsonl_lines(path: str) -> Iterator[Tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line.rstrip())   # rstrip: columns of an error stay on its line
+                rec = json_loads(line.rstrip())   # rstrip: columns of an error stay on its line
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}) "
                                 "(each line of a JSONL file is one JSON record)") from None
@@ -193,7 +193,7 @@ def _is_json_document(path: str) -> bool:
     if not first.startswith(b"{"):
         return False
     try:
-        json.loads(first)
+        json_loads(first)
         return False
     except ValueError:   # not JSON (or not UTF-8) on its own: the start of a larger document
         return True
@@ -549,7 +549,7 @@ def read_jsonl(path: str, repair: bool = False) -> List[dict]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line.decode("utf-8"))
+            rec = json_loads(line.decode("utf-8"))
             problem = None if isinstance(rec, dict) else f"expected a JSON object, got {_kind(rec)}"
         except UnicodeDecodeError:
             problem = "invalid UTF-8"
@@ -622,6 +622,6 @@ def write_json_atomic(path: str, obj):
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
+        json.dump(redact_all(obj), f, indent=1, ensure_ascii=False)  # metadata: no URL credential
         f.write("\n")
     os.replace(tmp, path)

@@ -31,14 +31,19 @@
   copies the overlap of every saved chunk with its own shard. A folder in the old DCP layout
   (`.metadata`, `*.pt`) is refused unread. Writes go to `<dir>.tmp`, which rank 0 renames to
   `<dir>` once every rank is done, so a directory named step_<n> is always complete;
-  `latest_checkpoint` picks the newest. A non-finite model or optimizer state is refused before
-  anything is written, keeping the last finite checkpoint (`all_finite` is the same check for
+  `latest_checkpoint` picks the newest. checkpoint.json records the sha256 of every rank file
+  and a checksum of itself: `verify_checkpoint` (the trainer runs it before resuming, and
+  falls back to the newest intact checkpoint) catches a flipped bit in a rank file or an
+  edited step in the index, which the header checks alone would let through. A non-finite
+  model or optimizer state is refused before anything is written, keeping the last finite
+  checkpoint (`all_finite` is the same check for
   callers). A rank that fails to write or read tells the others, so none waits forever.
   On many nodes the checkpoint folder must be on a filesystem every node sees.
 * `gather_full_state_dict`: the full fp32 weights on rank 0 (CPU), for the HF export.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -52,9 +57,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import _ST_DTYPES, load_model
-from .errors import UserError
+from .checkpoint import _ST_DTYPES, check_config_sizes, load_model
+from .errors import UserError, json_loads
 from .config import read_config
+from .device import compute_dtype, pick_device  # noqa: F401  (re-exported: D.pick_device)
 from .lora import LoRASettings, apply_lora, initial_adapters, store_base_in
 from .model import Block, Transformer, build_model
 
@@ -71,26 +77,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(setting: Optional[str] = "auto") -> torch.device:
-    """THE device rule: "auto" -> this process's GPU (cuda:LOCAL_RANK) if there is one, else
-    the CPU; "cuda" -> cuda:LOCAL_RANK; "cuda:N" and "cpu" as given."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if setting in (None, "", "auto"):
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(setting)
-
-
-def compute_dtype(setting: Optional[str], device: torch.device) -> torch.dtype:
-    """THE dtype rule: "auto" computes in bfloat16 on a GPU and float32 on the CPU (where
-    bf16 matmuls are slow and tiny models gain nothing); anything else as named."""
-    from .config import parse_dtype
-    if setting in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(setting)
 
 
 def init_distributed(device: Optional[str] = "auto") -> DistEnv:
@@ -218,7 +204,9 @@ def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torc
     the base, so every world size starts alike. Only the adapters require grad."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     full = load_model(path, dtype=dtype, device="cpu").state_dict() if env.is_main else {}
-    model = build_sharded_model(read_config(path), env, mesh, mp_policy, dtype,
+    args = read_config(path)
+    check_config_sizes(args, path)  # every rank: none builds what config.json merely claims
+    model = build_sharded_model(args, env, mesh, mp_policy, dtype,
                                 activation_checkpointing, lora)
     if lora is not None and env.is_main:
         full.update(initial_adapters(model, lora_seed))
@@ -240,7 +228,7 @@ def gather_full_state_dict(model: nn.Module) -> dict:
 # ---------------------------------------------------------------------- training checkpoints
 CKPT_INDEX = "checkpoint.json"
 CKPT_FORMAT = "minispin-train-checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: sha256 of each rank file and a checksum of the index itself
 STEP_DIR = re.compile(r"^step_(\d+)$")
 _DTYPE_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
@@ -255,13 +243,46 @@ def _start_fresh(path: str) -> str:
             f"beginning, or use another --run-dir")
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint folder under root (step_<n>), or None."""
+def checkpoints_newest_first(root: str) -> List[str]:
+    """The complete checkpoint folders under root (step_<n>), newest first."""
     if not os.path.isdir(root):
-        return None
+        return []
     steps = [(int(m.group(1)), name) for name in os.listdir(root)
              if (m := STEP_DIR.match(name)) and os.path.isdir(os.path.join(root, name))]
-    return os.path.join(root, max(steps)[1]) if steps else None
+    return [os.path.join(root, name) for _, name in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint folder under root (step_<n>), or None."""
+    found = checkpoints_newest_first(root)
+    return found[0] if found else None
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _index_checksum(index: dict) -> str:
+    body = {k: v for k, v in index.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify_checkpoint(path: str) -> dict:
+    """The checkpoint's index, after checking it against its own checksum and every rank
+    file against its sha256 (TrainCheckpointError naming the file that differs)."""
+    index = _read_index(path)
+    for name in index["files"]:
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            raise TrainCheckpointError(f"{f}: missing; the checkpoint is damaged. {_start_fresh(path)}")
+        if _sha256_file(f) != index["sha256"][name]:
+            raise TrainCheckpointError(f"{f}: its sha256 is not the one {CKPT_INDEX} recorded (the file "
+                                       f"changed or was damaged after it was written). {_start_fresh(path)}")
+    return index
 
 
 def _train_state(model: nn.Module, optimizer):
@@ -381,7 +402,7 @@ def _read_header(path: str, why: str):
             raise bad(f"truncated ({size} bytes, shorter than its header)")
         n = struct.unpack("<Q", raw)[0]
         try:
-            header = json.loads(f.read(n))
+            header = json_loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise bad("corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
@@ -510,7 +531,9 @@ def _write_index(folder: str, world_size: int, param_groups: list):
             if not any(x["offsets"] == c["offsets"] for x in t["chunks"]):  # replicas: keep one
                 t["chunks"].append({"file": name, "offsets": c["offsets"], "sizes": sizes})
     index = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "world_size": world_size,
-             "files": files, "extra": extras, "param_groups": param_groups, "tensors": tensors}
+             "files": files, "extra": extras, "param_groups": param_groups, "tensors": tensors,
+             "sha256": {name: _sha256_file(os.path.join(folder, name)) for name in files}}
+    index["checksum"] = _index_checksum(index)
     with open(os.path.join(folder, CKPT_INDEX), "w") as f:
         json.dump(index, f)
         f.flush()
@@ -539,13 +562,15 @@ def _read_index(path: str) -> dict:
             raise TrainCheckpointError(f"{index_path}: {what}. {_start_fresh(path)}")
     try:
         with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
+            index = json_loads(f.read())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TrainCheckpointError(f"{index_path}: not valid JSON ({e}). {_start_fresh(path)}") from None
     need(isinstance(index, dict) and index.get("format") == CKPT_FORMAT,
          "not a minispin checkpoint index")
     need(index.get("version") == CKPT_VERSION,
          f"format version {index.get('version')!r}; this minispin reads version {CKPT_VERSION}")
+    need(index.get("checksum") == _index_checksum(index),
+         "its checksum does not match its content (the file was edited or damaged after it was written)")
     world = index.get("world_size")
     need(type(world) is int and world >= 1, "'world_size' must be a positive integer")
     files = [f"rank{r}.safetensors" for r in range(world)]
@@ -556,6 +581,8 @@ def _read_index(path: str) -> dict:
     need(isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                           for g in groups), "'param_groups' malformed")
     need(isinstance(index.get("tensors"), dict), "'tensors' must be an object")
+    need(isinstance(index.get("sha256"), dict) and all(isinstance(index["sha256"].get(n), str) for n in files),
+         "'sha256' must give every rank file's checksum")
     for key, t in index["tensors"].items():
         need(isinstance(t, dict) and t.get("dtype") in _ST_DTYPES and isinstance(t.get("chunks"), list)
              and _is_sizes(t.get("shape"), len(t.get("shape") or [])), f"tensors[{key!r}] malformed")
@@ -572,12 +599,13 @@ def checkpoint_extra(path: str) -> dict:
     return _read_index(path)["extra"][0]
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer, env: DistEnv) -> dict:
+def load_checkpoint(path: str, model: nn.Module, optimizer, env: DistEnv, verified: bool = False) -> dict:
     """Restore model + optimizer from a checkpoint of any world size (resharding) and return
     this rank's `extra` (rank 0's when the saving job had fewer ranks). Reads only JSON and
-    safetensors: nothing is unpickled."""
+    safetensors: nothing is unpickled. The checksums are checked first unless the caller
+    has (verified=True; the trainer verifies on rank 0 while choosing the checkpoint)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    index = _read_index(path)
+    index = _read_index(path) if verified else verify_checkpoint(path)
     why = f"the checkpoint is damaged. {_start_fresh(path)}"
     # every rank checks every file's header, so a damaged file stops all ranks alike
     headers = {name: _read_header(os.path.join(path, name), why)[0] for name in index["files"]}

@@ -9,6 +9,8 @@ is a bug and keeps its traceback; `--debug` shows the traceback of a UserError t
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import traceback
 from typing import Callable, List, Optional
@@ -30,7 +32,26 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line: `prog: error: what (see --help)`, exit 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see --help)\n")
+
+
+def path_arg(value: str) -> str:
+    """argparse type of every file/folder flag: an empty string is refused, never read as
+    "use the default" (`--config ''` must not quietly run the tiny recipe)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder, or leave the flag out")
+    return value
+
+
+def iteration_arg(value: str) -> int:
+    """argparse type of --iter: a whole number >= 0."""
+    try:
+        t = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}") from None
+    if t < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (iterations count from 0), got {t}")
+    return t
 
 
 def run_cli(main: Callable[[Optional[List[str]]], int], prog: str, argv: Optional[List[str]] = None) -> int:
@@ -42,7 +63,7 @@ def run_cli(main: Callable[[Optional[List[str]]], int], prog: str, argv: Optiona
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {redact(str(e))}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
@@ -51,3 +72,54 @@ def run_cli(main: Callable[[Optional[List[str]]], int], prog: str, argv: Optiona
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (or the run layout needs) does not exist."""
+
+
+# ---------------------------------------------------------------------- JSON from files
+def json_loads(raw):
+    """json.loads, with input nested too deep for Python's parser (a RecursionError, which
+    no caller expects) turned into the JSONDecodeError every file reader already reports as
+    one line naming its file."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        doc = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
+        raise json.JSONDecodeError("nested too deeply (arrays/objects inside each other beyond "
+                                   "Python's limit)", doc[:100], 0) from None
+
+
+def load_json_file(path: str):
+    """A whole JSON file; any problem is a UserError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json_loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+# ---------------------------------------------------------------------- secrets
+# THE redaction rule, for everything minispin prints or writes: the user:password part of
+# any URL, and the value of any query parameter that looks like a credential.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s?#@]*@")
+_SECRET_PARAM = re.compile(r"(?i)([?&;](?:api[-_]?key|key|token|access[-_]?token|auth|"
+                           r"password|passwd|pwd|secret|sig|signature|code)=)[^&#\s\"']*")
+
+
+def redact(text: str) -> str:
+    """text with every URL's credentials replaced by '***' ('http://u:KEY@host/v1?key=K' ->
+    'http://***@host/v1?key=***'); anything else unchanged."""
+    if not isinstance(text, str):
+        return text
+    return _SECRET_PARAM.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", text))
+
+
+def redact_all(obj):
+    """redact() applied to every string inside a JSON-like value (before it is written)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: redact_all(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_all(v) for v in obj]
+    return obj

@@ -551,7 +551,8 @@ def results_paths(models: List[str], output: Optional[str] = None):
 
 def results_json(results: dict) -> str:
     import json
-    return json.dumps(results, indent=2, default=str)
+    from .errors import redact
+    return redact(json.dumps(results, indent=2, default=str))
 
 
 def write_text(path: str, text: str):

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_model, model_fingerprint
 from .data import SFTExample, read_jsonl, read_sft
 from .rows import collate_sft, tokenize_sft
 from .loss import sequence_logps
@@ -103,11 +103,13 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
         if os.path.isfile(cache):
             with open(cache) as f:
                 saved = json.load(f)
-            if saved.get("theta") == os.path.abspath(theta) and saved.get("examples") == len(examples):
+            # θ_t by content: a model retrained at the same path is measured again
+            if saved.get("theta_fingerprint") == model_fingerprint(theta) and saved.get("examples") == len(examples):
                 before = saved
         if before is None:
             before = heldout_metrics(load_model(theta), load_tokenizer(theta, template=template), examples, **kw)
             before["theta"] = os.path.abspath(theta)
+            before["theta_fingerprint"] = model_fingerprint(theta)
             with open(cache, "w") as f:
                 json.dump(before, f, indent=2)
         after = heldout_metrics(load_model(export), load_tokenizer(export, template=template), examples, **kw)
@@ -120,10 +122,13 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
 
 
 def format_summary(s: dict, t: int) -> str:
-    lines = [f"SPIN iteration {t} summary",
-             f"  training: {s['steps']} steps, loss {s['loss_first']:.4f} -> {s['loss_last_quarter']:.4f} "
-             f"(mean of the last quarter), reward accuracy {s['rewards/accuracies_last_quarter']:.3f}, "
-             f"reward margin {s['rewards/margins_last_quarter']:.4f}"]
+    if not s["steps"] or s["loss_first"] is None:  # metrics.jsonl missing or emptied by hand
+        lines = [f"SPIN iteration {t} summary", "  training: no step metrics logged (metrics.jsonl is empty)"]
+    else:
+        lines = [f"SPIN iteration {t} summary",
+                 f"  training: {s['steps']} steps, loss {s['loss_first']:.4f} -> {s['loss_last_quarter']:.4f} "
+                 f"(mean of the last quarter), reward accuracy {s['rewards/accuracies_last_quarter']:.3f}, "
+                 f"reward margin {s['rewards/margins_last_quarter']:.4f}"]
     h = s.get("heldout")
     if h:
         b, a = h["before"], h["after"]

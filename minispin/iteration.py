@@ -14,7 +14,11 @@
 Chaining is the run layout (layout.py): θ_0 is the recipe's SFT model and θ_t, for
 t >= 1, is iter<t-1>/model — the export of the previous iteration. Every step skips what
 is already done (the pairs, the judged file, the reference log-probs, the checkpoints),
-so re-running a command after a crash resumes it.
+so re-running a command after a crash resumes it. What is done is recognised by content:
+each pairs line records the fingerprint of the θ_t that sampled it, and pairs from another
+θ_t (a previous iteration retrained since) are refused with the command that remakes them.
+
+`train_settings(recipe)` is the one place a recipe becomes the trainer's TrainSettings.
 """
 from __future__ import annotations
 
@@ -28,18 +32,63 @@ from . import distributed as D
 from .data import read_jsonl, read_pairs, read_sft, write_json_atomic, write_jsonl_atomic
 from .errors import UserError
 from .fixes import apply_recipe_fixes, pair_margin
+from .layout import (export_path, fingerprint_cache_path, iter_dir, judge_cache_path, judged_path, pairs_path,
+                     theta_path)
 from .rows import tokenize_pairs, tokenize_sft
-from .layout import export_path, iter_dir, judge_cache_path, judged_path, pairs_path, theta_path
 from .pairs import generate_pairs_file
-from .recipe import DEFAULT_RECIPE, Recipe
+from .recipe import DEFAULT_RECIPE, Recipe, as_dict
 from .tokenizer import load_tokenizer
-from .trainer import SFTTrainer, Trainer, items_fingerprint
+from .trainer import SFTTrainer, Trainer, TrainSettings, items_fingerprint
 
 Source = Tuple[str, str]  # (tag "iter<s>", pairs file)
 
 
 class SetupError(UserError):
     """Something an iteration needs is missing; the message says which command makes it."""
+
+
+def train_settings(recipe: Recipe) -> TrainSettings:
+    """The trainer's settings: every TrainSettings field is the recipe's training key of the
+    same name, plus the run's seed and noise (tests/test_trust.py checks that every training
+    key of the recipe reaches it, or is declared as not the trainer's)."""
+    from dataclasses import fields
+    values = {f.name: getattr(recipe.training, f.name) for f in fields(TrainSettings)
+              if f.name not in ("seed", "noise")}
+    return TrainSettings(seed=recipe.seed, noise=recipe.noise_settings(), **values)
+
+
+def check_pairs_theta(recipe: Recipe, sources: List[Source], env):
+    """Pairs of the run layout were sampled from θ_s, whose fingerprint each line records
+    (gen.model_sha): refuse pairs that another θ_s sampled (e.g. iteration s-1 was trained
+    again since), naming the file and the command that makes them again. Rank 0 checks
+    (hashing θ_0 once), the others follow."""
+    problem = None
+    if env.is_main:
+        try:
+            _check_pairs_theta(recipe, sources, env.world_size)
+        except SetupError as e:
+            problem = str(e)
+    problem = D.broadcast_object(problem)
+    if problem:
+        raise SetupError(problem)
+
+
+def _check_pairs_theta(recipe: Recipe, sources: List[Source], commands_world: int):
+    from .checkpoint import model_fingerprint
+    for tag, path in sources:
+        s = int(tag[len("iter"):])
+        if os.path.abspath(path) != os.path.abspath(pairs_path(recipe.run_dir, s)):
+            continue  # a file given by hand: the user vouches for it
+        theta = theta_path(recipe.run_dir, s, recipe.model.path)
+        if not os.path.isfile(os.path.join(theta, "config.json")):
+            continue
+        recorded = {(rec.get("gen") or {}).get("model_sha") for rec in read_jsonl(path) if isinstance(rec, dict)}
+        recorded.discard(None)  # lines from before fingerprints: not checkable
+        if recorded and recorded != {model_fingerprint(theta, fingerprint_cache_path(recipe.run_dir))}:
+            raise SetupError(
+                f"{path}: these pairs were sampled from another θ_{s} than {theta} holds now (its "
+                f"weights changed since); make them again with "
+                f"`{command(recipe, 'generate.py', s, '--overwrite', world=commands_world)}`")
 
 
 def command(recipe: Recipe, tool: str, t: int, *extra: str, world: int = 1) -> str:
@@ -132,6 +181,9 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
     """Score both answers of every pair of pairs_file (cached), apply the swap rule at the
     recipe's threshold, and write `out` (judged pairs) and judge_summary.json beside it."""
     from .judge import ScoreCache, judge_pairs
+    for other, what in ((pairs_file, "the pairs file"), (out, "the output")):
+        if os.path.abspath(cache_path) == os.path.abspath(other):
+            raise UserError(f"{cache_path}: the score cache is {what}; give --cache another file")
     pairs = read_pairs(pairs_file)[:limit]
     cache = ScoreCache(cache_path)
     try:
@@ -245,7 +297,10 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
             raise SetupError(f"θ_0 = {theta} (the recipe's 'model') is not a model folder")
         raise SetupError(f"θ_{t} = {theta} does not exist: train iteration {t - 1} first "
                          f"(`{command(recipe, 'train.py', t - 1)}`)")
+    from .checkpoint import check_export_target
+    check_export_target(export)  # before any work: never after hours of it
     sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
+    check_pairs_theta(recipe, sources, env)
     if recipe.fixes.relabel or recipe.fixes.adaptive:
         sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p), log)
     tok = load_tokenizer(theta, template=recipe.model.template)
@@ -262,8 +317,9 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
             log(f"wrote {len(rows)} pairs as {2 * len(rows)} rows to {dump_rows}")
         return None
     info = {"iteration": t, "theta": theta, "sources": per_source, "truncation": stats.as_dict(),
-            "fingerprints": {tag: {"file": v["file"], "sha": v["sha"]} for tag, v in per_source.items()}}
-    trainer = Trainer(recipe, env, rows, theta, iter_dir(recipe.run_dir, t), export, tok.pad_id,
+            "fingerprints": {tag: {"file": v["file"], "sha": v["sha"]} for tag, v in per_source.items()},
+            "recipe": as_dict(recipe)}
+    trainer = Trainer(train_settings(recipe), env, rows, theta, iter_dir(recipe.run_dir, t), export, tok.pad_id,
                       info, progress=progress)
     return trainer.run()
 
@@ -286,8 +342,9 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
         f"truncated {stats.prompts} prompts and {stats.real} answers")
     info = {"data": recipe.data.path, "read": {"records": rstats.records, "skipped": rstats.skipped},
             "truncation": stats.as_dict(),
-            "fingerprints": {"sft": {"file": recipe.data.path, "sha": items_fingerprint(items)}}}
-    return SFTTrainer(recipe, env, items, recipe.model.path, work, export, tok.pad_id, info,
+            "fingerprints": {"sft": {"file": recipe.data.path, "sha": items_fingerprint(items)}},
+            "recipe": as_dict(recipe)}
+    return SFTTrainer(train_settings(recipe), env, items, recipe.model.path, work, export, tok.pad_id, info,
                       progress=progress).run()
 
 

@@ -73,7 +73,9 @@ valid) and otherwise a hash of every setting that shapes the request: the templa
 the system message, temperature and max_tokens (local: the template text, the chat
 template, the empty system turn and the dtype). A cache made under one prompt is never
 reused under another. A re-run — after a crash, SIGKILL or Ctrl-C — looks every item up
-first and never requests a cached one again. Unparsable replies are cached too (the
+first and never requests a cached one again; what a SIGKILL can cost twice is the requests
+in flight at that moment, at most `concurrency` of them (a reply that arrives after the
+kill was paid for but is never written). Unparsable replies are cached too (the
 reply was paid for; they stay unparsable, `--retry-unparsable` re-asks); requests that
 failed after all retries are not cached, so a re-run retries them. Records hold the key,
 the judge, the settings tag, the score (or null), the redacted reply (first 200
@@ -100,7 +102,7 @@ import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import UserError
+from .errors import UserError, json_loads, redact as redact_urls
 from .data import JsonlAppender, read_jsonl
 
 TEMPLATE_VERSION = "v1"
@@ -229,8 +231,9 @@ def redact(text, secrets: Iterable[Optional[str]], min_fragment: int = MIN_SECRE
     """`text` with every run of `min_fragment` or more characters that also occurs in a
     secret replaced by ***: the whole secret, and any part a server echoed ("sk-ab…wxyz",
     a header cut short). A secret shorter than `min_fragment` is replaced where it occurs
-    whole. Left to right, each run as long as it can be, so no such fragment survives."""
-    text = str(text)
+    whole. Left to right, each run as long as it can be, so no such fragment survives.
+    URL credentials (user:password@, ?key=...) go first, by errors.redact, THE rule."""
+    text = redact_urls(str(text))
     for secret in secrets:
         if not secret:
             continue
@@ -249,6 +252,23 @@ def redact(text, secrets: Iterable[Optional[str]], min_fragment: int = MIN_SECRE
 
 
 # ---------------------------------------------------------------- cache
+def _refuse_foreign_cache(path: str):
+    """A cache path aimed at another kind of file (a pairs or judged file, by a slip of
+    --cache) is refused before anything is appended to, or cut from, it."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20).strip()
+    try:
+        rec = json_loads(first.decode("utf-8")) if first else {}
+    except (UnicodeDecodeError, ValueError):
+        rec = None
+    if not isinstance(rec, dict) or (first and "key" not in rec) or "prompt" in rec or "real" in rec:
+        raise JudgeError(f"{path}: not a judge score cache (its first line is not a cache record"
+                         f"{'; it looks like a pairs or judged file' if isinstance(rec, dict) and 'prompt' in rec else ''}); "
+                         "nothing was written to it: give --cache a score cache file or a new path")
+
+
 class ScoreCache:
     """Scores already paid for, keyed by `item_key`; appended one line per score.
 
@@ -260,6 +280,7 @@ class ScoreCache:
         self.path = path
         self.records: Dict[str, dict] = {}
         self._lock = threading.Lock()
+        _refuse_foreign_cache(path)  # before the appender touches the file
         self._appender = JsonlAppender(path, fsync=fsync)  # cuts a torn last line first
         for rec in read_jsonl(path):
             if isinstance(rec, dict) and "key" in rec:
@@ -447,7 +468,7 @@ class OpenAIJudge:
         if len(raw) > REPLY_BODY_LIMIT:
             return None, f"reply body over {REPLY_BODY_LIMIT} bytes"
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json_loads(raw.decode("utf-8"))
             reply = data["choices"][0]["message"]["content"]
             if reply is None:
                 reply = ""
@@ -535,7 +556,7 @@ class LocalJudge:
                  prompt_template: Optional[str] = None):
         import torch
 
-        from .checkpoint import load_model
+        from .checkpoint import load_model, model_fingerprint
         from .config import parse_dtype
         from .tokenizer import load_tokenizer
         if prompt_template is not None:
@@ -546,7 +567,9 @@ class LocalJudge:
         self.tok = load_tokenizer(path, template)
         self.device, self.empty_system = device, empty_system
         self.prompt_template = prompt_template
-        self.judge_id = f"local:{os.path.realpath(path)}"
+        # by content, not path: a judge model retrained (or replaced) at the same path is
+        # another judge, and a copied judge folder is the same one
+        self.judge_id = f"local:{model_fingerprint(path)}"
         self.settings_tag = settings_tag(
             {"template": prompt_template or USER_TEMPLATE, "chat_template": template,
              "empty_system": bool(empty_system), "dtype": str(torch_dtype)},
@@ -763,7 +786,7 @@ def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = l
     fx = recipe.fixes
     template = load_prompt_template(fx.judge_prompt) if fx.judge_prompt else None
     if backend == "local":
-        from .distributed import compute_dtype, pick_device
+        from .device import compute_dtype, pick_device
         device = device or pick_device(recipe.model.device)
         return LocalJudge(fx.judge_model or recipe.model.path, device=device,
                           dtype=compute_dtype(recipe.model.dtype, device), template=recipe.model.template,

@@ -3,6 +3,7 @@ evaluate.py agree on (run_dir defaults to runs/<recipe name>):
 
     runs/<name>/
       judge_cache.jsonl    every judge score, appended as it arrives (judge.py)
+      fingerprints.json    content fingerprints of model folders hashed for this run (θ_0)
       iter<t>/
         pairs.jsonl        y' ~ p_θt for every SFT prompt (generate.py --iter t)
         judged.jsonl       pairs with judge scores, margins and swap flags (judge.py --iter t)
@@ -47,3 +48,7 @@ def theta_path(run_dir: str, t: int, sft_model: str) -> str:
 
 def judge_cache_path(run_dir: str) -> str:
     return os.path.join(run_dir, "judge_cache.jsonl")
+
+
+def fingerprint_cache_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "fingerprints.json")

@@ -8,6 +8,11 @@
   checked from here, so it is refused and the message says to delete it if that process is gone.
   Under torchrun only rank 0 takes the lock (the ranks of one job are one writer); the caller
   should make the other ranks wait for rank 0 (a barrier) before they write.
+  The writer also holds an flock(2) on the file while it lives, so a lock file that is empty or
+  unreadable (a crash, or a full disk, between creating it and writing the JSON) can still be
+  judged: when no process holds its flock it is taken over, with a note; when one does, the
+  folder is in use. If the JSON cannot be written (a full disk), the empty file is removed at
+  once and the error says why.
   The lock is re-entrant within a process, so a driver may hold it around stages that take it
   themselves. Exit removes the file only if it still holds our pid and start time.
 * `clean_orphans(folder)` removes what a kill leaves behind: `<name>.tmp-<pid>` files and folders
@@ -18,6 +23,8 @@
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
@@ -32,7 +39,7 @@ from .errors import UserError
 LOCK_NAME = ".minispin.lock"
 ORPHAN = re.compile(r"^.+\.tmp-(\d+)$")
 STEP_TMP = re.compile(r"^step_\d+\.tmp$")
-_HELD: dict = {}  # absolute lock path -> [nesting depth, the JSON we wrote] in this process
+_HELD: dict = {}  # absolute lock path -> [nesting depth, the JSON we wrote, fd holding the flock]
 
 
 class RunLockError(UserError):
@@ -86,11 +93,19 @@ class RunLock:
             except OSError as e:
                 raise RunLockError(f"{self.path}: cannot create the lock file ({e.strerror}); make "
                                    f"{self.folder} writable or use another --run-dir") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            _HELD[key] = [1, me]
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until exit: "a live writer"
+                os.write(fd, json.dumps(me).encode())
+                os.fsync(fd)
+            except OSError as e:  # e.g. ENOSPC: never leave an empty lock behind
+                os.close(fd)
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+                raise RunLockError(f"{self.path}: cannot write the lock file ({e.strerror}); free "
+                                   f"space on that disk or use another --run-dir") from None
+            _HELD[key] = [1, me, fd]
             return self
         raise RunLockError(f"{self.path}: other processes keep taking this lock; is another job "
                            f"starting on {self.folder}?")
@@ -106,8 +121,8 @@ class RunLock:
         if holder is None:
             if not os.path.exists(self.path):
                 return  # released meanwhile: try again
-            raise RunLockError(f"{self.path}: unreadable lock file; if no other process writes to "
-                               f"{self.folder}, delete it")
+            self._take_over_unreadable()
+            return
         host = socket.gethostname()
         pid = holder["pid"]
         # our own pid here means an earlier process with the same pid (a restarted container):
@@ -134,15 +149,51 @@ class RunLock:
         print(f"note: took over {self.path}, left by pid {pid} on {host}, which is no longer running",
               file=sys.stderr, flush=True)
 
+    def _take_over_unreadable(self):
+        """An empty or garbled lock file: a live writer holds its flock; nobody holding it
+        means the writer died before writing its pid (a crash, a full disk). Take it over."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise RunLockError(f"{self.path}: unreadable lock file ({e.strerror}); if no other process "
+                               f"writes to {self.folder}, delete it") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunLockError(f"{self.folder} is in use by a process that is starting (lock "
+                                       f"file {self.path} not yet written); wait for it to finish") from None
+                raise RunLockError(f"{self.path}: unreadable lock file ({e.strerror}); if no other "
+                                   f"process writes to {self.folder}, delete it") from None
+            grave = f"{self.path}.stale-{os.getpid()}"
+            try:
+                os.rename(self.path, grave)
+            except FileNotFoundError:
+                return
+            if os.stat(grave).st_ino != os.fstat(fd).st_ino:  # another process's lock: put it back
+                try:
+                    os.link(grave, self.path)
+                except FileExistsError:
+                    pass
+            os.unlink(grave)
+        finally:
+            os.close(fd)
+        print(f"note: took over {self.path}, an empty or unreadable lock that no running process "
+              "holds (left by a crash)", file=sys.stderr, flush=True)
+
     def __exit__(self, *exc) -> bool:
         if self.rank != 0:
             return False
         key = os.path.abspath(self.path)
         _HELD[key][0] -= 1
         if _HELD[key][0] == 0:
-            mine = _HELD.pop(key)[1]
+            _, mine, fd = _HELD.pop(key)
             if _read_holder(self.path) == mine:  # never remove a lock someone else has taken
                 os.unlink(self.path)
+            os.close(fd)
         return False
 
 

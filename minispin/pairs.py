@@ -35,14 +35,14 @@ from . import distributed as D
 from .checkpoint import load_model
 from .data import JsonlAppender, ReadStats, SFTExample, read_jsonl, read_sft, write_jsonl_atomic
 from .errors import UserError
-from .layout import pairs_path, theta_path
+from .layout import fingerprint_cache_path, pairs_path, theta_path
 from .recipe import Recipe
 from .rows import truncate_pair
 from .sampling import generate, row_seed
 from .tokenizer import load_tokenizer
 
 # what makes two lines of a pairs file comparable (the per-line fields are left out)
-SETTING_KEYS = ("model", "iter", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+SETTING_KEYS = ("model", "model_sha", "iter", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
                 "template", "empty_system", "max_length", "max_prompt_length", "bos", "decode")
 
 
@@ -186,7 +186,11 @@ def generate_pairs_file(recipe: Recipe, t: int, env, model_dir: Optional[str] = 
     if stats.skipped:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.skipped.items()))
         _log(env, f"{recipe.data.path}: skipped {sum(stats.skipped.values())} of {stats.records} records ({why})")
-    settings = {"model": model_dir, "iter": t, "max_new_tokens": recipe.generation.max_new_tokens,
+    from .checkpoint import model_fingerprint
+    # by content: a retrained θ_t at the same path differs (rank 0 hashes, cached in the run folder)
+    theta_sha = D.broadcast_object(model_fingerprint(model_dir, fingerprint_cache_path(recipe.run_dir))
+                                   if env.is_main else None)
+    settings = {"model": model_dir, "model_sha": theta_sha, "iter": t, "max_new_tokens": recipe.generation.max_new_tokens,
                 "temperature": recipe.generation.temperature, "top_p": recipe.generation.top_p,
                 "top_k": recipe.generation.top_k, "seed": recipe.seed, "template": tok.template,
                 "bos": recipe.generation.gen_bos, "decode": recipe.generation.decode,
@@ -203,6 +207,12 @@ def generate_pairs_file(recipe: Recipe, t: int, env, model_dir: Optional[str] = 
     done_lines = read_jsonl(out)
     for path in part_files(out):
         done_lines += read_jsonl(path)
+    stale = sum(1 for rec in done_lines if isinstance(rec.get("gen"), dict)
+                and rec["gen"].get("model_sha") not in (None, theta_sha))
+    if stale:
+        raise GenerateError(f"{out}: {stale} lines were sampled from another {model_dir} than the one "
+                            "there now (its weights changed since); pass --overwrite to sample them all "
+                            "again with the current model")
     done = {rec.get("id") for rec in done_lines}
     core = lambda gen: tuple(gen.get(k) for k in SETTING_KEYS) if isinstance(gen, dict) else None  # noqa: E731
     other = sum(1 for rec in done_lines if core(rec.get("gen")) != core(settings))

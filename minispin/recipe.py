@@ -94,7 +94,7 @@ class Data:
     num_prompts: int = key(0, "use the first N usable records only; 0 = all", lo=0)
     shuffle_seed: int = key(-1, "shuffle the SFT records before taking num_prompts, as uclaml/SPIN "
                             "and the study did (datasets' shuffle(seed): numpy default_rng(seed)."
-                            "permutation); -1 = file order", lo=-1)
+                            "permutation); -1 = file order", lo=-1, hi=2**62)
     max_length: int = key(1024, "prompt + answer tokens at most (SPIN's truncation rule)", lo=3)
     max_prompt_length: int = key(512, "prompt tokens kept (its END) when a pair is too long", lo=2)
     mix_previous: bool = key(True, "for t >= 1 also train on iteration t-1's pairs (SPIN's recipe)")
@@ -150,7 +150,7 @@ class Training:
                         "iter<t>/ref_logps.jsonl | online: a frozen sharded θ_t recomputed "
                         "every step", choices=("precompute", "online"))
     optimizer: str = key("rmsprop", "rmsprop (SPIN) | adamw", choices=("rmsprop", "adamw"))
-    lr: float = key(5e-7, "peak learning rate", lo=0)
+    lr: float = key(5e-7, "peak learning rate", lo=0, lo_open=True)
     weight_decay: float = key(0.0, "weight decay", lo=0)
     adam_beta1: float = key(0.9, "AdamW β1", lo=0, hi=1)
     adam_beta2: float = key(0.999, "AdamW β2", lo=0, hi=1)
@@ -298,7 +298,8 @@ def _table() -> Dict[str, KeyInfo]:
         "name": KeyInfo("name", "", "name", str, "tiny", {"help": "recipe name (default: the file's stem)"}),
         "run_dir": KeyInfo("run_dir", "", "run_dir", str, "", {"help": "where iterations live (default runs/<name>)"}),
         "seed": KeyInfo("seed", "", "seed", int, 42, {"help": "seed of the data order, of any noise and of "
-                                                      "sampling ((seed, prompt id) per prompt)"}),
+                                                      "sampling ((seed, prompt id) per prompt)",
+                                                      "lo": 0, "hi": 2**62}),  # torch seeds are 64-bit
     }
     types = {"str": str, "int": int, "float": float, "bool": bool}
     for sec, cls in SECTIONS.items():
@@ -362,6 +363,8 @@ def find_recipe(path: Optional[str]) -> str:
     """A TOML path (from the current folder, else among the shipped files, so
     "configs/tiny.toml" works anywhere) or the name of a shipped recipe ("tiny" or
     "tiny.toml"); the default is the tiny recipe."""
+    if path is not None and not str(path).strip():
+        raise RecipeError("--config: an empty path; give a recipe file or name, or leave the flag out")
     path = path or DEFAULT_RECIPE
     stem = path[:-5] if path.endswith(".toml") else path
     for candidate in (path, _resolve_path(path), os.path.join(CONFIG_DIR, f"{stem}.toml")):
@@ -445,6 +448,8 @@ def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None
         if k not in KEYS:
             raise RecipeError(f"internal: flag for unknown recipe key '{k}'")
         values[k] = _convert(KEYS[k], v, KEYS[k].flag)
+        if k in PATH_KEYS and not values[k].strip():
+            raise RecipeError(f"{KEYS[k].flag}: an empty path; give a file or folder, or leave the flag out")
         where_of[k] = KEYS[k].flag
         given.add(k)
     for k in PATH_KEYS:
@@ -496,8 +501,11 @@ def check(recipe: Recipe, where_of: Optional[Dict[str, str]] = None):
     if d.max_prompt_length >= d.max_length:
         raise RecipeError(f"{where('max_prompt_length')}: max_prompt_length ({d.max_prompt_length}) "
                           f"must be smaller than max_length ({d.max_length})")
-    if t.loss_type == "robust" and not t.label_smoothing < 0.5:
-        raise RecipeError(f"{where('label_smoothing')}: the robust loss needs label_smoothing < 0.5")
+    if t.loss_type in ("sigmoid", "robust") and not t.label_smoothing < 0.5:
+        # ε >= 0.5 weighs "generated is better" at least as much as "real is better": the
+        # sigmoid loss then trains towards the generated answers, the robust one divides by 0
+        raise RecipeError(f"{where('label_smoothing')}: the {t.loss_type} loss needs label_smoothing "
+                          f"< 0.5, got {t.label_smoothing}")
     check_device(recipe.model.device, where("device"))
     noise = parse_noise(fx.noise, recipe.seed, where("noise"))
     if fx.adaptive and noise.ref_sigma > 0:
@@ -607,6 +615,8 @@ def parse_noise(spec: str, seed: int, where: str = "--noise") -> NoiseSettings:
                 v = int(v)
             except ValueError:
                 raise RecipeError(f"{where}: seed must be a whole number, got {v!r}") from None
+            if not 0 <= v <= 2**62:
+                raise RecipeError(f"{where}: seed must be between 0 and 2**62, got {v}")
         out[name] = v
     return NoiseSettings(**out)
 

@@ -74,7 +74,7 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .chat import BUILT_IN, TEMPLATES, ChatTemplate, TokenizerError
-from .errors import MissingFileError
+from .errors import MissingFileError, json_loads
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "JsonTokenizer", "TokenizerError", "TEMPLATES",
            "load_tokenizer"]
@@ -377,7 +377,7 @@ class JsonTokenizer(Tokenizer):
         try:
             with open(json_file, encoding="utf-8") as f:
                 source = f.read()
-            spec = json.loads(source)
+            spec = json_loads(source)
             self.tk = RustTokenizer.from_str(source)
             twin, changed = _without_prefix(spec)
         except Exception as e:  # not JSON, or JSON that is not a tokenizer
@@ -498,7 +498,7 @@ def _read_json(path: str) -> dict:
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json_loads(f.read())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e}); restore it from the model's source") from None
     if not isinstance(data, dict):

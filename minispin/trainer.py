@@ -28,7 +28,8 @@ machinery (distributed.py). One SPIN iteration, or an SFT run, is one `Trainer.r
    message naming the step, the batch and the last good checkpoint, which stays intact.
 7. Checkpoints every `checkpoint_every` steps (model, optimizer, scheduler, step, RNG and a
    fingerprint of the data and settings); re-running the same command resumes from the
-   newest, and refuses one written from other data or settings. At the end the full state
+   newest intact one (a damaged newest checkpoint is skipped, saying so), and refuses one
+   written from other data or settings. At the end the full state
    dict is gathered and written as an HF folder (atomically): θ_{t+1}.
 
 LoRA (`lora_rank > 0`, lora.py): θ_t is loaded frozen (in the compute dtype unless
@@ -40,6 +41,14 @@ peft's format (work_dir/adapter) and then the merged θ_{t+1}.
 The study's noise (fixes.py decides, noise.py draws): each pair's "noise" σ goes on the
 reference logits of its answers on the recipe's noise side, drawn once per answer
 ("frozen") or anew at every step ("fresh"); NEFTune is a hook on the policy's embeddings.
+
+Settings: the loop reads only `TrainSettings` (below), a typed dataclass that iteration.py
+builds from a recipe; it never sees the recipe. The resume key is derived from it: every
+field is in the key unless declared `resume=False` (bookkeeping that cannot change a loss),
+so a setting added later is checked on resume without anyone remembering to list it. θ_t
+enters the key, and the reference log-probs' fingerprints, by the content fingerprint of its
+files (checkpoint.model_fingerprint), not its path: a model retrained at the same path is
+noticed, and a copied run folder resumes.
 
 Hooks for tests: `add_hook("loss", fn(step, loss) -> loss)` and `add_hook("step_end",
 fn(trainer, step))` run inside every Trainer of the process; a test installs them (e.g. a
@@ -55,20 +64,24 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
 from . import distributed as D
 from . import lora
-from .checkpoint import save_model
+from .checkpoint import check_export_target, model_fingerprint, save_model
 from .config import parse_dtype, read_config
 from .data import JsonlAppender, read_jsonl, write_jsonl_atomic
-from .errors import StoppedError, UserError
+from .errors import StoppedError, UserError, redact_all
+from .layout import fingerprint_cache_path
 from .rows import TokenizedPair, collate_pairs, collate_sft
 from .loss import answer_logps, sft_step, spin_step
 from .noise import add_neftune, reference_noise
-from .recipe import Recipe, as_dict
+
+if TYPE_CHECKING:  # the type only: the trainer never reads a recipe
+    from .recipe import NoiseSettings
 
 _HOOKS: Dict[str, List[Callable]] = {"loss": [], "step_end": []}
 
@@ -139,14 +152,63 @@ class MetricsLog:
                 f.close()
 
 
-# settings that change the maths of a run: a checkpoint must agree on all of them
-# (what the fixes do to each pair — swap, σ — is in the data fingerprint instead)
-RESUME_SETTINGS = ("beta", "loss_type", "label_smoothing", "optimizer", "lr", "weight_decay",
-                   "adam_beta1", "adam_beta2", "optim_eps", "rmsprop_alpha", "lr_scheduler",
-                   "warmup_ratio", "epochs", "batch_size", "max_length", "max_prompt_length",
-                   "max_grad_norm", "seed", "noise", "fp32_logits")
-# ... and, for a LoRA run only (so checkpoints of full fine-tuning keep their key), these
-LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base_dtype")
+def _bookkeeping():
+    """A TrainSettings field that cannot change any loss or weight: left out of the resume key."""
+    return field(metadata={"resume": False})
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the training loop reads. Each field is a recipe key of the same name
+    (iteration.train_settings copies them), plus the run's seed and its parsed noise.
+    A field is in the resume key unless it is declared with _bookkeeping()."""
+    beta: float
+    loss_type: str
+    label_smoothing: float
+    ref_mode: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    optim_eps: float
+    rmsprop_alpha: float
+    lr_scheduler: str
+    warmup_ratio: float
+    epochs: int
+    batch_size: int
+    last_batch: str  # drop | fill: how many steps an epoch has, and which pairs the last one sees
+    max_grad_norm: float
+    mixed_precision: str  # in the key as the precision it resolves to on this device
+    fp32_logits: bool
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    lora_base_dtype: str
+    seed: int
+    noise: "NoiseSettings"  # what the fixes do to each pair (swap, σ) is in the data fingerprint
+    # bookkeeping: any process count, any micro-batching, any logging trains alike
+    max_steps: int = _bookkeeping()  # what it changes, the number of steps, is in the key itself
+    micro_batch_size: int = _bookkeeping()
+    ref_batch_size: int = _bookkeeping()
+    activation_checkpointing: bool = _bookkeeping()
+    report_to: str = _bookkeeping()
+    checkpoint_every: int = _bookkeeping()
+    keep_checkpoints: int = _bookkeeping()
+    keep_checkpoints_after_export: bool = _bookkeeping()
+    export_dtype: str = _bookkeeping()
+
+    def resume_settings(self, device) -> dict:
+        """{field: value} of every field a checkpoint must agree on."""
+        out = {}
+        for f in fields(self):
+            if f.metadata.get("resume", True):
+                v = getattr(self, f.name)
+                out[f.name] = asdict(v) if hasattr(v, "__dataclass_fields__") else v
+        mp = D.mixed_precision_policy(self.mixed_precision, torch.device(device))
+        out["mixed_precision"] = "fp32" if mp is None else "bf16"
+        return out
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -174,6 +236,23 @@ def lr_lambda(kind: str, total_steps: int, warmup_steps: int) -> Callable[[int],
     return f
 
 
+def epoch_steps(n: int, batch_size: int, last_batch: str) -> int:
+    """Optimizer steps per epoch over n pairs: floor (last_batch "drop": the incomplete last
+    batch is dropped) or ceil ("fill": it is completed, as HF Trainer keeps it)."""
+    return -(-n // batch_size) if last_batch == "fill" else n // batch_size
+
+
+def global_batch(n: int, step: int, batch_size: int, steps_per_epoch: int, seed: int) -> List[int]:
+    """Indices (into the n pairs) of optimizer step `step` (0-based): epoch e is a fresh
+    permutation seeded by seed + e, cut into global batches in order."""
+    epoch, b = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    idx = perm[b * batch_size:(b + 1) * batch_size].tolist()
+    if len(idx) < batch_size:   # last_batch = "fill": accelerate's even_batches wraps to the start
+        idx += perm[:batch_size - len(idx)].tolist()
+    return idx
+
+
 def items_fingerprint(items: List[TokenizedPair]) -> str:
     """A hash of the rows a run trains on: pair keys, token ids, swap and noise."""
     h = hashlib.sha256()
@@ -188,23 +267,27 @@ class Trainer:
 
     mode = "spin"
 
-    def __init__(self, recipe: Recipe, env: D.DistEnv, items: List[TokenizedPair], init_model: str,
+    def __init__(self, settings: TrainSettings, env: D.DistEnv, items: List[TokenizedPair], init_model: str,
                  work_dir: str, export_dir: str, pad_id: int, info: Optional[dict] = None,
                  progress: bool = True):
-        self.recipe, self.cfg, self.env, self.items = recipe, recipe.training, env, items
+        self.cfg, self.env, self.items = settings, env, items
         self.init_model, self.work_dir, self.export_dir = init_model, work_dir, export_dir
         self.pad_id = pad_id
         self.info = info or {}
         self.progress = progress
-        self.noise = recipe.noise_settings()
+        self.noise = settings.noise
+        check_export_target(export_dir)  # refused now, not after hours of training
+        # θ_t by content (module docstring): rank 0 hashes (cached in the run folder), all use it
+        run_dir = os.path.dirname(os.path.abspath(work_dir))  # work_dir is iter<t>/ or sft/
+        fp = model_fingerprint(init_model, fingerprint_cache_path(run_dir)) if env.is_main else None
+        self.theta_fp = D.broadcast_object(fp) if D.dist.is_initialized() else fp
         self.ckpt_root = os.path.join(work_dir, "ckpt")
         self.metrics_path = os.path.join(work_dir, "metrics.jsonl")
         self.ref_path = os.path.join(work_dir, "ref_logps.jsonl")
         cfg = self.cfg
         self.accum = accumulation_steps(cfg.batch_size, cfg.micro_batch_size, env.world_size)
         # an epoch's steps: floor (drop the incomplete last batch) or ceil (fill it)
-        self.steps_per_epoch = -(-len(items) // cfg.batch_size) if cfg.last_batch == "fill" \
-            else len(items) // cfg.batch_size
+        self.steps_per_epoch = epoch_steps(len(items), cfg.batch_size, cfg.last_batch)
         if len(items) < cfg.batch_size:
             raise UserError(f"{len(items)} training examples are fewer than one global batch "
                             f"(batch_size {cfg.batch_size}); lower --batch-size")
@@ -219,6 +302,8 @@ class Trainer:
                                        lora.parse_targets(cfg.lora_targets))
                      if cfg.lora_rank > 0 else None)
         self.adapter_dir = os.path.join(work_dir, "adapter")
+        if self.lora:
+            check_export_target(self.adapter_dir)
         self.noise_gen: Optional[torch.Generator] = None
         self.step = 0  # the optimizer step being computed (0-based)
 
@@ -229,14 +314,7 @@ class Trainer:
     # ------------------------------------------------------------------ data order
     def global_batch(self, step: int) -> List[int]:
         """Indices (into self.items) of the pairs of optimizer step `step` (0-based)."""
-        epoch, b = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.recipe.seed + epoch)
-        perm = torch.randperm(len(self.items), generator=g)
-        B = self.cfg.batch_size
-        idx = perm[b * B:(b + 1) * B].tolist()
-        if len(idx) < B:   # last_batch = "fill": accelerate's even_batches wraps to the start
-            idx += perm[:B - len(idx)].tolist()
-        return idx
+        return global_batch(len(self.items), step, self.cfg.batch_size, self.steps_per_epoch, self.cfg.seed)
 
     def my_micro_batches(self, step: int) -> List[List[int]]:
         """This rank's micro-batches: micro j = a * world + rank for a in accumulation."""
@@ -249,7 +327,7 @@ class Trainer:
         noise = [p.noise, self.noise.side, self.noise.seed] if p.noise else []
         # the numerics too: a bf16 or bf16-logit log-prob is not the fp32 one
         numerics = [self.cfg.mixed_precision, self.cfg.fp32_logits, torch.device(self.env.device).type]
-        blob = json.dumps([os.path.abspath(self.init_model), p.prompt, p.real, p.generated, noise, numerics]
+        blob = json.dumps([self.theta_fp, p.prompt, p.real, p.generated, noise, numerics]
                           + ([p.attention] if p.attention is not None else []))
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -367,26 +445,28 @@ class Trainer:
         return opt, sched
 
     def _resume_key(self) -> dict:
-        """What a checkpoint must agree on to be resumed by this run: the settings that
-        change the maths, the data (a fingerprint per source file) and θ_t."""
-        settings = as_dict(self.recipe)
-        key = {k: settings[k] for k in RESUME_SETTINGS + (LORA_SETTINGS if self.lora else ())}
-        if self.cfg.last_batch != "drop":   # default runs keep their checkpoints' key
-            key["last_batch"] = self.cfg.last_batch
-        key.update(total_steps=self.total_steps, mode=self.mode,
-                   init_model=os.path.abspath(self.init_model), data=self.info.get("fingerprints", {}))
+        """What a checkpoint must agree on to be resumed by this run: every setting of
+        TrainSettings.resume_settings, the data (a content fingerprint per source) and θ_t
+        (by content). File paths are not in it: a copied run folder resumes."""
+        key = self.cfg.resume_settings(self.env.device)
+        key.update(total_steps=self.total_steps, mode=self.mode, theta=self.theta_fp,
+                   data={tag: v["sha"] for tag, v in self.info.get("fingerprints", {}).items()})
         return key
 
     def _check_resume_key(self, path: str, was: dict):
         now = self._resume_key()
+        files = {tag: v["file"] for tag, v in self.info.get("fingerprints", {}).items()}
         diff = []
-        for k in list(now) + [k for k in LORA_SETTINGS if k in was and k not in now]:
+        for k in sorted(set(now) | set(was)):
             if k == "data":
-                for tag in sorted(set(now[k]) | set(was.get(k, {}))):
-                    a, b = was.get(k, {}).get(tag), now[k].get(tag)
+                for tag in sorted(set(now[k]) | set(was.get(k) or {})):
+                    a, b = (was.get(k) or {}).get(tag), now[k].get(tag)
                     if a != b:
                         what = "changed" if a and b else ("added" if b else "removed")
-                        diff.append(f"the pairs of {tag} ({(b or a)['file']}) {what}")
+                        diff.append(f"the pairs of {tag} ({files.get(tag, tag)}) {what}")
+            elif k == "theta" and was.get(k) != now.get(k):
+                diff.append(f"θ_t ({self.init_model}) changed: its weights are not those the "
+                            "checkpoint was trained from")
             elif was.get(k) != now.get(k):
                 diff.append(f"{k}: {was.get(k)!r} -> {now.get(k)!r}")
         if diff:
@@ -432,7 +512,7 @@ class Trainer:
         compute = torch.bfloat16 if mp is not None else torch.float32
         policy = D.load_sharded_model(self.init_model, env, mesh, mp, dtype=base,
                                       activation_checkpointing=cfg.activation_checkpointing,
-                                      lora=self.lora, lora_seed=self.recipe.seed)
+                                      lora=self.lora, lora_seed=self.cfg.seed)
         if self.noise.neftune_alpha > 0:
             # training mode + autograd only: never in the precompute pass (eval, no_grad),
             # the online reference (another model, or under LoRA a no_grad forward) or generation
@@ -453,14 +533,14 @@ class Trainer:
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
         os.makedirs(self.work_dir, exist_ok=True)
-        torch.manual_seed(self.recipe.seed)
-        self.noise_gen = torch.Generator(device=env.device).manual_seed(self.recipe.seed + 1 + env.rank)
+        torch.manual_seed(self.cfg.seed)
+        self.noise_gen = torch.Generator(device=env.device).manual_seed(self.cfg.seed + 1 + env.rank)
         policy = self.policy = self._load_models()
         opt, sched = self._build_optimizer(policy)
-        start, last_ckpt = 0, D.latest_checkpoint(self.ckpt_root)
+        start, last_ckpt = 0, self._intact_checkpoint()
         if last_ckpt:
             self._check_resume_key(last_ckpt, D.checkpoint_extra(last_ckpt).get("resume_key", {}))
-            extra = D.load_checkpoint(last_ckpt, policy, opt, env)
+            extra = D.load_checkpoint(last_ckpt, policy, opt, env, verified=True)
             start = extra["step"]
             sched.load_state_dict(extra["scheduler"])
             self._set_rng_state(extra["rng"])
@@ -469,9 +549,9 @@ class Trainer:
         if env.is_main:
             info = dict(self.info, mode=self.mode, world_size=env.world_size, accumulation=self.accum,
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                        examples=len(self.items), recipe=as_dict(self.recipe), init_model=self.init_model)
+                        examples=len(self.items), init_model=self.init_model, theta_fingerprint=self.theta_fp)
             with open(os.path.join(self.work_dir, "train_info.json"), "w") as f:
-                json.dump(info, f, indent=2, default=str)
+                json.dump(redact_all(json.loads(json.dumps(info, default=str))), f, indent=2)
 
         from tqdm import tqdm
         metrics_log = MetricsLog(self.work_dir, cfg.report_to, start, enabled=env.is_main)
@@ -509,6 +589,31 @@ class Trainer:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
         D.barrier()
         return last
+
+    def _intact_checkpoint(self) -> Optional[str]:
+        """The newest checkpoint whose files match their checksums (rank 0 checks, the
+        others follow); each damaged newer one is named on stderr and skipped (a later save
+        of its step replaces it). When none is intact the newest one's error stops the run:
+        a run never starts over silently on top of checkpoints it cannot read."""
+        chosen, errors = None, []
+        if self.env.is_main:
+            for path in D.checkpoints_newest_first(self.ckpt_root):
+                try:
+                    D.verify_checkpoint(path)
+                except D.TrainCheckpointError as e:
+                    errors.append(str(e))
+                    continue
+                chosen = path
+                break
+            if chosen and errors:
+                for e in errors:
+                    print(f"warning: skipping a damaged checkpoint: {e}", file=sys.stderr, flush=True)
+                print(f"note: resuming from {chosen}, the newest intact checkpoint", file=sys.stderr, flush=True)
+        first_error = errors[0] if errors else None
+        chosen, first_error = D.broadcast_object((chosen, first_error))
+        if chosen is None and first_error:
+            raise D.TrainCheckpointError(first_error)
+        return chosen
 
     def _train_step(self, policy, opt, step: int, last_ckpt: Optional[str]) -> dict:
         """Forward/backward of this rank's micro-batches, the checks, the optimizer step;

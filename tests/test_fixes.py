@@ -82,6 +82,12 @@ def new_run(root, name, pairs, judged=True, t=0):
     return run
 
 
+# lr > 0 is required (an lr of 0 is refused as nonsense); 1e-30 moves no weight of these
+# models: an RMSprop step is about 10 x lr = 1e-29, far below half an fp32 ulp of any weight,
+# so "lr 0" measurements (every step under θ_t) stay bit-identical
+NO_UPDATE = "1e-30"
+
+
 def args_for(run, *extra, lr="1e-3", batch="4", micro="2", epochs="1", steps="4"):
     return ["--model", STORIES, "--run-dir", run, "--batch-size", batch, "--micro-batch-size", micro,
             "--max-length", "80", "--max-prompt-length", "48", "--lr", lr, "--epochs", epochs,
@@ -201,14 +207,14 @@ def test_relabel_swaps_exactly_the_judged_pairs(base):
 
 # ---------------------------------------------------------------------- adaptive
 def test_adaptive_changes_only_the_small_margin_pairs(base):
-    """Per-pair losses: batch 1 and lr 0, so step i is pair perm[i] under θ_t. Against the
+    """Per-pair losses: batch 1 and lr NO_UPDATE (no weight moves), so step i is pair perm[i] under θ_t. Against the
     relabel run (same judge decisions) every decided pair's loss and reference log-probs
     are bit-identical and every small-margin pair's differ; against plain SPIN the pairs
     the judge kept are bit-identical too."""
     runs = {}
     for name, extra in (("plain", []), ("relabel", ["--relabel"]), ("adaptive", ["--adaptive"])):
         runs[name] = new_run(base["root"], f"pp-{name}", base["pairs"])
-        assert train.main(args_for(runs[name], *extra, lr="0", batch="1", micro="1",
+        assert train.main(args_for(runs[name], *extra, lr=NO_UPDATE, batch="1", micro="1",
                                    steps="0")) == 0
     m = {k: metrics(v) for k, v in runs.items()}
     r = {k: refs(v) for k, v in runs.items()}
@@ -257,12 +263,12 @@ def test_neftune_is_absent_from_the_reference_pass_and_generation(base):
 
 def test_fresh_noise_redraws_each_step_online(base):
     """mode=fresh (online reference): the same pairs get a new draw at the next step (here
-    epoch 2); frozen gives them the same one. Batch = all 16 pairs, lr 0, 2 epochs."""
+    epoch 2); frozen gives them the same one. Batch = all 16 pairs, lr NO_UPDATE, 2 epochs."""
     losses = {}
     for mode in ("fresh", "frozen"):
         run = new_run(base["root"], f"mode-{mode}", base["pairs"])
         assert train.main(args_for(run, "--noise", f"ref-logit=0.5,mode={mode}", "--ref-mode", "online",
-                                   lr="0", batch="16", micro="4", epochs="2", steps="0")) == 0
+                                   lr=NO_UPDATE, batch="16", micro="4", epochs="2", steps="0")) == 0
         losses[mode] = [x["loss"] for x in metrics(run)]
     assert abs(losses["frozen"][0] - losses["frozen"][1]) < 1e-5
     assert abs(losses["fresh"][0] - losses["fresh"][1]) > 1e-3

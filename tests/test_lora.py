@@ -167,7 +167,8 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
             else:
                 assert p.grad is not None and p.grad.full_tensor().abs().max() == 0, name
         recipe = resolve(None, {"lora_rank": RANK, "model": setup["model"]})
-        trainer = Trainer(recipe, env, items, setup["model"], str(setup["root"] / "unused"),
+        from minispin.iteration import train_settings
+        trainer = Trainer(train_settings(recipe), env, items, setup["model"], str(setup["root"] / "unused"),
                           str(setup["root"] / "unused-out"), tok.pad_id, progress=False)
         opt, _ = trainer._build_optimizer(policy)
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -340,7 +341,7 @@ def test_resume_refuses_a_checkpoint_of_another_lora_setting(setup, capsys):
                                      "--heldout-examples", "0"]
     assert train.main(full) == 2  # full fine-tuning from a LoRA checkpoint
     err = capsys.readouterr().err
-    assert "lora_rank: 4 -> None" in err and len(err.strip().splitlines()) == 1
+    assert "lora_rank: 4 -> 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_1gpu_recipe_and_its_adapter_count():

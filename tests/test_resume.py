@@ -399,11 +399,24 @@ def test_lock_from_another_host_or_unreadable_is_refused(tmp_path):
         RunLock(folder).__enter__()
     with RunLock(folder, rank=1):  # under torchrun only rank 0 takes (and checks) the lock
         pass
+    # an unreadable lock is judged by its flock: held by a live process -> refused, untouched
     with open(lock, "w") as f:
         f.write("garbage")
-    with pytest.raises(RunLockError, match="unreadable lock file"):
-        RunLock(folder).__enter__()
-    assert open(lock).read() == "garbage"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", lock],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockError, match="in use by a process that is starting"):
+            RunLock(folder).__enter__()
+        assert open(lock).read() == "garbage"
+    finally:
+        holder.kill()
+        holder.wait()
+    # ... and nobody holding it (a crash before the pid was written): taken over
+    with RunLock(folder):
+        assert json.load(open(lock))["pid"] == os.getpid()
+    assert not os.path.exists(lock)
 
 
 def test_lock_on_a_read_only_folder_is_a_one_line_error(tmp_path, monkeypatch):

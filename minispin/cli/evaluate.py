@@ -20,7 +20,7 @@ import sys
 
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import ArgumentParser, UserError, run_cli
+from minispin.errors import ArgumentParser, UserError, run_cli, path_arg, iteration_arg
 
 INSTALL_HINT = ("needs lm-evaluation-harness, an optional extra of minispin: pip install 'minispin[eval]' "
                 "(in a checkout: pip install -e .[eval])")
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog=prog("minispin-eval"), description="lm-eval suite of the SPIN study "
                                  "over minispin models", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
-    ap.add_argument("--model", action="append", required=True,
+    ap.add_argument("--model", type=path_arg, action="append", required=True,
                     help="HF-format model folder (repeat for a table across models)")
-    ap.add_argument("--config", default=None, help="recipe whose device/dtype settings apply (default tiny)")
+    ap.add_argument("--config", type=path_arg, default=None, help="recipe whose device/dtype settings apply (default tiny)")
     ap.add_argument("--suite", default="spin", help="task suite (default: spin)")
     ap.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks instead of the suite "
                     "(suite tasks keep their shots/metric)")
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=float, default=None,
                     help="documents per task (a fraction if < 1) — for quick checks, not for reporting")
     ap.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    ap.add_argument("--output", default=None, help="folder for results JSON and the table")
+    ap.add_argument("--output", type=path_arg, default=None, help="folder for results JSON and the table")
     ap.add_argument("--offline", action="store_true",
                     help="use the shipped task samples in assets/eval; never touch the network")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a setup error")

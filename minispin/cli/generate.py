@@ -18,7 +18,7 @@ import argparse
 from minispin import distributed as D
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import ArgumentParser, run_cli
+from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.iteration import locked
 from minispin.pairs import generate_pairs_file
 
@@ -34,16 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from the recipe (--config), then these flags. Output: "
                "runs/<name>/iter<t>/pairs.jsonl; re-running resumes. Under torchrun every rank "
                "generates its shard and rank 0 merges. See docs/generate.md.")
-    p.add_argument("--config", metavar="RECIPE", default=None,
+    p.add_argument("--config", type=path_arg, metavar="RECIPE", default=None,
                    help="recipe TOML, or the name of one in configs/ (default: configs/tiny.toml)")
-    p.add_argument("--iter", type=int, default=0, metavar="T",
+    p.add_argument("--iter", type=iteration_arg, default=0, metavar="T",
                    help="SPIN iteration t: samples with θ_t (θ_0 = the recipe's SFT model, θ_t = "
                         "runs/<name>/iter<t-1>/model) and writes runs/<name>/iter<t>/pairs.jsonl (default 0)")
-    p.add_argument("--model", default=None, metavar="DIR",
+    p.add_argument("--model", type=path_arg, default=None, metavar="DIR",
                    help="HF model folder to sample with, instead of θ_t from the run layout")
-    p.add_argument("--out", default=None, metavar="FILE",
+    p.add_argument("--out", type=path_arg, default=None, metavar="FILE",
                    help="pairs file to write (default: <run-dir>/iter<t>/pairs.jsonl)")
-    p.add_argument("--run-dir", default=None, metavar="DIR",
+    p.add_argument("--run-dir", type=path_arg, default=None, metavar="DIR",
                    help="run folder (default: the recipe's run_dir, runs/<recipe name>)")
     p.add_argument("--strict", action="store_true",
                    help="a record without a user turn or an assistant answer is an error (default: "

@@ -8,7 +8,8 @@ iteration's pairs (fix 1; docs/fixes.md).
 Reads runs/<name>/iter<t>/pairs.jsonl, scores the real and the generated answer of every
 pair 0-100, and writes iter<t>/judged.jsonl (the pairs plus "scores", "margin", "swap") and
 iter<t>/judge_summary.json. Scores are cached as they arrive in runs/<name>/judge_cache.jsonl,
-so a re-run after a crash or Ctrl-C resumes without paying twice. The API key is read from
+so a re-run after a crash or Ctrl-C resumes without paying twice for a score that arrived (a
+kill -9 can cost the requests in flight again: at most --concurrency). The API key is read from
 OPENAI_API_KEY only (there is deliberately no flag for it).
 Exit status: 0 done, 1 some requests failed after all retries (their pairs keep their
 labels; re-run to retry only those), 2 a setup error, 130 interrupted.
@@ -20,7 +21,7 @@ import sys
 
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import ArgumentParser, run_cli
+from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.iteration import judge_file
 from minispin.judge import format_summary, log_stderr, make_judge
 from minispin.layout import judge_cache_path, judged_path, pairs_path
@@ -37,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         prog=prog("minispin-judge"), description="Score each pair's real and generated answers with a judge "
         "(0-100) and swap the pairs whose generated answer wins by >= threshold.")
-    ap.add_argument("--iter", type=int, required=True, help="SPIN iteration t: judges iter<t>/pairs.jsonl")
-    ap.add_argument("--config", default=None, help="recipe (TOML path or name in configs/); default tiny")
-    ap.add_argument("--run-dir", default=None, help="override the recipe's run_dir")
-    ap.add_argument("--pairs", default=None, help="input pairs file (default run_dir/iter<t>/pairs.jsonl)")
-    ap.add_argument("--out", default=None, help="output (default run_dir/iter<t>/judged.jsonl)")
-    ap.add_argument("--cache", default=None, help="score cache (default run_dir/judge_cache.jsonl)")
+    ap.add_argument("--iter", type=iteration_arg, required=True, help="SPIN iteration t: judges iter<t>/pairs.jsonl")
+    ap.add_argument("--config", type=path_arg, default=None, help="recipe (TOML path or name in configs/); default tiny")
+    ap.add_argument("--run-dir", type=path_arg, default=None, help="override the recipe's run_dir")
+    ap.add_argument("--pairs", type=path_arg, default=None, help="input pairs file (default run_dir/iter<t>/pairs.jsonl)")
+    ap.add_argument("--out", type=path_arg, default=None, help="output (default run_dir/iter<t>/judged.jsonl)")
+    ap.add_argument("--cache", type=path_arg, default=None, help="score cache (default run_dir/judge_cache.jsonl)")
     ap.add_argument("--backend", choices=("openai", "local"), default=None,
                     help="openai (any OpenAI-compatible endpoint) or local (a checkpoint, by expected "
                          "score); default: the recipe's judge_backend, else openai")

@@ -24,7 +24,7 @@ import torch
 from minispin import distributed as D
 from minispin import recipe as R
 from minispin.cli import prog
-from minispin.errors import ArgumentParser, run_cli
+from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.iteration import locked, run_iteration, run_sft, summarize
 from minispin.trainer import tensorboard_writer
 
@@ -40,19 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         prog=prog("minispin-train"), description="Train one SPIN iteration θ_t -> θ_{t+1} (or SFT with --sft). "
         "Run with python for one process or torchrun for many; flags override the recipe.")
-    ap.add_argument("--config", default=None, help="recipe: a TOML path or a name in configs/ "
+    ap.add_argument("--config", type=path_arg, default=None, help="recipe: a TOML path or a name in configs/ "
                     "(default: tiny, the CPU recipe)")
-    ap.add_argument("--iter", type=int, default=0, dest="iteration",
+    ap.add_argument("--iter", type=iteration_arg, default=0, dest="iteration",
                     help="SPIN iteration t: start from θ_t, reference θ_t, train on iter<t> pairs (default 0)")
     ap.add_argument("--sft", action="store_true", help="supervised fine-tuning (cross-entropy on the "
                     "real answers of the recipe's data) instead of SPIN; writes run_dir/sft/model")
-    ap.add_argument("--run-dir", default=None, help="where iterations live (default runs/<recipe name>)")
-    ap.add_argument("--pairs", default=None, help="train on this pairs file instead of iter<t>/pairs.jsonl")
-    ap.add_argument("--prev-pairs", default=None, help="iteration t-1's pairs to mix in "
+    ap.add_argument("--run-dir", type=path_arg, default=None, help="where iterations live (default runs/<recipe name>)")
+    ap.add_argument("--pairs", type=path_arg, default=None, help="train on this pairs file instead of iter<t>/pairs.jsonl")
+    ap.add_argument("--prev-pairs", type=path_arg, default=None, help="iteration t-1's pairs to mix in "
                     "(default iter<t-1>/pairs.jsonl)")
-    ap.add_argument("--out", default=None, help="export folder (default iter<t>/model, or sft/model)")
+    ap.add_argument("--out", type=path_arg, default=None, help="export folder (default iter<t>/model, or sft/model)")
     ap.add_argument("--force", action="store_true", help="train even if the export already exists")
-    ap.add_argument("--dump-rows", default=None, metavar="FILE", help="write the training rows "
+    ap.add_argument("--dump-rows", type=path_arg, default=None, metavar="FILE", help="write the training rows "
                     "(one JSON line per answer: input_ids, labels, attention_mask) and exit without training")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a setup error")
