@@ -177,6 +177,21 @@ def apply_activation_checkpointing(model: Transformer):
         block.forward = forward  # instance attribute: module names (state-dict keys) unchanged
 
 
+def check_compile_support(device: torch.device):
+    """compile_train's one outside need, checked before a model loads: on the CPU, inductor
+    builds C++ and needs a compiler (on CUDA it writes Triton kernels, which ship with torch)."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:  # inductor's own error is long; its gist goes in the one line
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"compile_train (--compile-train) on the CPU needs a C++ compiler for "
+                        f"torch.compile's inductor ({why}): install g++ or clang++, or train "
+                        f"without --compile-train") from None
+
+
 def compile_blocks(model: Transformer, backend="inductor"):
     """torch.compile each Block in place (before fully_shard; see the module docstring).
     backend: "inductor" for training; the tests also pass "eager" (dynamo only)."""
@@ -220,6 +235,8 @@ def build_sharded_model(args, env: DistEnv, mesh, mp_policy=None, dtype=torch.fl
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
+        if compile in (True, "inductor"):
+            check_compile_support(env.device)
         compile_blocks(model, "inductor" if compile is True else compile)
     shard_model(model, mesh, mp_policy)
     model.to_empty(device=env.device)

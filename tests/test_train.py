@@ -154,6 +154,21 @@ def test_compile_train_same_losses(setup):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
 
 
+def test_compile_train_without_a_cpp_compiler_is_one_clear_line(setup, monkeypatch, capsys):
+    """On the CPU inductor needs a C++ compiler: without one, train.py says so in one line
+    (exit 2) before any step, instead of inductor's traceback at the first forward."""
+    import torch._inductor.cpp_builder as builder
+
+    def missing():
+        raise RuntimeError("Failed to find C++ compiler. Please specify via CXX environment variable.")
+    monkeypatch.setattr(builder, "get_cpp_compiler", missing)
+    run = fresh_run(setup, "nocxx")
+    assert train.main(common(setup["model"]) + ["--run-dir", run, "--compile-train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "needs a C++ compiler" in err[-1] and "--compile-train" in err[-1], err[-3:]
+    assert not os.path.exists(os.path.join(run, "iter0", "metrics.jsonl"))
+
+
 def test_torchrun_two_processes_match_one(setup):
     run = fresh_run(setup, "tr2")
     r = torchrun(common(setup["model"]) + ["--run-dir", run, "--micro-batch-size", "2"])
