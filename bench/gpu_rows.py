@@ -354,7 +354,7 @@ def fsdp_model(shape: dict, activation_checkpointing: bool, compile: bool = Fals
     if activation_checkpointing:
         D.apply_activation_checkpointing(model)
     if compile:
-        D.compile_blocks(model, "inductor" if P.train_compile is True else P.train_compile)
+        D.compile_blocks(model, train_compile_backend())
     D.shard_model(model, D.device_mesh(env), D.mixed_precision_policy("auto", DEV))
     model.to_empty(device=env.device)
     return init_random(model)
@@ -586,10 +586,22 @@ def group_3():
 
 
 # ---------------------------------------------------------------------------- row 4
+def train_compile_backend() -> str:
+    return "inductor" if P.train_compile is True else P.train_compile
+
+
+def rmsprop(params, lr: float, compile: bool):
+    """The trainer's optimizer (torch's defaults α 0.99, ε 1e-8, foreach); under
+    compile_train its compiled update (optim.CompiledRMSprop)."""
+    if compile:
+        from minispin.optim import CompiledRMSprop
+        return CompiledRMSprop(params, lr=lr, alpha=0.99, eps=1e-8, backend=train_compile_backend())
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8, foreach=True)
+
+
 def train_ours(shape, ac, compile=False):
     model = fsdp_model(shape, ac, compile).train()
-    opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=5e-7,
-                              alpha=0.99, eps=1e-8, foreach=True)  # the trainer's optimizer and defaults
+    opt = rmsprop([p for p in model.parameters() if p.requires_grad], 5e-7, compile)
     ids, mask = spin_batch(P.train_rows // 2, P.train_seq, shape["vocab_size"], seed=5)
     ref = torch.zeros(P.train_rows, device=DEV)  # precomputed reference: read, not computed
 
@@ -732,7 +744,7 @@ def recipe_lora_model(compile: bool = False):
     model = D.build_sharded_model(our_args(P.m7b), env, D.device_mesh(env),
                                   D.mixed_precision_policy("bf16", DEV), torch.bfloat16,
                                   activation_checkpointing=True, lora=settings,
-                                  compile=(True if P.train_compile is True else P.train_compile) if compile else False)
+                                  compile=train_compile_backend() if compile else False)
     init = lora.initial_adapters(model, seed=0)
     g = torch.Generator(device=DEV).manual_seed(0)
     with torch.no_grad():
@@ -747,12 +759,12 @@ def recipe_lora_model(compile: bool = False):
     return model.train(), rank
 
 
-def recipe_lora_steps(model, fp32_logits: bool = True) -> dict:
+def recipe_lora_steps(model, fp32_logits: bool = True, compile: bool = False) -> dict:
     """The trainer's micro-step on one pair of 2 x train_seq tokens (loss.spin_step, RMSprop
-    over the adapters, foreach clipping), timed."""
+    over the adapters — compiled under compile_train — foreach clipping), timed."""
     from minispin.loss import spin_step
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.RMSprop(params, lr=1e-5, foreach=True)
+    opt = rmsprop(params, 1e-5, compile)
     ids, mask = spin_batch(1, P.train_seq, P.m7b["vocab_size"], seed=7)
     batch, ref = {"input_ids": ids, "loss_mask": mask}, torch.zeros(2, device=DEV)
 
@@ -835,7 +847,8 @@ def peft_recipe_steps(rank: int) -> dict:
 
 
 def group_7():
-    """compile_train's step (each block through torch.compile, then FSDP2; configs off by
+    """compile_train's step (each block through torch.compile, then FSDP2, and RMSprop's
+    update compiled; configs off by
     default until these rows show it faster): 7a on row 4a's 1.1B full fine-tuning, 7b on
     row 4d's 1-GPU 7B LoRA recipe; each against transformers (7b: with peft) and against our
     eager step measured in the same worker, which is what decides the recipes' default."""
@@ -873,7 +886,7 @@ def group_7():
         if not compile_skipped("7b"):
             g0 = graphs_compiled()
             model, rank = recipe_lora_model(compile=True)
-            c = recipe_lora_steps(model)
+            c = recipe_lora_steps(model, compile=True)
             graphs = graphs_compiled() - g0
             del model
             free()

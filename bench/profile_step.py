@@ -96,7 +96,8 @@ def main():
                     help="1b: row 4a's full fine-tuning; 7b-lora: row 4d's 1-GPU LoRA recipe step")
     ap.add_argument("--logits", choices=("both", "fp32", "bf16"), default="both",
                     help="fp32_logits on, off, or both (and their difference)")
-    ap.add_argument("--compile", action="store_true", help="compile_train: each block through torch.compile")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile_train: each block, and RMSprop's update, through torch.compile")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     ap.add_argument("--rows", type=int, default=8, help="1b: rows per step ([real; generated] halves)")
     ap.add_argument("--seq", type=int, default=1024, help="tokens per row")
@@ -115,7 +116,7 @@ def main():
     if args.model == "7b-lora":
         model, rank = G.recipe_lora_model(compile=args.compile)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.RMSprop(params, lr=1e-5, foreach=True)
+        opt = G.rmsprop(params, 1e-5, args.compile)
         ids, mask = G.spin_batch(1, args.seq, G.P.m7b["vocab_size"], seed=7)
         batch, ref = {"input_ids": ids, "loss_mask": mask}, torch.zeros(2, device=G.DEV)
 
@@ -131,7 +132,7 @@ def main():
         ids, mask = G.spin_batch(args.rows // 2, args.seq, shape["vocab_size"], seed=5)
         ref = torch.zeros(args.rows, device=G.DEV)
         model = G.fsdp_model(shape, False, compile=args.compile).train()
-        opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=5e-7, foreach=True)
+        opt = G.rmsprop([p for p in model.parameters() if p.requires_grad], 5e-7, args.compile)
 
         def ours(fp32_logits):
             losses = G.spin_step_loss(answer_logps(model, ids, mask, fp32_logits), ids, mask, ref)

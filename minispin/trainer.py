@@ -66,6 +66,7 @@ from .data import JsonlAppender, TokenizedPair, collate_pairs, collate_sft, read
 from .errors import StoppedError, UserError
 from .loss import answer_logps, sft_step, spin_step
 from .noise import add_neftune, reference_noise
+from .optim import CompiledRMSprop
 from .recipe import Recipe, as_dict
 
 _HOOKS: Dict[str, List[Callable]] = {"loss": [], "step_end": []}
@@ -351,9 +352,11 @@ class Trainer:
         params = [p for p in policy.parameters() if p.requires_grad]
         if cfg.optimizer == "rmsprop":
             # foreach: a few multi-tensor kernels per step, not several per parameter (what torch
-            # picks on CUDA anyway; torch has no fused RMSprop); the CPU's numbers are unchanged
-            opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.optim_eps,
-                                      weight_decay=cfg.weight_decay, foreach=True)
+            # picks on CUDA anyway; torch has no fused RMSprop); the CPU's numbers are unchanged.
+            # compile_train: the same update through torch.compile (optim.py)
+            kind = CompiledRMSprop if cfg.compile_train else torch.optim.RMSprop
+            opt = kind(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.optim_eps,
+                       weight_decay=cfg.weight_decay, foreach=True)
         else:
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                     eps=cfg.optim_eps, weight_decay=cfg.weight_decay, foreach=True)
