@@ -352,14 +352,14 @@ class Trainer:
         params = [p for p in policy.parameters() if p.requires_grad]
         if cfg.optimizer == "rmsprop":
             # foreach: a few multi-tensor kernels per step, not several per parameter (what torch
-            # picks on CUDA anyway; torch has no fused RMSprop); the CPU's numbers are unchanged.
-            # compile_train: the same update through torch.compile (optim.py)
+            # picks on CUDA anyway; torch has no fused RMSprop); on the CPU the same numbers as
+            # its per-tensor loop. compile_train: the same update through torch.compile (optim.py)
             kind = CompiledRMSprop if cfg.compile_train else torch.optim.RMSprop
             opt = kind(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.optim_eps,
                        weight_decay=cfg.weight_decay, foreach=True)
         else:
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    eps=cfg.optim_eps, weight_decay=cfg.weight_decay, foreach=True)
+                                    eps=cfg.optim_eps, weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler, self.total_steps, warmup))
         return opt, sched
