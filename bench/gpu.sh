@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check: every GPU claim of minispin, measured in about five minutes.
+# One prepared GPU check: every GPU claim of minispin, measured in about eight minutes.
 #   bash bench/gpu.sh [--dry] [--only ROW[,ROW]] [--out DIR] [--time SECONDS] [--hf-compile]
 # Runs from any directory; imports minispin from this checkout (it need not be installed).
 # PYTHON picks the interpreter (default python3). Rows and options: bench/README.md.

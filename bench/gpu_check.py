@@ -1,4 +1,4 @@
-"""bench/gpu.sh: every GPU claim of minispin measured by one command, in about five minutes.
+"""bench/gpu.sh: every GPU claim of minispin measured by one command, in about eight minutes.
 
     bash bench/gpu.sh                    # on a machine with one CUDA GPU
     bash bench/gpu.sh --dry              # every row with tiny shapes on the CPU (CI runs this)
@@ -6,7 +6,7 @@
     bash bench/gpu.sh --out DIR          # gpu_check.json (every figure) + gpu_check.log; default $OUT
 
 GPU time comes rarely and by the minute, so this script is built to spend it well:
-* A time budget (--time, default 360 s) is split among the row groups (BUDGET_S, scaled
+* A time budget (--time, default 495 s) is split among the row groups (BUDGET_S, scaled
   to --time). Budgets roll over: what a group leaves unused goes to the next, and group g
   must end by the sum of the budgets up to g. Cheap rows run first, the two
   compile-heavy decode rows last, so one slow compile cannot starve the rest.
@@ -49,18 +49,22 @@ ROWS = [  # (row, group, what)
     ("4b", "4", "SPIN step 1.1B full FSDP2 bf16, AC"),
     ("4c", "4", "SPIN step 7B LoRA"),
     ("4d", "4", "7B LoRA as the 1-GPU recipe trains it"),
+    ("4e", "4", "4d: cost of fp32 logits over bf16"),
     ("5", "5", "tiny recipe iter 0, torchrun, nccl"),
     ("6a", "6", "SDPA backend per attention call"),
     ("6b", "6", "compiled generate() x2: recompiles, mem"),
     ("6c", "6", "FSDP2 step, 4 Mistral-7B blocks"),
+    ("7a", "7", "4a with compile_train (compiled blocks)"),
+    ("7b", "7", "4d with compile_train, vs transformers+peft"),
 ]
-ORDER = ["1", "4", "5", "6", "2", "3"]  # cheap and robust first, compile-heavy last
+ORDER = ["1", "4", "5", "6", "7", "2", "3"]  # cheap and robust first, compile-heavy last
 # a worker gets its own process group, so that it is killed with everything it started
 # (compile workers, torchrun); not its own session, so that whoever kills this script's
 # session still reaches it
 OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-BUDGET_S = {"1": 55, "4": 70, "5": 35, "6": 40, "2": 75, "3": 85}  # sums to the default --time
-# (an H200 run took 1: ~45 s, 4: 22 s + the 7B LoRA row, 5: 24 s, 6: 30 s, 2: 65 s, 3: 77 s)
+BUDGET_S = {"1": 55, "4": 75, "5": 35, "6": 40, "7": 130, "2": 75, "3": 85}  # sums to the default --time
+# (an H200 run took 1: ~45 s, 4: 41 s with 4c/4d, 5: 24 s, 6: 30 s, 2: 65 s, 3: 77 s; 7 (two
+# compiles, 1.1B and 7B LoRA, plus the eager and transformers steps beside them) is an estimate)
 
 
 def stamp(t0: float) -> str:
@@ -93,7 +97,7 @@ def selected_groups(only: str | None):
             wanted.add(group_of[name])
         else:
             sys.exit(f"gpu_check.py: --only: unknown row '{name}' (rows: "
-                     f"{', '.join(k for k, _, _ in ROWS)}; or a group 1-6)")
+                     f"{', '.join(k for k, _, _ in ROWS)}; or a group 1-7)")
     return [g for g in ORDER if g in wanted]
 
 
@@ -189,7 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU, every row marked dry")
     ap.add_argument("--only", default=None, help="rows or groups to run, e.g. 2,6c")
     ap.add_argument("--out", default=None, help="folder for gpu_check.json and gpu_check.log (default: $OUT)")
-    ap.add_argument("--time", type=float, default=360.0, help="total time budget in seconds (default 360)")
+    ap.add_argument("--time", type=float, default=495.0, help="total time budget in seconds (default 495)")
     ap.add_argument("--hf-compile", action="store_true",
                     help="row 2/3: also time transformers' static cache + compile (costs its compile)")
     args = ap.parse_args(argv)

@@ -106,6 +106,7 @@ class Plan:
     probe_prompt: int = 256
     compile_probe_layers: int = 2
     compile: object = True           # generate(compile=...): True = inductor + CUDA graphs
+    train_compile: object = True     # rows 7a/7b: compile_train's backend (True = inductor)
     compile_reserve_s: float = 45.0  # skip a compiled measurement with less time left
     e2e: dict = field(default_factory=dict)
 
@@ -120,7 +121,7 @@ DRY_PLAN = Plan(llama=dict(TINY, model_type="llama"),
                 warm_new=2, decode_prompt=8, decode_new=8, decode_short=2, sample_batch=4,
                 sample_prompt=8, sample_new=8, sample_short=2, train_rows=4, train_seq=32,
                 warmup_steps=1, timed_steps=2, lora_rows=2, lora_rank=4, probe_layers=2,
-                probe_pairs=2, probe_batch=3, probe_prompt=12, compile="eager",
+                probe_pairs=2, probe_batch=3, probe_prompt=12, compile="eager", train_compile="eager",
                 compile_reserve_s=0.0,
                 e2e=dict(num_prompts=4, max_new_tokens=16, heldout_examples=2,
                          heldout_max_new_tokens=16, batch_size=4, epochs=1))
@@ -345,12 +346,15 @@ def dist_env():
     return _DIST
 
 
-def fsdp_model(shape: dict, activation_checkpointing: bool):
-    """As trainer.py loads θ: FSDP2 per block + root, bf16 compute / fp32 master on GPU."""
+def fsdp_model(shape: dict, activation_checkpointing: bool, compile: bool = False):
+    """As trainer.py loads θ: FSDP2 per block + root, bf16 compute / fp32 master on GPU;
+    compile: each block through torch.compile first, as compile_train does."""
     env = dist_env()
     model = build_model(our_args(shape), device="meta")
     if activation_checkpointing:
         D.apply_activation_checkpointing(model)
+    if compile:
+        D.compile_blocks(model, train_compile_backend())
     D.shard_model(model, D.device_mesh(env), D.mixed_precision_policy("auto", DEV))
     model.to_empty(device=env.device)
     return init_random(model)
@@ -379,16 +383,19 @@ def spin_step_loss(logits, ids, mask, ref):
 
 
 def time_steps(step, tokens: int) -> dict:
-    """Warm-up steps, then the median of timed steps; peak memory over all of them."""
+    """Warm-up steps, then the median of timed steps; peak memory over all of them.
+    first_s: the first warm-up step (with compile_train: the compile, mostly)."""
     mem_reset()
+    first_s = None
     for _ in range(P.warmup_steps):
-        step()
+        _, t = timed(step)
+        first_s = t if first_s is None else first_s
     times, loss = [], None
     for _ in range(P.timed_steps):
         loss, t = timed(step)
         times.append(t)
     med = sorted(times)[len(times) // 2]
-    return dict(step_s=med, tokens_per_s=tokens / med, peak_gb=mem_peak_gb(), loss=loss)
+    return dict(step_s=med, tokens_per_s=tokens / med, peak_gb=mem_peak_gb(), loss=loss, first_s=first_s)
 
 
 # ---------------------------------------------------------------------------- row 1
@@ -579,10 +586,22 @@ def group_3():
 
 
 # ---------------------------------------------------------------------------- row 4
-def train_ours(shape, ac):
-    model = fsdp_model(shape, ac).train()
-    opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=5e-7,
-                              alpha=0.99, eps=1e-8)  # the trainer's optimizer and defaults
+def train_compile_backend() -> str:
+    return "inductor" if P.train_compile is True else P.train_compile
+
+
+def rmsprop(params, lr: float, compile: bool):
+    """The trainer's optimizer (torch's defaults α 0.99, ε 1e-8, foreach); under
+    compile_train its compiled update (optim.CompiledRMSprop)."""
+    if compile:
+        from minispin.optim import CompiledRMSprop
+        return CompiledRMSprop(params, lr=lr, alpha=0.99, eps=1e-8, backend=train_compile_backend())
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8, foreach=True)
+
+
+def train_ours(shape, ac, compile=False):
+    model = fsdp_model(shape, ac, compile).train()
+    opt = rmsprop([p for p in model.parameters() if p.requires_grad], 5e-7, compile)
     ids, mask = spin_batch(P.train_rows // 2, P.train_seq, shape["vocab_size"], seed=5)
     ref = torch.zeros(P.train_rows, device=DEV)  # precomputed reference: read, not computed
 
@@ -590,7 +609,7 @@ def train_ours(shape, ac):
         # the trainer's forward: lm_head on the answer positions only, in fp32 (fp32_logits)
         losses = spin_step_loss(answer_logps(model, ids, mask), ids, mask, ref)
         (losses.sum() / len(losses)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(losses.detach().mean())  # the trainer reads its metrics every step too
@@ -652,6 +671,8 @@ def group_4():
         lora_row()
     with R.row("4d"):
         lora_recipe_row()
+    if R.rows.get("4e", {}).get("status") in (None, "running"):
+        R.put("4e", status="error", note="not run: row 4d failed before it")
 
 
 def apply_our_lora(model, rank: int, alpha: float, targets):
@@ -707,21 +728,23 @@ def lora_row():
                f"vs {h['trainable'] / 1e6:.1f}M", figures=dict(ours=o, hf=h))
 
 
-def lora_recipe_row():
-    """configs/zephyr-7b-lora-1gpu.toml's micro-step on the 7B shape: one process, FSDP2 with
-    the bf16 policy, a bf16 base, fp32 adapters (rank 64, alpha 16, dropout 0.1, q/k/v/o),
-    activation checkpointing, one pair of 2 x train_seq tokens, RMSprop over the adapters.
-    Its peak memory is what docs/training.md's 24 GB budget predicts (about 18.7 GB)."""
+RECIPE_LORA = dict(alpha=16.0, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def recipe_lora_model(compile: bool = False):
+    """configs/zephyr-7b-lora-1gpu.toml's model on the 7B shape: one process, FSDP2 with the
+    bf16 policy, a bf16 base, fp32 adapters (rank 64, alpha 16, dropout 0.1, q/k/v/o),
+    activation checkpointing; compile: each block through torch.compile (compile_train)."""
     from minispin import lora
-    from minispin.loss import spin_step
     env = dist_env()
     rank = 64 if DEV.type == "cuda" else P.lora_rank
-    settings = lora.LoRASettings(rank, 16.0, 0.1, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    settings = lora.LoRASettings(rank, RECIPE_LORA["alpha"], RECIPE_LORA["dropout"], RECIPE_LORA["targets"])
     free()
     mem_reset()
     model = D.build_sharded_model(our_args(P.m7b), env, D.device_mesh(env),
                                   D.mixed_precision_policy("bf16", DEV), torch.bfloat16,
-                                  activation_checkpointing=True, lora=settings)
+                                  activation_checkpointing=True, lora=settings,
+                                  compile=train_compile_backend() if compile else False)
     init = lora.initial_adapters(model, seed=0)
     g = torch.Generator(device=DEV).manual_seed(0)
     with torch.no_grad():
@@ -733,19 +756,38 @@ def lora_recipe_row():
                 local.fill_(1.0)
             else:
                 local.normal_(0.0, 0.02, generator=g)
-    opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model.train(), rank
+
+
+def recipe_lora_steps(model, fp32_logits: bool = True, compile: bool = False) -> dict:
+    """The trainer's micro-step on one pair of 2 x train_seq tokens (loss.spin_step, RMSprop
+    over the adapters — compiled under compile_train — foreach clipping), timed."""
+    from minispin.loss import spin_step
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = rmsprop(params, 1e-5, compile)
     ids, mask = spin_batch(1, P.train_seq, P.m7b["vocab_size"], seed=7)
     batch, ref = {"input_ids": ids, "loss_mask": mask}, torch.zeros(2, device=DEV)
-    model.train()
 
     def step():
-        losses, _ = spin_step(model, batch, ref)
+        losses, _ = spin_step(model, batch, ref, fp32_logits=fp32_logits)
         losses.sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(losses.detach().mean())
 
-    o = time_steps(step, 2 * P.train_seq)
+    out = time_steps(step, 2 * P.train_seq)
+    del opt
+    return out
+
+
+def lora_recipe_row():
+    """4d: the 1-GPU LoRA recipe's micro-step (its peak memory is what docs/training.md's
+    24 GB budget predicts, about 18.7 GB); 4e: the same model and step with bf16 logits,
+    so that the price of fp32 logits (issue: <= 3%) is measured on one model, one card,
+    one process."""
+    model, rank = recipe_lora_model()
+    o = recipe_lora_steps(model, fp32_logits=True)
     budget = 22.0  # a 24 GB card minus the CUDA context and allocator slack
     peak = o["peak_gb"]
     R.put("4d", ours=f"{o['tokens_per_s']:,.0f} tok/s, peak {gb(peak)}", hf="-",
@@ -753,7 +795,118 @@ def lora_recipe_row():
           note=f"rank {rank}, alpha 16, q/k/v/o, 1 pair x {P.train_seq} tokens x 2 rows, bf16 base, "
                f"fp32 adapters, AC, FSDP2 one process; docs/training.md predicts ~18.7 GB",
           figures=dict(ours=o, rank=rank))
-    del model, opt
+    with R.row("4e"):
+        b = recipe_lora_steps(model, fp32_logits=False)
+        cost = o["step_s"] / b["step_s"] - 1
+        R.put("4e", ours=f"fp32 logits {100 * cost:+.1f}% step time", hf="-",
+              ratio=b["step_s"] / o["step_s"], goal="<= +3% over bf16 logits", passed=cost <= 0.03,
+              note=f"row 4d's model and step: fp32_logits on {o['step_s'] * 1e3:.1f} ms "
+                   f"({o['tokens_per_s']:,.0f} tok/s), off {b['step_s'] * 1e3:.1f} ms "
+                   f"({b['tokens_per_s']:,.0f} tok/s); ratio = off/on step time",
+              figures=dict(fp32=o, bf16=b))
+    del model
+
+
+# ---------------------------------------------------------------------------- row 7
+def compile_skipped(key: str) -> bool:
+    if left() >= P.compile_reserve_s:
+        return False
+    R.put(key, status="skipped", ours="-", hf="-", goal="-",
+          note=f"skipped: {left():.0f}s left, a compile needs about {P.compile_reserve_s:.0f}s "
+               f"(rerun with --only {key})")
+    return True
+
+
+def peft_recipe_steps(rank: int) -> dict:
+    """transformers + peft with the 1-GPU LoRA recipe's adapters (rank 64, alpha 16, dropout
+    0.1, q/k/v/o), gradient checkpointing, bf16 weights, on 4d's batch: full bf16 logits
+    (transformers' forward), the same SPIN loss, clipping and RMSprop."""
+    from peft import LoraConfig, get_peft_model
+    hf = init_random(hf_model(P.m7b, torch.bfloat16)).train()
+    hf.config.use_cache = False
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=RECIPE_LORA["alpha"],
+                                       lora_dropout=RECIPE_LORA["dropout"],
+                                       target_modules=list(RECIPE_LORA["targets"])))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.RMSprop(params, lr=1e-5, foreach=True)
+    ids, mask = spin_batch(1, P.train_seq, P.m7b["vocab_size"], seed=7)
+    ref = torch.zeros(2, device=DEV)
+
+    def step():
+        losses = spin_step_loss(pm(input_ids=ids, use_cache=False).logits, ids, mask, ref)
+        losses.sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(losses.detach().mean())
+
+    out = time_steps(step, 2 * P.train_seq)
+    del pm, hf, opt
+    return out
+
+
+def group_7():
+    """compile_train's step (each block through torch.compile, then FSDP2, and RMSprop's
+    update compiled; configs off by
+    default until these rows show it faster): 7a on row 4a's 1.1B full fine-tuning, 7b on
+    row 4d's 1-GPU 7B LoRA recipe; each against transformers (7b: with peft) and against our
+    eager step measured in the same worker, which is what decides the recipes' default."""
+    env = ceilings()
+    sheet = env.get("datasheet_tflops")
+    measured = max(env["matmul_tflops"], 1e-6)
+    peak = (sheet or measured) * 1e12
+    with R.row("7a"):
+        if not compile_skipped("7a"):
+            g0 = graphs_compiled()
+            c = train_ours(P.llama, False, compile=True)
+            graphs = graphs_compiled() - g0
+            free()
+            log(f"row 7a: ours compiled {c['tokens_per_s']:,.0f} tok/s, step {c['step_s']:.3f}s, "
+                f"first step {c['first_s']:.1f}s, {graphs} graphs")
+            fpt = c["flops_per_token"]
+            mfu_c = c["tokens_per_s"] * fpt / peak
+            R.put("7a", ours=f"{c['tokens_per_s']:,.0f} tok/s {100 * mfu_c:.1f}%", goal=">= 45% MFU, >= 1.0x",
+                  figures=dict(compiled=c, graphs=graphs))
+            e = train_ours(P.llama, False)
+            free()
+            h = train_hf(P.llama, False)
+            log(f"row 7a: ours eager {e['tokens_per_s']:,.0f} tok/s, transformers {h['tokens_per_s']:,.0f} tok/s")
+            ratio = c["tokens_per_s"] / h["tokens_per_s"]
+            mfu_h = h["tokens_per_s"] * fpt / peak
+            R.put("7a", hf=f"{h['tokens_per_s']:,.0f} tok/s {100 * mfu_h:.1f}%", ratio=ratio,
+                  passed=mfu_c >= 0.45 and ratio >= 1.0,
+                  note=f"row 4a's step with compile_train: compiled/eager {c['tokens_per_s'] / e['tokens_per_s']:.2f}x "
+                       f"(eager {e['tokens_per_s']:,.0f} tok/s, this worker); compile + first step "
+                       f"{c['first_s']:.1f}s, {graphs} graphs; MFU over "
+                       f"{f'{sheet:g} (datasheet)' if sheet else f'{measured:g} (measured)'} TFLOP/s; peak "
+                       f"memory compiled {gb(c['peak_gb'])}, eager {gb(e['peak_gb'])}, hf {gb(h['peak_gb'])}",
+                  figures=dict(compiled=c, eager=e, hf=h, graphs=graphs, mfu_compiled=mfu_c, mfu_hf=mfu_h))
+    with R.row("7b"):
+        if not compile_skipped("7b"):
+            g0 = graphs_compiled()
+            model, rank = recipe_lora_model(compile=True)
+            c = recipe_lora_steps(model, compile=True)
+            graphs = graphs_compiled() - g0
+            del model
+            free()
+            log(f"row 7b: ours compiled {c['tokens_per_s']:,.0f} tok/s, first step {c['first_s']:.1f}s, {graphs} graphs")
+            R.put("7b", ours=f"{c['tokens_per_s']:,.0f} tok/s, peak {gb(c['peak_gb'])}", goal=">= 1.0x",
+                  figures=dict(compiled=c, graphs=graphs))
+            model, _ = recipe_lora_model()
+            e = recipe_lora_steps(model)
+            del model
+            free()
+            h = peft_recipe_steps(rank)
+            log(f"row 7b: ours eager {e['tokens_per_s']:,.0f} tok/s, transformers + peft {h['tokens_per_s']:,.0f} tok/s")
+            ratio = c["tokens_per_s"] / h["tokens_per_s"]
+            R.put("7b", hf=f"{h['tokens_per_s']:,.0f} tok/s", ratio=ratio, passed=ratio >= 1.0,
+                  note=f"row 4d's recipe step with compile_train: compiled/eager "
+                       f"{c['tokens_per_s'] / e['tokens_per_s']:.2f}x (eager {e['tokens_per_s']:,.0f} tok/s); "
+                       f"compile + first step {c['first_s']:.1f}s, {graphs} graphs; peak memory compiled "
+                       f"{gb(c['peak_gb'])}, eager {gb(e['peak_gb'])}, transformers + peft {gb(h['peak_gb'])} "
+                       f"(rank {rank}, alpha 16, dropout 0.1, q/k/v/o, gradient checkpointing, full bf16 logits)",
+                  figures=dict(compiled=c, eager=e, hf=h, graphs=graphs))
 
 
 # ---------------------------------------------------------------------------- row 5
@@ -963,7 +1116,7 @@ def group_6():
         probe_fsdp_7b()
 
 
-GROUPS = {"1": group_1, "2": group_2, "3": group_3, "4": group_4, "5": group_5, "6": group_6}
+GROUPS = {"1": group_1, "2": group_2, "3": group_3, "4": group_4, "5": group_5, "6": group_6, "7": group_7}
 
 
 def main(argv=None):

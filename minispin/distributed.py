@@ -18,6 +18,15 @@
   updates (an update below half a bf16 ulp rounds away). On CPU/gloo the default is fp32.
 * Activation checkpointing wraps each Block's forward in `torch.utils.checkpoint` (non-
   reentrant) without renaming modules, so state-dict keys stay the HF keys.
+* `compile_train` (`compile_blocks`): each Block is compiled in place (`Module.compile`,
+  which keeps the module and its state-dict keys), after activation checkpointing and
+  BEFORE `fully_shard`: the order FSDP2 supports (torchtitan's), where dynamo leaves
+  FSDP2's all-gather/reduce-scatter hooks to run eagerly around each compiled block. What
+  inductor fuses is the elementwise work inside a block (RMSNorm, RoPE, SwiGLU, residuals)
+  in forward and backward; embeddings, the final norm, lm_head and the loss stay eager.
+  Not fullgraph: a graph break falls back to eager for that piece instead of failing. The
+  sequence length varies between micro-batches, so dynamo's automatic dynamic shapes
+  compile a second, length-generic graph at the second length and reuse it after.
 * Training checkpoints (for resume) never unpickle: run folders get copied and shared, and
   DCP's file format pickles its `.metadata`, and its planner torch.loads non-tensor state
   (param_groups) with weights_only=False, even with DCP's safetensors storage. Each rank
@@ -154,6 +163,29 @@ def apply_activation_checkpointing(model: Transformer):
         block.forward = forward  # instance attribute: module names (state-dict keys) unchanged
 
 
+def check_compile_support(device: torch.device):
+    """compile_train's one outside need, checked before a model loads: on the CPU, inductor
+    builds C++ and needs a compiler (on CUDA it writes Triton kernels, which ship with torch)."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:  # inductor's own error is long; its gist goes in the one line
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"compile_train (--compile-train) on the CPU needs a C++ compiler for "
+                        f"torch.compile's inductor ({why}): install g++ or clang++, or train "
+                        f"without --compile-train") from None
+
+
+def compile_blocks(model: Transformer, backend="inductor"):
+    """torch.compile each Block in place (before fully_shard; see the module docstring).
+    backend: "inductor" for training; the tests also pass "eager" (dynamo only)."""
+    for block in model.model.layers:
+        block.compile(backend=backend)
+    return model
+
+
 def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True):
     """FSDP2: one `fully_shard` unit per transformer Block, then the root (embeddings,
     final norm, output head). LoRA adapters share their Block's unit: FSDP2 needs one dtype
@@ -177,16 +209,21 @@ def device_mesh(env: DistEnv):
 
 def build_sharded_model(args, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
                         activation_checkpointing: bool = False,
-                        lora: Optional[LoRASettings] = None) -> Transformer:
+                        lora: Optional[LoRASettings] = None, compile: bool = False) -> Transformer:
     """The model of `args` (a ModelArgs), with LoRA adapters if asked, sharded over the mesh,
     its storage allocated on env.device and NOT initialised (load_sharded_model fills it;
-    a bench fills it with random numbers). The base is in `dtype`, adapters in fp32."""
+    a bench fills it with random numbers). The base is in `dtype`, adapters in fp32.
+    compile: torch.compile each Block (compile_train; a string names the backend)."""
     model = build_model(args, device="meta")
     if lora is not None:
         apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
         store_base_in(model, dtype)  # on the meta device: no memory moves
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile:
+        if compile in (True, "inductor"):
+            check_compile_support(env.device)
+        compile_blocks(model, "inductor" if compile is True else compile)
     shard_model(model, mesh, mp_policy)
     model.to_empty(device=env.device)
     if dtype != torch.float32 and lora is None:
@@ -196,8 +233,10 @@ def build_sharded_model(args, env: DistEnv, mesh, mp_policy=None, dtype=torch.fl
 
 def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
                        activation_checkpointing: bool = False, trainable: bool = True,
-                       lora: Optional[LoRASettings] = None, lora_seed: int = 0) -> Transformer:
+                       lora: Optional[LoRASettings] = None, lora_seed: int = 0,
+                       compile: bool = False) -> Transformer:
     """θ from an HF folder, sharded over the mesh; rank 0 reads, the others receive.
+    compile: torch.compile each Block (build_sharded_model).
 
     lora: adapters on a frozen base (lora.py). The base is stored in `dtype`, the adapters
     in fp32; rank 0 draws their step-0 values (seeded by lora_seed) and they travel with
@@ -207,7 +246,7 @@ def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torc
     args = read_config(path)
     check_config_sizes(args, path)  # every rank: none builds what config.json merely claims
     model = build_sharded_model(args, env, mesh, mp_policy, dtype,
-                                activation_checkpointing, lora)
+                                activation_checkpointing, lora, compile)
     if lora is not None and env.is_main:
         full.update(initial_adapters(model, lora_seed))
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,

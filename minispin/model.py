@@ -255,15 +255,39 @@ def _tf32_on_cuda(t: torch.Tensor):
         torch.set_float32_matmul_precision(old)
 
 
+def _wide_mm(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """h @ weight.T of bf16/fp16 operands, written in fp32 by the half-precision GEMM itself
+    (torch.mm's out_dtype: tensor cores at the bf16 rate, products exact, sums in fp32), with
+    no fp32 copy of the weight. CUDA only (torch offers it nowhere else); None elsewhere."""
+    if not (h.is_cuda and dtype == torch.float32 and h.dtype == weight.dtype
+            and h.dtype in (torch.bfloat16, torch.float16)):
+        return None
+    try:
+        out = torch.mm(h.reshape(-1, h.shape[-1]), weight.t(), dtype)
+    except (TypeError, RuntimeError):  # a torch without mm(..., out_dtype)
+        return None
+    return out.reshape(*h.shape[:-1], weight.shape[0])
+
+
 class WideLogits(torch.autograd.Function):
     """lm_head with a wider output than its inputs: F.linear(h, W) of bf16 h and W, computed
     and returned in fp32, so no logit is rounded to bf16 before the log-softmax. It saves
     the bf16 h and W for backward (no fp32 copies live between forward and backward); the
-    gradients come back in the inputs' dtypes, as bf16 autograd would give them."""
+    gradients come back in the inputs' dtypes, as bf16 autograd would give them.
+
+    Forward on CUDA is one bf16 GEMM with an fp32 output (`_wide_mm`): a product of two
+    bf16 numbers is exact in fp32, so it equals the fp32 product of the widened operands up
+    to the order of the fp32 sums, at the bf16 rate and without widening the head (V x D) to
+    fp32 first. Elsewhere, and in backward (whose incoming gradient is fp32), the operands
+    are widened and multiplied in fp32 (TF32 on CUDA: exact for the bf16 operand; the fp32
+    gradient keeps 10 mantissa bits there, where a bf16 gradient would keep 7)."""
 
     @staticmethod
     def forward(ctx, h, weight, dtype):
         ctx.save_for_backward(h, weight)
+        out = _wide_mm(h, weight, dtype)
+        if out is not None:
+            return out
         with _tf32_on_cuda(h):
             return F.linear(h.to(dtype), weight.to(dtype))
 

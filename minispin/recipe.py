@@ -177,6 +177,10 @@ class Training:
                                choices=("auto", "bf16", "fp32"))
     activation_checkpointing: bool = key(False, "recompute each block's activations in backward "
                                          "(less memory)")
+    compile_train: bool = key(False, "torch.compile each transformer block of the policy and of "
+                              "the online reference, and RMSprop's update (fuses the elementwise "
+                              "work; the first steps pay the compile); same losses as eager up to "
+                              "rounding")
     fp32_logits: bool = key(True, "lm_head in fp32 on the answer positions, so bf16 compute never "
                             "rounds the logits the log-probs come from (uclaml/SPIN: bf16 "
                             "logits; false reproduces that)")

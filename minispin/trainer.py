@@ -79,6 +79,7 @@ from .layout import fingerprint_cache_path
 from .rows import TokenizedPair, collate_pairs, collate_sft
 from .loss import answer_logps, sft_step, spin_step
 from .noise import add_neftune, reference_noise
+from .optim import CompiledRMSprop
 
 if TYPE_CHECKING:  # the type only: the trainer never reads a recipe
     from .recipe import NoiseSettings
@@ -193,6 +194,7 @@ class TrainSettings:
     micro_batch_size: int = _bookkeeping()
     ref_batch_size: int = _bookkeeping()
     activation_checkpointing: bool = _bookkeeping()
+    compile_train: bool = _bookkeeping()  # the same maths compiled: checkpoints move between both
     report_to: str = _bookkeeping()
     checkpoint_every: int = _bookkeeping()
     keep_checkpoints: int = _bookkeeping()
@@ -428,15 +430,19 @@ class Trainer:
             self.ref_model = policy
         else:
             self.ref_model = D.load_sharded_model(self.init_model, self.env, mesh, None, dtype=compute,
-                                                  trainable=False)
+                                                  trainable=False, compile=self.cfg.compile_train)
 
     # ------------------------------------------------------------------ setup
     def _build_optimizer(self, policy):
         cfg = self.cfg
         params = [p for p in policy.parameters() if p.requires_grad]
         if cfg.optimizer == "rmsprop":
-            opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.optim_eps,
-                                      weight_decay=cfg.weight_decay)
+            # foreach: a few multi-tensor kernels per step, not several per parameter (what torch
+            # picks on CUDA anyway; torch has no fused RMSprop); on the CPU the same numbers as
+            # its per-tensor loop. compile_train: the same update through torch.compile (optim.py)
+            kind = CompiledRMSprop if cfg.compile_train else torch.optim.RMSprop
+            opt = kind(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.optim_eps,
+                       weight_decay=cfg.weight_decay, foreach=True)
         else:
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                     eps=cfg.optim_eps, weight_decay=cfg.weight_decay)
@@ -512,7 +518,8 @@ class Trainer:
         compute = torch.bfloat16 if mp is not None else torch.float32
         policy = D.load_sharded_model(self.init_model, env, mesh, mp, dtype=base,
                                       activation_checkpointing=cfg.activation_checkpointing,
-                                      lora=self.lora, lora_seed=self.cfg.seed)
+                                      lora=self.lora, lora_seed=self.cfg.seed,
+                                      compile=cfg.compile_train)
         if self.noise.neftune_alpha > 0:
             # training mode + autograd only: never in the precompute pass (eval, no_grad),
             # the online reference (another model, or under LoRA a no_grad forward) or generation
@@ -627,7 +634,7 @@ class Trainer:
         names = sorted(sums)
         total = D.all_reduce_sum(torch.tensor([sums[k] for k in names], dtype=torch.float64, device=env.device))
         sums = dict(zip(names, total.tolist()))
-        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"), foreach=True)
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         metrics = self._step_metrics(sums)
         loss = metrics["loss"]

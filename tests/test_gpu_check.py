@@ -9,7 +9,8 @@ from helpers import REPO
 
 # the rows the GPU check promises (bench/README.md), written out here on purpose: a row
 # dropped from the script must fail this test
-ROWS = ["1a", "1b", "1c", "1d", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "4d", "5", "6a", "6b", "6c"]
+ROWS = ["1a", "1b", "1c", "1d", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "4d", "4e", "5", "6a", "6b", "6c",
+        "7a", "7b"]
 
 
 def test_dry_run_prints_every_row_marked_dry(tmp_path):
@@ -40,4 +41,7 @@ def test_dry_run_prints_every_row_marked_dry(tmp_path):
     assert rows["5"]["figures"]["rc"] == 0 and rows["5"]["figures"]["exported"]
     assert abs(rows["6c"]["figures"]["loss_minus_ln2"]) < 1e-4  # fp32 on CPU: ln 2 at step 0
     assert rows["6b"]["figures"]["graphs_call2"] == 0  # the second same-shape call compiles nothing
+    for key in ("7a", "7b"):  # compile_train's rows compiled their blocks (dynamo; "eager" backend here)
+        assert rows[key]["figures"]["graphs"] > 0, rows[key]
+    assert rows["4e"]["figures"]["bf16"]["step_s"] > 0 and rows["4e"]["ratio"] > 0
     assert os.path.getsize(tmp_path / "gpu_check.log") > 0

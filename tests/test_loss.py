@@ -271,3 +271,25 @@ def test_wide_logits_gradients_equal_autograd():
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
     torch.testing.assert_close(h.grad, h2.grad, rtol=0, atol=0)
     torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: torch.mm's out_dtype path")
+def test_wide_logits_on_cuda_is_a_bf16_gemm_with_fp32_output():
+    """On CUDA, WideLogits' forward is one bf16 GEMM that writes fp32 (model._wide_mm): the
+    logits equal the float64 products of the bf16 operands up to fp32 sums, and the call
+    allocates its output and no fp32 copy of the head (V x D) beside it."""
+    from minispin.model import WideLogits
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(64, 256, device="cuda", generator=g).bfloat16()
+    w = torch.randn(32000, 256, device="cuda", generator=g).bfloat16()
+    exact = h.double() @ w.double().T
+    WideLogits.apply(h, w, torch.float32)  # warm-up: cuBLAS's workspace is allocated once
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = WideLogits.apply(h, w, torch.float32)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert out.dtype == torch.float32 and out.shape == (64, 32000)
+    assert float((out.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+    assert extra < out.numel() * 4 + w.numel() * 2, extra  # the old path added w.numel() * 4
