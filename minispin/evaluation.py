@@ -201,7 +201,14 @@ def run_tasks(lm, tasks: Sequence[SuiteTask], offline: bool = False, limit=None,
                              f"{', '.join(local_name(t.name) for t in SPIN_SUITE)}")
     names = [local_name(t.name) if offline else t.name for t in tasks]
     tm = task_manager(offline)
-    loaded = tm.load(names)
+    try:
+        loaded = tm.load(names)   # lm-eval builds each task, and datasets fetches its data, here
+    except Exception as e:
+        if offline or not network_error(e):
+            raise
+        raise UserError(f"cannot reach the Hugging Face Hub for the tasks' datasets ({type(e).__name__}); "
+                        "without network, run the shipped samples with --offline (or set "
+                        "HF_DATASETS_OFFLINE=1 when the datasets are in your cache)") from None
     objects = []
     for name, t in zip(names, tasks):
         group = loaded["groups"].get(name)
@@ -211,6 +218,23 @@ def run_tasks(lm, tasks: Sequence[SuiteTask], offline: bool = False, limit=None,
         objects.append(group if group is not None else leaves[0])
     kwargs.setdefault("log_samples", False)
     return lm_eval.simple_evaluate(model=lm, tasks=objects, limit=limit, task_manager=tm, **kwargs)
+
+
+# what requests, httpx, urllib3 and huggingface_hub call a connection that failed
+NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "NewConnectionError", "MaxRetryError",
+                  "LocalEntryNotFoundError", "OfflineModeIsEnabled"}
+
+
+def network_error(exc: Optional[BaseException]) -> bool:
+    """True when exc, or an exception it was raised from or while handling, is a failed
+    connection: datasets and the hub wrap them several layers deep."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in NETWORK_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # ---------------------------------------------------------------------------- the model

@@ -128,7 +128,7 @@ def judged_is_current(pairs_file: str, judged_file: str) -> bool:
 
 def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: str,
                retry_unparsable: bool = False, limit: Optional[int] = None,
-               log: Callable = print) -> dict:
+               log: Callable = print, progress: bool = False) -> dict:
     """Score both answers of every pair of pairs_file (cached), apply the swap rule at the
     recipe's threshold, and write `out` (judged pairs) and judge_summary.json beside it."""
     from .judge import ScoreCache, judge_pairs
@@ -136,7 +136,7 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
     cache = ScoreCache(cache_path)
     try:
         judged, summary = judge_pairs(pairs, backend, cache, threshold=recipe.fixes.judge_threshold, log=log,
-                                      retry_unparsable=retry_unparsable)
+                                      retry_unparsable=retry_unparsable, progress=progress)
     finally:
         cache.close()
     summary.update({"pairs_file": pairs_file, "output": out, "cache": cache_path,
@@ -291,7 +291,7 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
                       progress=progress).run()
 
 
-def summarize(recipe: Recipe, t: int, export: Optional[str] = None) -> str:
+def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bool = False) -> str:
     """Reward statistics of iteration t and, when the recipe names held-out data, θ_t vs
     θ_{t+1} on it (heldout.py); written to iter<t>/summary.json, returned as text."""
     from .heldout import format_summary, iteration_summary
@@ -301,5 +301,5 @@ def summarize(recipe: Recipe, t: int, export: Optional[str] = None) -> str:
         export or export_path(recipe.run_dir, t), ev.eval_data, ev.heldout_examples,
         template=recipe.model.template, empty_system=recipe.model.empty_system,
         max_length=recipe.data.max_length, max_prompt_length=recipe.data.max_prompt_length,
-        max_new_tokens=ev.heldout_max_new_tokens)
+        max_new_tokens=ev.heldout_max_new_tokens, progress=progress)
     return format_summary(summary, t)
