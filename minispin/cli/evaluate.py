@@ -68,6 +68,8 @@ def run(argv=None) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     tasks = E.resolve_tasks(names, args.suite, args.num_fewshot)
     labels, json_paths, table_path = E.results_paths(args.model, args.output)
+    if not args.offline:
+        E.check_hub_reachable()   # before any model loads: without network, one line that names --offline
     rows, rank = {}, 0
     for path, label, json_path in zip(args.model, labels, json_paths):
         bos = {"auto": None, "yes": True, "no": False}[recipe.eval.eval_bos]
