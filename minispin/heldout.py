@@ -50,7 +50,7 @@ def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 51
     model.eval()
     device = next(model.parameters()).device
     items, _ = tokenize_sft(tok, examples, max_length, max_prompt_length, empty_system=empty_system)
-    bar = tqdm(total=2 * len(items), desc=progress, unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=2 * len(items), desc=progress, unit="ex", disable=not progress, leave=False)
     nll, ntok = 0.0, 0
     for i in range(0, len(items), batch_size):
         batch = collate_sft(items[i:i + batch_size], tok.pad_id)
