@@ -171,11 +171,12 @@ def test_train_prints_the_changed_settings_first(tmp_path, capsys, monkeypatch):
 
 
 def test_a_hub_suite_without_network_is_one_line_that_names_offline(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}   # a proxy would answer
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf"),
                PYTHONPATH=REPO)           # a hub that refuses every connection, an empty cache
-    p = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--model", STORIES,
-                        "--tasks", "arc_easy", "--limit", "2", "--output", str(tmp_path / "eval")],
+    p = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--model", STORIES,   # --suite spin
+                        "--limit", "2", "--output", str(tmp_path / "eval")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
