@@ -147,7 +147,7 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
 
 
 def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str, ...] = (),
-                  log: Callable = print) -> List[Source]:
+                  log: Callable = print, progress: bool = False) -> List[Source]:
     """[(tag, pairs file)] -> [(tag, judged file)], judging what is missing or stale first
     (on rank 0; the others wait) or naming the judge.py command. Mixed-in iteration t-1
     pairs are judged too: every pair trained on goes through the same mode (the cache makes
@@ -178,7 +178,7 @@ def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str,
                     f"({fx.judge_backend} judge)")
                 try:
                     s = judge_file(recipe, path, target, make_judge(recipe, fx.judge_backend, env.device),
-                                   judge_cache_path(recipe.run_dir), log=log)
+                                   judge_cache_path(recipe.run_dir), log=log, progress=progress)
                     log(format_summary(s))
                     if s["failed"]:
                         failure = (f"{s['failed']} pairs could not be scored (requests failed after all "
@@ -247,7 +247,8 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
                          f"(`{command(recipe, 'train.py', t - 1)}`)")
     sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
     if recipe.fixes.relabel or recipe.fixes.adaptive:
-        sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p), log)
+        sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p), log,
+                                progress)
     tok = load_tokenizer(theta, template=recipe.model.template)
     rows, per_source, stats = build_rows(recipe, tok, sources, log)
     log(f"iteration {t}: θ_{t} = {theta}; " + "; ".join(
