@@ -131,7 +131,10 @@ def test_every_tool_runs_with_the_recipes_cpu_threads(tmp_path, monkeypatch, scr
 
 
 def test_print_config_resolves_to_the_same_recipe(tmp_path, capsys):
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10
+        import tomli as tomllib
 
     from minispin import recipe as R
     config = recipe_with(tmp_path, "\n[iterations.1]\nmax_new_tokens = 32\nlr = 2e-7\n")
