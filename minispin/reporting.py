@@ -22,6 +22,7 @@ calls before any model loads. Only rank 0 reports (the metrics are global alread
 from __future__ import annotations
 
 import os
+import sys
 from typing import List
 
 from .errors import UserError
@@ -88,8 +89,8 @@ class WandB:
     def log(self, scalars: dict, step: int):
         self.run.log(scalars, step=step)
 
-    def close(self):
-        self.run.finish()
+    def close(self):   # called from the trainer's `finally`: a run stopped by an error is marked failed
+        self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
 
 def open_reporters(report_to: str, work_dir: str, resume_step: int = 0, name: str = "", group: str = "",

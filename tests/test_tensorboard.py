@@ -157,7 +157,9 @@ def test_wandb_offline_run_holds_metrics_jsonl_beside_tensorboard(tmp_path, monk
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "run":
             names.append((rec.run.project, rec.run.display_name))
-    assert names[0] == ("minispin", "tiny-iter0")
+        elif kind == "exit":
+            names.append(("exit", rec.exit.exit_code))
+    assert names[0] == ("minispin", "tiny-iter0") and ("exit", 0) in names
     assert [h["_step"] for h in history] == [1, 2, 3, 4]
     for h, r in zip(history, recs):
         for key, value in r.items():
