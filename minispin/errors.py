@@ -28,11 +28,69 @@ class StoppedError(UserError):
     exit_code = 1
 
 
+class _ShowDefaults:
+    """--help shows each flag's default where it means something: a flag whose help does
+    not already say "default", whose default is not None (= "not given", e.g. a recipe key's
+    flag: add_flags writes the recipe's rule into its help) and that is not an on/off switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or any(action.default is v for v in (None, False, True))
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class HelpFormatter(_ShowDefaults, argparse.HelpFormatter):
+    pass
+
+
+class RawDescriptionHelpFormatter(_ShowDefaults, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line: `prog: error: what (see --help)`, exit 2."""
+    """argparse with its errors on one line: `prog: error: what (see --help)`, exit 2; a
+    mistyped flag gets the closest flag this command has (or the one a transformers / TRL
+    / uclaml/SPIN user means: --learning-rate -> --lr, recipe.FOREIGN_NAMES); --help shows
+    the defaults (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        # a prefix is no flag: argparse would run `--epoch 3` as --epochs and `--warmup 0.1`
+        # as --warmup-ratio, silently; here a prefix gets the did-you-mean line like any typo
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {redact(message)} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unrecognized(extras))
+        return namespace
+
+    def unrecognized(self, extras: List[str]) -> str:
+        """'unrecognized argument --learning-rate (did you mean --lr?)' for the first flag-like extra."""
+        flag = next((e for e in extras if e.startswith("-") and len(e) > 1), None)
+        if flag is None:
+            return f"unrecognized arguments: {' '.join(extras)}"
+        name = flag.split("=", 1)[0]
+        close = self.closest_flag(name)
+        return f"unrecognized argument {name}" + (f" (did you mean {close}?)" if close else "")
+
+    def closest_flag(self, name: str) -> Optional[str]:
+        import difflib
+        from .recipe import FOREIGN_NAMES  # imported late: recipe.py imports this module
+        key = FOREIGN_NAMES.get(name.lstrip("-").replace("-", "_"))
+        if key:   # a recipe key under another library's name: this command's flag for it
+            for action in self._actions:
+                if action.dest == key and action.option_strings:
+                    return action.option_strings[0]
+        flags = [s for s in self._option_string_actions if s.startswith("--")]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        return close[0] if close else None
 
 
 def path_arg(value: str) -> str:

@@ -201,7 +201,13 @@ def run_tasks(lm, tasks: Sequence[SuiteTask], offline: bool = False, limit=None,
                              f"{', '.join(local_name(t.name) for t in SPIN_SUITE)}")
     names = [local_name(t.name) if offline else t.name for t in tasks]
     tm = task_manager(offline)
-    loaded = tm.load(names)
+    try:
+        loaded = tm.load(names)   # lm-eval builds each task, and datasets fetches its data, here
+    except Exception as e:
+        if offline or not network_error(e):
+            raise
+        raise UserError(f"cannot reach the Hugging Face Hub for the tasks' datasets ({type(e).__name__}); "
+                        f"{NETWORK_HINT}") from None
     objects = []
     for name, t in zip(names, tasks):
         group = loaded["groups"].get(name)
@@ -211,6 +217,48 @@ def run_tasks(lm, tasks: Sequence[SuiteTask], offline: bool = False, limit=None,
         objects.append(group if group is not None else leaves[0])
     kwargs.setdefault("log_samples", False)
     return lm_eval.simple_evaluate(model=lm, tasks=objects, limit=limit, task_manager=tm, **kwargs)
+
+
+NETWORK_HINT = ("without network, run the shipped samples with --offline (or set "
+                             "HF_DATASETS_OFFLINE=1 when the datasets are in your cache)")
+
+
+def check_hub_reachable(timeout: float = 10.0):
+    """One request to the hub ($HF_ENDPOINT) before lm-eval loads the tasks: without network
+    the hub's client retries for half a minute, warning at each try, then datasets raises
+    a traceback several layers deep. Any HTTP answer counts as reachable; nothing is asked
+    when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say to use the cache."""
+    import urllib.error
+    import urllib.request
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        why = getattr(e, "reason", e)
+        raise UserError(f"cannot reach the Hugging Face Hub at {endpoint} ({why}) to load the tasks' "
+                        f"datasets; {NETWORK_HINT}") from None
+
+
+# what requests, httpx, urllib3 and huggingface_hub call a connection that failed
+NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "NewConnectionError", "MaxRetryError",
+                  "LocalEntryNotFoundError", "OfflineModeIsEnabled"}
+
+
+def network_error(exc: Optional[BaseException]) -> bool:
+    """True when exc, or an exception it was raised from or while handling, is a failed
+    connection: datasets and the hub wrap them several layers deep."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in NETWORK_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # ---------------------------------------------------------------------------- the model

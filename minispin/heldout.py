@@ -43,20 +43,26 @@ def final_number(text: str) -> Optional[str]:
 @torch.no_grad()
 def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 512,
                     max_prompt_length: int = 256, max_new_tokens: int = 256, batch_size: int = 16,
-                    empty_system: bool = True) -> dict:
+                    empty_system: bool = True, progress: str = "") -> dict:
+    """progress: a label for a progress bar on stderr (scoring, then answering, each
+    example once); "" = none."""
+    from tqdm import tqdm
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     items, _ = tokenize_sft(tok, examples, max_length, max_prompt_length, empty_system=empty_system)
+    bar = tqdm(total=2 * len(items), desc=progress, unit="ex", disable=not progress, leave=False)
     nll, ntok = 0.0, 0
     for i in range(0, len(items), batch_size):
         batch = collate_sft(items[i:i + batch_size], tok.pad_id)
         ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
         nll -= float(sequence_logps(model(ids), ids, mask).sum())
         ntok += int(mask[:, 1:].sum())
+        bar.update(len(ids))
     prompts = [it.prompt for it in items]
     outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_ids,
-                    batch_size=batch_size)
+                    batch_size=batch_size, on_batch=lambda idx, _: bar.update(len(idx)))
+    bar.close()
     formatted = correct = 0
     for ex, out in zip(examples, outs):
         finished = len(out) < max_new_tokens  # stopped at eos, not at the length limit
@@ -77,7 +83,7 @@ def _mean(recs, key):
 def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optional[str],
                       n_examples: int, template: str = "zephyr", empty_system: bool = True,
                       max_length: int = 512, max_prompt_length: int = 256,
-                      max_new_tokens: int = 256) -> dict:
+                      max_new_tokens: int = 256, progress: bool = False) -> dict:
     """Training rewards of the iteration plus held-out metrics of θ_t and θ_{t+1}.
 
     Reads work_dir/metrics.jsonl; writes work_dir/summary.json. The "before" numbers are
@@ -107,12 +113,14 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
             if saved.get("theta_fingerprint") == model_fingerprint(theta) and saved.get("examples") == len(examples):
                 before = saved
         if before is None:
-            before = heldout_metrics(load_model(theta), load_tokenizer(theta, template=template), examples, **kw)
+            before = heldout_metrics(load_model(theta), load_tokenizer(theta, template=template), examples, **kw,
+                                     progress="held-out θ_t" if progress else "")
             before["theta"] = os.path.abspath(theta)
             before["theta_fingerprint"] = model_fingerprint(theta)
             with open(cache, "w") as f:
                 json.dump(before, f, indent=2)
-        after = heldout_metrics(load_model(export), load_tokenizer(export, template=template), examples, **kw)
+        after = heldout_metrics(load_model(export), load_tokenizer(export, template=template), examples, **kw,
+                                progress="held-out θ_t+1" if progress else "")
         summary["heldout"] = {"data": eval_data, "examples": len(examples),
                               "before": {k: before[k] for k in ("answer_nll", "format_rate", "exact_match")},
                               "after": {k: after[k] for k in ("answer_nll", "format_rate", "exact_match")}}

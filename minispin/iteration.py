@@ -177,7 +177,7 @@ def judged_is_current(pairs_file: str, judged_file: str) -> bool:
 
 def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: str,
                retry_unparsable: bool = False, limit: Optional[int] = None,
-               log: Callable = print) -> dict:
+               log: Callable = print, progress: bool = False) -> dict:
     """Score both answers of every pair of pairs_file (cached), apply the swap rule at the
     recipe's threshold, and write `out` (judged pairs) and judge_summary.json beside it."""
     from .judge import ScoreCache, judge_pairs
@@ -188,7 +188,7 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
     cache = ScoreCache(cache_path)
     try:
         judged, summary = judge_pairs(pairs, backend, cache, threshold=recipe.fixes.judge_threshold, log=log,
-                                      retry_unparsable=retry_unparsable)
+                                      retry_unparsable=retry_unparsable, progress=progress)
     finally:
         cache.close()
     summary.update({"pairs_file": pairs_file, "output": out, "cache": cache_path,
@@ -199,7 +199,7 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
 
 
 def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str, ...] = (),
-                  log: Callable = print) -> List[Source]:
+                  log: Callable = print, progress: bool = False) -> List[Source]:
     """[(tag, pairs file)] -> [(tag, judged file)], judging what is missing or stale first
     (on rank 0; the others wait) or naming the judge.py command. Mixed-in iteration t-1
     pairs are judged too: every pair trained on goes through the same mode (the cache makes
@@ -230,7 +230,7 @@ def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str,
                     f"({fx.judge_backend} judge)")
                 try:
                     s = judge_file(recipe, path, target, make_judge(recipe, fx.judge_backend, env.device),
-                                   judge_cache_path(recipe.run_dir), log=log)
+                                   judge_cache_path(recipe.run_dir), log=log, progress=progress)
                     log(format_summary(s))
                     if s["failed"]:
                         failure = (f"{s['failed']} pairs could not be scored (requests failed after all "
@@ -302,7 +302,8 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
     sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
     check_pairs_theta(recipe, sources, env)
     if recipe.fixes.relabel or recipe.fixes.adaptive:
-        sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p), log)
+        sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p), log,
+                                progress)
     tok = load_tokenizer(theta, template=recipe.model.template)
     rows, per_source, stats = build_rows(recipe, tok, sources, log)
     log(f"iteration {t}: θ_{t} = {theta}; " + "; ".join(
@@ -348,7 +349,7 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
                       progress=progress).run()
 
 
-def summarize(recipe: Recipe, t: int, export: Optional[str] = None) -> str:
+def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bool = False) -> str:
     """Reward statistics of iteration t and, when the recipe names held-out data, θ_t vs
     θ_{t+1} on it (heldout.py); written to iter<t>/summary.json, returned as text."""
     from .heldout import format_summary, iteration_summary
@@ -358,5 +359,5 @@ def summarize(recipe: Recipe, t: int, export: Optional[str] = None) -> str:
         export or export_path(recipe.run_dir, t), ev.eval_data, ev.heldout_examples,
         template=recipe.model.template, empty_system=recipe.model.empty_system,
         max_length=recipe.data.max_length, max_prompt_length=recipe.data.max_prompt_length,
-        max_new_tokens=ev.heldout_max_new_tokens)
+        max_new_tokens=ev.heldout_max_new_tokens, progress=progress)
     return format_summary(summary, t)

@@ -640,8 +640,9 @@ from .fixes import margin_histogram, relabel  # noqa: E402,F401
 # ---------------------------------------------------------------- the run
 def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: float = DEFAULT_THRESHOLD,
                 retry_unparsable: bool = False, log: Callable[[str], None] = print,
-                progress_every: int = 50) -> Tuple[List[dict], dict]:
-    """Score both answers of every pair (cache first), then `relabel`.
+                progress_every: int = 50, progress: bool = False) -> Tuple[List[dict], dict]:
+    """Score both answers of every pair (cache first), then `relabel`. progress: a tqdm
+    bar on stderr (answers scored, rate, ETA) instead of a log line every progress_every.
 
     Returns (judged pairs, summary). Items are deduplicated by key, so two pairs sharing a
     text cost one request. Ctrl-C stops new requests, keeps every score already cached,
@@ -672,6 +673,8 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
     failed: Dict[str, str] = {}
     stop = threading.Event()
     done = in_flight = 0
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc="judge", unit="answer", disable=not (progress and todo), file=sys.stderr)
     counting = threading.Lock()
 
     def work(k):
@@ -697,7 +700,8 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
         if "error" in res:
             failed[k] = res["error"]
             log(f"  judge: item {k[:12]} failed: {res['error']}")
-        if progress_every and (done % progress_every == 0 or done == len(todo)):
+        bar.update(1)
+        if progress_every and not progress and (done % progress_every == 0 or done == len(todo)):
             log(f"  judge: {done}/{len(todo)} scored")
 
     if todo:
@@ -732,6 +736,7 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
                     pool.shutdown(wait=False, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)
+    bar.close()
 
     scored = []
     unparsable_pairs = failed_pairs = unparsable_items = 0

@@ -33,7 +33,9 @@ answers by whole nats). Prompt and padding positions are masked out.
 Logged per pair (and averaged by the trainer): the implicit rewards
     rewards/real = β·(log p_θ(y|x) − log p_θt(y|x)),  rewards/generated = the same for y',
 rewards/margins = reward(chosen) − reward(rejected), rewards/accuracies = [margin > 0],
-logps/real, logps/generated = log p_θ of each answer.
+logps/real, logps/generated = log p_θ of each answer; and under TRL's DPOTrainer names, by
+label: rewards/chosen, rewards/rejected, logps/chosen, logps/rejected (chosen = the real
+answer unless a judge swapped the pair).
 
 API (what the trainer calls)
 ----------------------------
@@ -152,6 +154,8 @@ def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor,
     else:  # robust
         losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
     margins = z.detach()
+    real_chosen = torch.ones_like(delta, dtype=torch.bool) if swap is None else ~swap.to(delta.device).bool()
+    chosen = lambda real, gen: torch.where(real_chosen, real, gen).detach()  # noqa: E731
     stats = {
         "rewards/real": (beta * log_ratio_real).detach(),
         "rewards/generated": (beta * log_ratio_gen).detach(),
@@ -159,6 +163,11 @@ def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor,
         "rewards/margins": margins,
         "logps/real": policy_real.detach(),
         "logps/generated": policy_generated.detach(),
+        # TRL's DPOTrainer names, by label rather than origin (they differ where a judge swapped)
+        "rewards/chosen": chosen(beta * log_ratio_real, beta * log_ratio_gen),
+        "rewards/rejected": chosen(beta * log_ratio_gen, beta * log_ratio_real),
+        "logps/chosen": chosen(policy_real, policy_generated),
+        "logps/rejected": chosen(policy_generated, policy_real),
     }
     return losses, stats
 

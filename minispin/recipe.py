@@ -39,7 +39,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import UserError
+from .errors import UserError, redact
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)   # a checkout's root; in an installed minispin, site-packages
@@ -184,10 +184,11 @@ class Training:
     fp32_logits: bool = key(True, "lm_head in fp32 on the answer positions, so bf16 compute never "
                             "rounds the logits the log-probs come from (uclaml/SPIN: bf16 "
                             "logits; false reproduces that)")
-    report_to: str = key("none", "where each step's metrics go besides iter<t>/metrics.jsonl: none | "
-                         "tensorboard (event files beside it, under TRL's names: train/loss, "
-                         "train/rewards/real, ...; needs pip install tensorboard)",
-                         choices=("none", "tensorboard"))
+    report_to: str = key("none", "where each step's metrics go besides iter<t>/metrics.jsonl: none, "
+                         "or a comma-separated list of tensorboard (event files beside it) and "
+                         "wandb (W&B; WANDB_MODE=offline works without network), under HF "
+                         "Trainer's and TRL's names: train/loss, train/rewards/chosen, ... "
+                         "(minispin/reporting.py; needs pip install tensorboard / wandb)")
     checkpoint_every: int = key(500, "save a sharded checkpoint every N steps (0 = only at the end)",
                                 lo=0)
     keep_checkpoints: int = key(2, "how many checkpoints to keep", lo=1)
@@ -277,6 +278,7 @@ class Recipe:
     source: str = ""                   # the TOML file it came from
     given: frozenset = frozenset()     # keys set by a command-line flag
     sampling_from: str = ""            # generation_config.json, where it set sampling keys
+    where: Dict[str, str] = field(default_factory=dict)  # key -> what set it: the file, a table, a flag
 
     def noise_settings(self) -> "NoiseSettings":
         return parse_noise(self.fixes.noise, self.seed)
@@ -461,7 +463,7 @@ def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None
             values[k] = _resolve_path(values[k])
     sampling_from = take_checkpoint_sampling(values, where_of)
 
-    recipe = Recipe(source=path, given=frozenset(given), sampling_from=sampling_from)
+    recipe = Recipe(source=path, given=frozenset(given), sampling_from=sampling_from, where=dict(where_of))
     recipe.name = values.get("name", os.path.splitext(os.path.basename(path))[0])
     recipe.run_dir = values.get("run_dir") or os.path.join("runs", recipe.name)
     recipe.seed = values.get("seed", 42)
@@ -523,6 +525,11 @@ def check(recipe: Recipe, where_of: Optional[Dict[str, str]] = None):
         raise RecipeError(f"{where('judge_threshold')}: --adaptive needs a threshold >= 0 "
                           "(pairs with |margin| < τ get the noise)")
     check_lora(recipe, where)
+    from .reporting import parse_report_to
+    try:
+        parse_report_to(t.report_to)
+    except ValueError as e:
+        raise RecipeError(f"{where('report_to')}: {e}") from None
     if (noise.ref_sigma > 0 or fx.adaptive) and noise.mode == "fresh" and t.ref_mode == "precompute":
         raise RecipeError(f"{where('noise')}: mode=fresh draws new reference noise at every step, "
                           "which needs the reference logits at every step: add --ref-mode online, "
@@ -634,7 +641,8 @@ def add_flags(parser: argparse.ArgumentParser, keys: Iterable[str], group: Optio
     for k in keys:
         info = KEYS[k]
         flag = (rename or {}).get(k) or info.flag
-        text = info.meta.get("help", "") + f" [recipe key: {k}]"
+        text = (info.meta.get("help", "") + f" [recipe key {k}; default: the recipe's, else "
+                f"{toml_value(info.default)}]").replace("%", "%%")
         if info.type is bool:
             target.add_argument(flag, dest=k, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)
@@ -671,6 +679,35 @@ def as_dict(recipe: Recipe) -> Dict[str, Any]:
         holder = getattr(recipe, info.section) if info.section else recipe
         out[k] = getattr(holder, info.attr)
     return out
+
+
+def toml_value(v) -> str:
+    """A key's value as TOML writes it (strings in JSON's escapes, which TOML reads)."""
+    import json
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as a TOML recipe of top-level keys, every key written: read back
+    with `resolve` it gives the same settings (train.py --print-config), except that a URL's
+    user:password and key are redacted, as everywhere that prints (errors.redact)."""
+    head = [f"# resolved from {recipe.source}" + (f" and {', '.join(sorted(set(recipe.where.values()) - {recipe.source}))}"
+                                                 if set(recipe.where.values()) - {recipe.source} else "")]
+    return redact("\n".join(head + [f"{k} = {toml_value(v)}" for k, v in as_dict(recipe).items()]) + "\n")
+
+
+def format_overrides(recipe: Recipe) -> str:
+    """The settings that differ from the recipe file's top-level keys — set by its
+    [iterations.<t>] / [sft] table, a flag or the checkpoint's generation_config.json —
+    as a compact block; "" when there are none."""
+    lines = [f"  {k} = {toml_value(v)}  ({recipe.where[k]})" for k, v in as_dict(recipe).items()
+             if recipe.where.get(k, recipe.source) != recipe.source]
+    # printed, so through the one redaction rule: a judge URL may carry user:password
+    return redact(f"settings beyond {recipe.source}:\n" + "\n".join(lines)) if lines else ""
 
 
 def write_variant(out_path: str, overrides: dict, base: str = DEFAULT_RECIPE) -> str:

@@ -23,7 +23,7 @@ machinery (distributed.py). One SPIN iteration, or an SFT run, is one `Trainer.r
 5. Optimizer step with gradient clipping; RMSprop (SPIN's choice) or AdamW; a linear (or
    cosine / constant) schedule with warmup. The step's metrics are a named dict, summed
    over the global batch with one all-reduce, appended to metrics.jsonl by rank 0
-   (and, with report_to = "tensorboard", written as TensorBoard scalars: MetricsLog).
+   (and to TensorBoard / W&B as report_to asks: MetricsLog, minispin/reporting.py).
 6. A non-finite loss or gradient norm stops the run BEFORE the optimizer step, with a
    message naming the step, the batch and the last good checkpoint, which stays intact.
 7. Checkpoints every `checkpoint_every` steps (model, optimizer, scheduler, step, RNG and a
@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import torch
 
 from . import distributed as D
-from . import lora
+from . import lora, reporting
 from .checkpoint import check_export_target, model_fingerprint, save_model
 from .config import parse_dtype, read_config
 from .data import JsonlAppender, read_jsonl, write_jsonl_atomic
@@ -105,50 +105,29 @@ class ResumeError(UserError):
     """A checkpoint that belongs to another run."""
 
 
-TENSORBOARD_HINT = ("report_to = tensorboard (--report-to tensorboard) needs the tensorboard package: "
-                    "pip install tensorboard (or pip install 'minispin[tensorboard]')")
-TB_NAMES = {"lr": "learning_rate"}  # HF Trainer's / TRL's name where ours differs; the rest: train/<key>
-
-
-def tensorboard_writer():
-    """torch's SummaryWriter, or the one-line error saying what to install. train.py calls
-    it at start-up, so a missing package stops the run before any model loads."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(TENSORBOARD_HINT) from None
-    return SummaryWriter
-
-
 class MetricsLog:
-    """Where each optimizer step's metrics go, on rank 0: a line of metrics.jsonl and, with
-    report_to = "tensorboard", the same numbers as TensorBoard scalars in event files beside
-    it, at global_step = the optimizer step and under the names HF Trainer / TRL (and so
-    uclaml/SPIN and the study) give them — train/loss, train/rewards/real, train/logps/real,
-    train/learning_rate, train/grad_norm, train/epoch, ... — so runs overlay in one
-    TensorBoard. A run resumed from step n rewrites steps n+1...: the writer opens with
-    purge_step = n + 1, which tells TensorBoard to drop what a killed run logged from there
-    on (JSONL lines past n are trimmed by the trainer before). Every step is flushed, so a
-    crash loses nothing a checkpoint would not replay."""
+    """Where each optimizer step's metrics go, on rank 0: a line of metrics.jsonl and the
+    same numbers to each reporter of report_to (TensorBoard, W&B: minispin/reporting.py).
+    Every step is flushed, so a crash loses nothing a checkpoint would not replay (JSONL
+    lines past a resumed step are trimmed by the trainer before)."""
 
-    def __init__(self, work_dir: str, report_to: str = "none", resume_step: int = 0, enabled: bool = True):
+    def __init__(self, work_dir: str, report_to: str = "none", resume_step: int = 0, enabled: bool = True,
+                 recipe: Optional[dict] = None):
+        """recipe: the run's resolved recipe as a dict (as_dict), which names and configures
+        a W&B run; the trainer itself never reads it."""
         self.jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a") if enabled else None
-        self.tb = None
-        if enabled and report_to == "tensorboard":
-            self.tb = tensorboard_writer()(log_dir=work_dir, purge_step=resume_step + 1)
+        label = dict(name=f"{recipe['name']}-{os.path.basename(work_dir)}", group=recipe["name"],
+                     config=redact_all(recipe)) if recipe else {}   # W&B writes it to disk
+        self.reporters = reporting.open_reporters(report_to, work_dir, resume_step, **label) if enabled else []
 
     def write(self, rec: dict):
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
             self.jsonl.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar("train/" + TB_NAMES.get(k, k), v, global_step=rec["step"])
-            self.tb.flush()
+        reporting.report(self.reporters, rec)
 
     def close(self):
-        for f in (self.jsonl, self.tb):
+        for f in [self.jsonl] + self.reporters:
             if f:
                 f.close()
 
@@ -561,7 +540,8 @@ class Trainer:
                 json.dump(redact_all(json.loads(json.dumps(info, default=str))), f, indent=2)
 
         from tqdm import tqdm
-        metrics_log = MetricsLog(self.work_dir, cfg.report_to, start, enabled=env.is_main)
+        metrics_log = MetricsLog(self.work_dir, cfg.report_to, start, enabled=env.is_main,
+                                 recipe=self.info.get("recipe"))
         bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.mode}", unit="step",
                    disable=not (env.is_main and self.progress), file=sys.stdout)
         last = {}

@@ -36,3 +36,18 @@ def test_answer_nll_equals_transformers_cross_entropy():
     assert abs(got["answer_nll"] - total / count) < 1e-4
     # 16 new tokens cannot finish a GSM8K answer: nothing counts as formatted
     assert got["format_rate"] == 0.0 and got["examples"] == 2
+
+
+def test_progress_bar_counts_scoring_then_answering(capsys):
+    """progress="label": one bar on stderr over 2 x the examples (each scored, then
+    answered), and the metrics the same as without it."""
+    examples = [SFTExample(str(i), [{"role": "user", "content": f"What is {i} + 1?"}], f"{i} + 1 = {i + 1}\n#### {i + 1}")
+                for i in range(3)]
+    model, tok = load_model(TINY_SFT), load_tokenizer(TINY_SFT)
+    quiet = heldout_metrics(model, tok, examples, max_new_tokens=8, batch_size=2)
+    capsys.readouterr()
+    shown = heldout_metrics(model, tok, examples, max_new_tokens=8, batch_size=2, progress="held-out θ_0")
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert shown == quiet
+    counts = [line.split("|")[2].split()[0] for line in err.splitlines() if line.startswith("held-out θ_0:")]
+    assert counts[0] == "0/6" and all(c.endswith("/6") for c in counts)   # (tqdm shows at most 10 updates/s)

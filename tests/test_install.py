@@ -3,9 +3,11 @@ empty folder where the checkout cannot be imported — `import minispin`, the co
 scripts, the tiny recipe's iteration 0 end to end and the offline eval, all on the files
 the wheel carries.
 
-The venv is made with --system-site-packages so torch and the other dependencies come
-from this environment (no downloads); minispin itself must then come from the venv,
-which the test checks through minispin.__file__ and the paths a run prints.
+The venv sees this environment's packages, so torch and the other dependencies come from
+here (no downloads): --system-site-packages, and, where this environment is itself a venv
+(CI's is), a .pth file naming its site-packages folders — their own .pth files, among them
+an editable minispin's, are not run. minispin itself must then come from the venv, which
+the test checks through minispin.__file__ and the paths a run prints.
 """
 import glob
 import json
@@ -47,6 +49,10 @@ def installed(tmp_path_factory):
     venv = root / "venv"
     sh([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], root)
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    purelib = sh([bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root)
+    outer = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    with open(os.path.join(purelib.strip(), "outer-environment.pth"), "w") as f:
+        f.write("".join(p + "\n" for p in outer))
     # this environment's pip, run by the venv's python, installs into the venv; --ignore-installed
     # because the outer environment may hold an (editable) minispin of the same version
     sh([bin_dir / "python", "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel], root)

@@ -555,3 +555,21 @@ def test_cli_local_backend_writes_judged_and_summary(tmp_path, capsys):
     assert sum(summary["margin_histogram"].values()) == 3
     assert "judge summary" in capsys.readouterr().out
     assert cli.main(["--iter", "1", "--run-dir", str(tmp_path / "nothing"), "--backend", "local"]) == 2
+
+
+def test_progress_bar_counts_the_answers_to_score_with_rate_and_eta(tmp_path, capsys):
+    """progress=True: a tqdm bar on stderr over the answers not yet cached (its rate and
+    ETA in tqdm's [elapsed<remaining, rate] field), instead of the every-50 log lines."""
+    class Fixed:
+        judge_id, concurrency = "fixed", 1
+
+        def score(self, prompt, answer, stop=None):
+            return {"score": 50, "reply": "50"}
+
+    said = []
+    capsys.readouterr()
+    judge_pairs(make_pairs(3), Fixed(), ScoreCache(str(tmp_path / "c.jsonl")), log=said.append, progress=True)
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.match(r"judge: 100%\|.*\| 6/6 \[\d\d:\d\d<\d\d:\d\d, .*answer/s\]$", last), last
+    assert not any("scored" in m for m in said)

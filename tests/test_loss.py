@@ -119,6 +119,10 @@ def test_metrics_and_swap():
     assert st["rewards/margins"].tolist() == pytest.approx([0.15, -0.15])     # chosen - rejected
     assert st["rewards/accuracies"].tolist() == [1.0, 0.0]
     assert st["logps/real"].tolist() == [-10.0, -10.0] and st["logps/generated"].tolist() == [-12.0, -12.0]
+    # TRL's names go by label: pair 1 was swapped, so its chosen side is the generated answer
+    assert st["rewards/chosen"].tolist() == pytest.approx([0.1, -0.05])
+    assert st["rewards/rejected"].tolist() == pytest.approx([-0.05, 0.1])
+    assert st["logps/chosen"].tolist() == [-10.0, -12.0] and st["logps/rejected"].tolist() == [-12.0, -10.0]
     assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.15)), math.log1p(math.exp(0.15))])
     # a swapped pair is the unswapped pair with real and generated exchanged
     l2, _ = spin_loss(pg[1:], pr[1:], rg[1:], rr[1:], beta=0.1)

@@ -1,9 +1,13 @@
 """--report-to tensorboard: the event files hold metrics.jsonl's numbers under TRL's names,
 read back with TensorBoard's own reader; a killed and resumed run leaves each step once;
-without the tensorboard package the flag is a one-line error before any model loads."""
+without the tensorboard package the flag is a one-line error before any model loads.
+--report-to tensorboard,wandb with WANDB_MODE=offline: the W&B run file, read back with
+W&B's own record schema, holds the same numbers at the same steps."""
+import glob
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 
@@ -19,7 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 # "learning_rate"), written out here rather than taken from minispin
 EXPECTED_TAGS = {"train/loss", "train/rewards/real", "train/rewards/generated", "train/rewards/accuracies",
                  "train/rewards/margins", "train/logps/real", "train/logps/generated",
-                 "train/learning_rate", "train/grad_norm", "train/epoch"}
+                 "train/learning_rate", "train/grad_norm", "train/epoch",
+                 # TRL's DPOTrainer names, by label (chosen = the real answer, no judge here)
+                 "train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen", "train/logps/rejected"}
 WORDS = "the cat sat on a mat and then ran to see dog bird tree sun moon star red blue".split()
 
 
@@ -95,3 +101,68 @@ def test_missing_tensorboard_is_one_line_before_any_model_loads():
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and "pip install tensorboard" in lines[0]
     assert "no/such/model" not in p.stderr and p.stdout == ""    # stopped before the model was looked at
+
+
+def wandb_records(path):
+    """The records of a W&B run file: LevelDB's log format (32 KiB blocks of chunks, each
+    with a 7-byte header: crc32c, length, type 1 full / 2 first / 3 middle / 4 last) after
+    W&B's 7-byte file header, each record a wandb_internal.proto Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, parts = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:                       # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and n == 0:
+            pos += left
+            continue
+        parts += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(parts)
+            parts = b""
+            yield rec
+
+
+def test_wandb_offline_run_holds_metrics_jsonl_beside_tensorboard(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is a test dependency (pip install -e .[test])")
+    for k in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")     # no network, no account
+    monkeypatch.setenv("WANDB_CONSOLE", "off")      # leave pytest's stdout alone
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(k, str(tmp_path / k.lower()))
+    model, run = str(tmp_path / "model"), str(tmp_path / "run")
+    make_hf_model(model, "llama")
+    write_pairs(os.path.join(run, "iter0", "pairs.jsonl"))
+    assert run_cli("train.py", "--model", model, "--run-dir", run, "--batch-size", "4", "--micro-batch-size", "2",
+                   "--max-length", "80", "--max-prompt-length", "48", "--lr", "1e-3", "--epochs", "1",
+                   "--heldout-examples", "0", "--device", "cpu", "--no-progress",
+                   "--report-to", "tensorboard,wandb") == 0
+    work = os.path.join(run, "iter0")
+    recs = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert EXPECTED_TAGS <= set(read_events(work).Tags()["scalars"])   # TensorBoard as well
+    run_file, = glob.glob(os.path.join(work, "wandb", "offline-run-*", "run-*.wandb"))
+    history, names = [], []
+    for rec in wandb_records(run_file):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "run":
+            names.append((rec.run.project, rec.run.display_name))
+        elif kind == "exit":
+            names.append(("exit", rec.exit.exit_code))
+    assert names[0] == ("minispin", "tiny-iter0") and ("exit", 0) in names
+    assert [h["_step"] for h in history] == [1, 2, 3, 4]
+    for h, r in zip(history, recs):
+        for key, value in r.items():
+            if key != "step":
+                assert h[tb_tag(key)] == pytest.approx(value, rel=1e-12, abs=0), key
+        assert "train/loss" in h and "train/rewards/chosen" in h

@@ -264,7 +264,7 @@ def test_no_url_credential_or_key_reaches_the_run_folder(model, base, tmp_path, 
                                          "--judge-base-url", url)) == 0
         printed = capsys.readouterr()
         # a URL password in an error message is redacted too, argparse's own included
-        line = one_line(capsys, "judge.py", "--iter", "0", "--no-such-flag", f"http://u:{password}@h/v1")
+        line = one_line(capsys, "judge.py", "--iter", f"http://u:{password}@h/v1")   # echoed by argparse
         assert password not in line and "***" in line, line
         for bad in (f"ftp://u:{password}@host/v1", f"http://u:{password}@host:99999/v1"):
             line = one_line(capsys, "judge.py", "--iter", "0", "--run-dir", run, "--backend", "openai",

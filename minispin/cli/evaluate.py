@@ -19,17 +19,17 @@ import os
 import sys
 
 from minispin import recipe as R
-from minispin.cli import prog
-from minispin.errors import ArgumentParser, UserError, run_cli, path_arg, iteration_arg
+from minispin.cli import apply_threads, prog
+from minispin.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, path_arg, iteration_arg
 
 INSTALL_HINT = ("needs lm-evaluation-harness, an optional extra of minispin: pip install 'minispin[eval]' "
                 "(in a checkout: pip install -e .[eval])")
-KEYS = ("device", "dtype", "eval_bos")
+KEYS = ("device", "dtype", "eval_bos", "cpu_threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog=prog("minispin-eval"), description="lm-eval suite of the SPIN study "
-                                 "over minispin models", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 "over minispin models", formatter_class=RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("--model", type=path_arg, action="append", required=True,
                     help="HF-format model folder (repeat for a table across models)")
@@ -56,6 +56,7 @@ def run(argv=None) -> int:
     if args.offline:  # before datasets is imported: it reads these once
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     recipe = R.resolve(args.config, R.given_flags(args, KEYS))
+    apply_threads(recipe)
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -67,6 +68,8 @@ def run(argv=None) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     tasks = E.resolve_tasks(names, args.suite, args.num_fewshot)
     labels, json_paths, table_path = E.results_paths(args.model, args.output)
+    if not args.offline:
+        E.check_hub_reachable()   # before any model loads: without network, one line that names --offline
     rows, rank = {}, 0
     for path, label, json_path in zip(args.model, labels, json_paths):
         bos = {"auto": None, "yes": True, "no": False}[recipe.eval.eval_bos]

@@ -17,14 +17,14 @@ import argparse
 
 from minispin import distributed as D
 from minispin import recipe as R
-from minispin.cli import prog
+from minispin.cli import apply_threads, prog
 from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.iteration import locked
 from minispin.pairs import generate_pairs_file
 
 KEYS = ("data", "num_prompts", "shuffle_seed", "shuffle_rows", "max_new_tokens", "temperature", "top_p", "top_k",
         "seed", "gen_batch_size", "max_length", "max_prompt_length", "template", "empty_system",
-        "gen_template", "gen_bos", "decode", "dtype", "device", "compile")
+        "gen_template", "gen_bos", "decode", "dtype", "device", "compile", "cpu_threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
+    apply_threads(recipe)
     env = D.init_distributed(recipe.model.device)
     try:
         with locked(recipe.run_dir, env):

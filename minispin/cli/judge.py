@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from minispin import recipe as R
-from minispin.cli import prog
+from minispin.cli import apply_threads, prog
 from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.iteration import judge_file
 from minispin.judge import format_summary, log_stderr, make_judge
@@ -29,7 +29,7 @@ from minispin.lock import RunLock
 
 KEYS = ("judge_model", "judge_threshold", "judge_base_url", "judge_concurrency", "judge_timeout",
         "judge_max_retries", "judge_backoff", "judge_prompt", "judge_system", "judge_api_defaults",
-        "device", "dtype")
+        "device", "dtype", "cpu_threads")
 FLAGS = {"judge_threshold": "--threshold", "judge_base_url": "--base-url", "judge_concurrency": "--concurrency",
          "judge_timeout": "--timeout", "judge_max_retries": "--max-retries", "judge_backoff": "--backoff"}
 
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retry-unparsable", action="store_true", help="re-ask items whose cached reply had no score")
     ap.add_argument("--limit", type=int, default=None, help="judge only the first N pairs")
     ap.add_argument("--quiet", action="store_true", help="only the summary")
+    ap.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bar (answers scored, rate and ETA, on stderr)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a setup error")
     R.add_flags(ap, KEYS, "judge settings (each also a recipe key)", rename=FLAGS)
     return ap
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
+    apply_threads(recipe)
     backend = args.backend or (recipe.fixes.judge_backend if recipe.fixes.judge_backend != "none" else "openai")
     log = (lambda msg: None) if args.quiet else log_stderr
     src = args.pairs or pairs_path(recipe.run_dir, args.iter)
@@ -66,7 +69,8 @@ def run(argv=None) -> int:
     try:
         with RunLock(recipe.run_dir):   # one writer per run folder (minispin/lock.py)
             summary = judge_file(recipe, src, out, make_judge(recipe, backend, log=log), cache,
-                                 retry_unparsable=args.retry_unparsable, limit=args.limit, log=log)
+                                 retry_unparsable=args.retry_unparsable, limit=args.limit, log=log,
+                                 progress=args.progress and not args.quiet)
     except KeyboardInterrupt:
         print(f"\n{prog('minispin-judge')}: interrupted; the scores so far are safe in {cache} "
               "(re-run the same command to resume)", file=sys.stderr)

@@ -13,14 +13,13 @@ matplotlib is an optional extra: pip install 'minispin[plot]' (in a checkout: pi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 
 from minispin.cli import prog
-from minispin.errors import ArgumentParser
+from minispin.errors import ArgumentParser, RawDescriptionHelpFormatter
 
 CURVES = [("loss", "SPIN loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
           ("rewards/accuracies", "reward accuracy")]
@@ -61,7 +60,7 @@ def smooth(values, k):
 
 def main(argv=None) -> int:
     name = prog("minispin-plot")
-    ap = ArgumentParser(prog=name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog=name, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a run folder, e.g. runs/tiny")
     ap.add_argument("--out", help="folder for the PNGs (default RUN_DIR/plots)")
     ap.add_argument("--smooth", type=int, default=1, help="moving average over this many steps")

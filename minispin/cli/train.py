@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from minispin import distributed as D
 from minispin import recipe as R
-from minispin.cli import prog
+from minispin.cli import apply_threads, prog
 from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.iteration import locked, run_iteration, run_sft, summarize
-from minispin.trainer import tensorboard_writer
+from minispin.reporting import check_installed
 
 MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads")
 DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_prompts", "seed")
@@ -55,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dump-rows", type=path_arg, default=None, metavar="FILE", help="write the training rows "
                     "(one JSON line per answer: input_ids, labels, attention_mask) and exit without training")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved recipe (the recipe, "
+                    "its [iterations.<t>] or [sft] table and the flags) as TOML, and exit")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a setup error")
     R.add_flags(ap, MODEL_KEYS + DATA_KEYS + GEN_KEYS, "model, data and generation")
     R.add_flags(ap, TRAIN_KEYS, "training")
@@ -67,19 +67,23 @@ def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = R.given_flags(args, MODEL_KEYS + DATA_KEYS + GEN_KEYS + TRAIN_KEYS + FIX_KEYS + EVAL_KEYS)
     recipe = R.resolve(args.config, flags, iteration=args.iteration, sft=args.sft)
-    if recipe.training.report_to == "tensorboard":
-        tensorboard_writer()   # not installed: the one-line error now, before any model loads
-    if recipe.model.cpu_threads:
-        torch.set_num_threads(recipe.model.cpu_threads)
+    if args.print_config:
+        print(R.to_toml(recipe), end="")
+        return 0
+    check_installed(recipe.training.report_to)   # a missing reporter: one line now, before any model loads
+    apply_threads(recipe)
     env = D.init_distributed(recipe.model.device)
     log = (lambda *m: print(*m, flush=True)) if env.is_main else (lambda *m: None)
+    changed = R.format_overrides(recipe)
+    if changed:
+        log(changed)
     try:
         with locked(recipe.run_dir, env):
             if args.sft:
                 run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
             elif run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out,
                                args.force, args.dump_rows, args.progress, log) is not None and env.is_main:
-                print(summarize(recipe, args.iteration, args.out), flush=True)
+                print(summarize(recipe, args.iteration, args.out, progress=args.progress), flush=True)
         return 0
     finally:
         D.close_distributed(env)

@@ -1,0 +1,110 @@
+"""Where each optimizer step's metrics go besides iter<t>/metrics.jsonl: TensorBoard, W&B.
+
+The recipe key `report_to` (flag --report-to) is "none" or a comma-separated list of
+reporters, e.g. "tensorboard,wandb"; `parse_report_to` is its rule. Every reporter gets
+the very numbers of a metrics.jsonl line, at step = the optimizer step, under the names HF
+Trainer and TRL give them (and so uclaml/SPIN and the study): "train/" + the key, with
+`lr` called `train/learning_rate` — train/loss, train/rewards/real, train/rewards/chosen,
+train/logps/rejected, train/grad_norm, train/epoch, ... — so runs of either overlay.
+
+* tensorboard: event files in iter<t>/ beside metrics.jsonl (torch's SummaryWriter). A
+  run resumed from step n opens with purge_step = n + 1, which tells TensorBoard to drop
+  what a killed run logged from there on. Every step is flushed.
+* wandb: one W&B run per process start, its files in iter<t>/wandb/, its config the
+  resolved recipe. The project is $WANDB_PROJECT (default "minispin"); the run is named
+  <recipe name>-iter<t> and grouped by the recipe's name. WANDB_MODE=offline writes the run
+  to disk only (`wandb sync` uploads it later). A resumed run is a second W&B run of the
+  same name that starts at step n + 1.
+
+A reporter whose package is missing is a one-line error (`check_installed`), which train.py
+calls before any model loads. Only rank 0 reports (the metrics are global already).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List
+
+from .errors import UserError
+
+REPORTERS = ("tensorboard", "wandb")
+INSTALL = {"tensorboard": "pip install tensorboard (or pip install 'minispin[tensorboard]')",
+           "wandb": "pip install wandb (or pip install 'minispin[wandb]')"}
+NAMES = {"lr": "learning_rate"}  # HF Trainer's / TRL's name where ours differs
+
+
+def parse_report_to(value: str) -> List[str]:
+    """'none' -> []; 'tensorboard,wandb' -> ['tensorboard', 'wandb']; ValueError otherwise."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["none"]:
+        return []
+    bad = [n for n in names if n not in REPORTERS]
+    if bad or not names:
+        raise ValueError(f"'report_to' must be none or a comma-separated list of {', '.join(REPORTERS)}, "
+                         f"got {value!r}")
+    return list(dict.fromkeys(names))
+
+
+def tag(key: str) -> str:
+    return "train/" + NAMES.get(key, key)
+
+
+def _import(name: str):
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            return SummaryWriter
+        import wandb
+        return wandb
+    except ImportError:
+        raise UserError(f"report_to = {name} (--report-to {name}) needs the {name} package: "
+                        f"{INSTALL[name]}") from None
+
+
+def check_installed(report_to: str):
+    """The one-line error for a reporter that is not installed, before any work starts."""
+    for name in parse_report_to(report_to):
+        _import(name)
+
+
+class TensorBoard:
+    def __init__(self, work_dir: str, resume_step: int, **_):   # (name, group, config: W&B's)
+        self.writer = _import("tensorboard")(log_dir=work_dir, purge_step=resume_step + 1)
+
+    def log(self, scalars: dict, step: int):
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, global_step=step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandB:
+    def __init__(self, work_dir: str, resume_step: int, name: str = "", group: str = "", config=None):
+        wandb = _import("wandb")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minispin"), name=name or None,
+                              group=group or None, dir=work_dir, config=config or {})
+
+    def log(self, scalars: dict, step: int):
+        self.run.log(scalars, step=step)
+
+    def close(self):   # called from the trainer's `finally`: a run stopped by an error is marked failed
+        self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
+
+
+def open_reporters(report_to: str, work_dir: str, resume_step: int = 0, name: str = "", group: str = "",
+                   config=None) -> list:
+    """The reporters of report_to; name / group / config label a W&B run (TensorBoard
+    needs only the folder)."""
+    classes = {"tensorboard": TensorBoard, "wandb": WandB}
+    return [classes[r](work_dir, resume_step, name=name, group=group, config=config)
+            for r in parse_report_to(report_to)]
+
+
+def report(reporters: list, rec: dict):
+    """One metrics.jsonl record to every reporter: its numbers, at step = rec["step"]."""
+    scalars = {tag(k): v for k, v in rec.items()
+               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for r in reporters:
+        r.log(scalars, rec["step"])
