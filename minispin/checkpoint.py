@@ -351,7 +351,8 @@ def save_model(model: Optional[Transformer], out_dir: str, tokenizer_from: Optio
     return replace_folder(tmp, out_dir)
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """sha256 of a file, read in 16 MiB chunks (exports, θ_t fingerprints, checkpoint rank files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -394,7 +395,7 @@ def replace_folder(tmp: str, out_dir: str) -> str:
     for n in os.listdir(tmp):  # safetensors writes 0600 temporaries: give every file the umask's mode
         if os.path.isfile(os.path.join(tmp, n)):
             os.chmod(os.path.join(tmp, n), 0o666 & ~umask)
-    hashes = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
+    hashes = {n: file_sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
               if os.path.isfile(os.path.join(tmp, n)) and n != EXPORT_MARKER}
     marker = {"format": EXPORT_FORMAT, "version": 1, "fingerprint": _fingerprint_of(hashes),
               "files": {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": h}
@@ -446,7 +447,7 @@ def model_fingerprint(model_dir: str, cache_path: Optional[str] = None) -> str:
     entry = json.dumps([key[0], [list(x) for x in stats]])
     fp = saved.get(entry) if isinstance(saved, dict) else None
     if not isinstance(fp, str):
-        fp = _fingerprint_of({n: _sha256(os.path.join(model_dir, n)) for n, _, _ in stats})
+        fp = _fingerprint_of({n: file_sha256(os.path.join(model_dir, n)) for n, _, _ in stats})
         if cache_path:
             saved = dict(saved) if isinstance(saved, dict) else {}
             saved[entry] = fp

@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import _ST_DTYPES, check_config_sizes, load_model
+from .checkpoint import _ST_DTYPES, check_config_sizes, file_sha256, load_model
 from .errors import UserError, json_loads
 from .config import read_config
 from .device import compute_dtype, pick_device  # noqa: F401  (re-exported: D.pick_device)
@@ -297,14 +297,6 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return found[0] if found else None
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _index_checksum(index: dict) -> str:
     body = {k: v for k, v in index.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -318,7 +310,7 @@ def verify_checkpoint(path: str) -> dict:
         f = os.path.join(path, name)
         if not os.path.isfile(f):
             raise TrainCheckpointError(f"{f}: missing; the checkpoint is damaged. {_start_fresh(path)}")
-        if _sha256_file(f) != index["sha256"][name]:
+        if file_sha256(f) != index["sha256"][name]:
             raise TrainCheckpointError(f"{f}: its sha256 is not the one {CKPT_INDEX} recorded (the file "
                                        f"changed or was damaged after it was written). {_start_fresh(path)}")
     return index
@@ -571,7 +563,7 @@ def _write_index(folder: str, world_size: int, param_groups: list):
                 t["chunks"].append({"file": name, "offsets": c["offsets"], "sizes": sizes})
     index = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "world_size": world_size,
              "files": files, "extra": extras, "param_groups": param_groups, "tensors": tensors,
-             "sha256": {name: _sha256_file(os.path.join(folder, name)) for name in files}}
+             "sha256": {name: file_sha256(os.path.join(folder, name)) for name in files}}
     index["checksum"] = _index_checksum(index)
     with open(os.path.join(folder, CKPT_INDEX), "w") as f:
         json.dump(index, f)

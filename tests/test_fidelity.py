@@ -87,19 +87,16 @@ def fidelity_pairs():
     return pairs
 
 
-def spin_rows_restated(tk, pair, max_length=1024, max_prompt_length=512):
-    """uclaml/SPIN, restated: apply_chat_template (zephyr, system "" inserted; each answer
-    rendered alone with the "<|assistant|>\\n" prefix stripped) and tokenize_batch_element
-    (tokenizer(text, add_special_tokens=False); attention 0 at every eos; eos appended;
-    keep_end truncation; answers cut to max_length - max_prompt_length; labels -100 on the
-    prompt)."""
-    prompt = f"<|system|>\n</s>\n<|user|>\n{pair['prompt'][0]['content']}</s>\n<|assistant|>\n"
-
+def tokenize_batch_element_restated(tk, pair_id, prompt, real, generated, max_length=1024, max_prompt_length=512):
+    """uclaml/SPIN's tokenize_batch_element (the study's SPIN/spin/alignment/utils.py is the
+    same), restated: each text tokenizer(text, add_special_tokens=False) alone; attention 0
+    at every eos; eos appended to each answer; keep_end truncation of the prompt; answers cut
+    to max_length - max_prompt_length; labels -100 on the prompt."""
     def tok(text):
         ids = tk.encode(text, add_special_tokens=False).ids
         return {"input_ids": ids, "attention_mask": [0 if i == EOS else 1 for i in ids]}
 
-    c, r, p = tok(f"{pair['real']}</s>\n"), tok(f"{pair['generated']}</s>\n"), tok(prompt)
+    c, r, p = tok(real), tok(generated), tok(prompt)
     for t in (c, r):
         t["input_ids"].append(EOS)
         t["attention_mask"].append(1)
@@ -113,9 +110,18 @@ def spin_rows_restated(tk, pair, max_length=1024, max_prompt_length=512):
     for side, a in (("real", c), ("generated", r)):
         ids = p["input_ids"] + a["input_ids"]
         labels = [-100] * len(p["input_ids"]) + a["input_ids"]
-        out.append({"id": pair["id"], "side": side, "input_ids": ids, "labels": labels,
+        out.append({"id": pair_id, "side": side, "input_ids": ids, "labels": labels,
                     "attention_mask": p["attention_mask"] + a["attention_mask"]})
     return out
+
+
+def spin_rows_restated(tk, pair, max_length=1024, max_prompt_length=512):
+    """uclaml/SPIN's rows, restated: apply_chat_template (zephyr, system "" inserted; each
+    answer rendered alone with the "<|assistant|>\\n" prefix stripped), then
+    tokenize_batch_element."""
+    prompt = f"<|system|>\n</s>\n<|user|>\n{pair['prompt'][0]['content']}</s>\n<|assistant|>\n"
+    return tokenize_batch_element_restated(tk, pair["id"], prompt, f"{pair['real']}</s>\n",
+                                           f"{pair['generated']}</s>\n", max_length, max_prompt_length)
 
 
 def test_dump_rows_under_the_official_recipe_equal_spins_rows(mistral, tmp_path, capsys):

@@ -19,7 +19,7 @@ import os
 import pytest
 
 from helpers import run_cli
-from test_fidelity import EOS, MISTRAL_JSON, fidelity_pairs, mistral  # noqa: F401  (fixture)
+from test_fidelity import MISTRAL_JSON, fidelity_pairs, mistral, tokenize_batch_element_restated  # noqa: F401  (fixture)
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -58,32 +58,9 @@ def checkpoint_texts(template):
 
 
 def study_rows_restated(tk, pair, texts, max_length=1024, max_prompt_length=512):
-    """tokenize_batch_element, restated: each text tokenized alone without special tokens,
-    attention 0 at every eos inside it, one eos appended to each answer, keep_end truncation
-    of the prompt, then both answers cut to max_length - max_prompt_length; labels -100 on
-    the prompt."""
-    prompt, real, gen = texts(pair)
-
-    def tok(text):
-        ids = tk.encode(text, add_special_tokens=False).ids
-        return {"input_ids": ids, "attention_mask": [0 if i == EOS else 1 for i in ids]}
-
-    c, r, p = tok(real), tok(gen), tok(prompt)
-    for t in (c, r):
-        t["input_ids"].append(EOS)
-        t["attention_mask"].append(1)
-    longer = max(len(c["input_ids"]), len(r["input_ids"]))
-    if len(p["input_ids"]) + longer > max_length:
-        p = {k: v[-max_prompt_length:] for k, v in p.items()}
-    if len(p["input_ids"]) + longer > max_length:
-        c = {k: v[:max_length - max_prompt_length] for k, v in c.items()}
-        r = {k: v[:max_length - max_prompt_length] for k, v in r.items()}
-    out = []
-    for side, a in (("real", c), ("generated", r)):
-        out.append({"id": pair["id"], "side": side, "input_ids": p["input_ids"] + a["input_ids"],
-                    "labels": [-100] * len(p["input_ids"]) + a["input_ids"],
-                    "attention_mask": p["attention_mask"] + a["attention_mask"]})
-    return out
+    """The study's rows: its apply_chat_template's texts, then SPIN's tokenize_batch_element
+    (its SPIN/spin/alignment/utils.py is uclaml/SPIN's, restated once in test_fidelity)."""
+    return tokenize_batch_element_restated(tk, pair["id"], *texts(pair), max_length, max_prompt_length)
 
 
 def dump(config, model, pairs, tmp_path):
