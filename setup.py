@@ -34,9 +34,10 @@ setup(
         "tensorboard": ["tensorboard"],
         "parquet": ["pyarrow"],
         "plot": ["matplotlib"],
+        "gguf": ["gguf>=0.10"],  # scripts/fetch_smollm2.py: dequantizes the PyPI GGUF of SmolLM2
         "judge": [],  # the OpenAI-compatible judge speaks HTTP with the standard library
         "test": ["pytest", "transformers>=4.45", "peft", "lm-eval[hf]>=0.4.5", "matplotlib",
-                 "tensorboard", "pyarrow"],
+                 "tensorboard", "pyarrow", "gguf>=0.10"],
     },
     entry_points={"console_scripts": [
         "minispin-train = minispin.cli.train:main",
