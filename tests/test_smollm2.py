@@ -22,6 +22,7 @@ pytest.importorskip("gguf")
 from helpers import REPO  # noqa: E402
 
 from minispin import generate, load_model, load_tokenizer  # noqa: E402
+from minispin.recipe import write_variant  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -150,10 +151,12 @@ def test_one_spin_step_at_ln2_and_an_export_transformers_loads(smollm2, tmp_path
     against transformers' LlamaForCausalLM reading the same folder."""
     from transformers import AutoModelForCausalLM
     run = str(tmp_path / "run")
-    out = subprocess.run([sys.executable, "train.py", "--config", "smollm2-135m", "--model", smollm2[0],
+    recipe = write_variant(str(tmp_path / "short.toml"), {"max_new_tokens": 24, "heldout_examples": 0},
+                           base=os.path.join(REPO, "configs", "smollm2-135m.toml"))
+    out = subprocess.run([sys.executable, "train.py", "--config", recipe, "--model", smollm2[0],
                           "--run-dir", run, "--num-prompts", "2", "--max-steps", "1", "--batch-size", "2",
-                          "--max-new-tokens", "24", "--heldout-examples", "0", "--max-length", "160",
-                          "--max-prompt-length", "128", "--no-progress"],
+                          "--warmup-ratio", "0",  # else step 1 of 1 is all warmup, at lr 0
+                          "--max-length", "160", "--max-prompt-length", "128", "--no-progress"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = [json.loads(line) for line in open(os.path.join(run, "iter0", "metrics.jsonl"))]
