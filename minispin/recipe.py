@@ -236,7 +236,7 @@ class Eval:
                                 lo=0)
     heldout_max_new_tokens: int = key(256, "greedy tokens per held-out answer", lo=1)
     eval_bos: str = key("auto", "lm-eval requests start with <s>: auto (as the installed lm-eval's "
-                        "hf backend: yes since 0.4.3) | yes | no (the early-2024 hf backend the "
+                        "hf backend: since 0.4.3, yes where the tokenizer adds it) | yes | no (the early-2024 hf backend the "
                         "study ran)", choices=("auto", "yes", "no"))
 
 
