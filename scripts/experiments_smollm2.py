@@ -8,10 +8,11 @@ Stages, in order; each skips what is already done, so the command can be stopped
 a killed job) and run again to continue: train.py skips an iteration whose model exists and
 resumes an unfinished one from its pairs file and checkpoints, evaluate.py results are kept.
 
-  sweep   the learning rate: iteration 0 of configs/smollm2-135m.toml (16 prompts) at
-          lr 1e-7, 1e-6, 1e-5, all on the same pairs and reference log-probs; held-out
-          answer NLL on --heldout problems (teacher-forced only: one greedy token, so the
-          format and exact-match columns of these runs mean nothing and are not shown)
+  sweep   the learning rate: iteration 0 of configs/smollm2-135m.toml (16 prompts, the same
+          pairs and reference log-probs for every lr) at lr 1e-7, 1e-6, 1e-5, cut to two
+          steps at the full lr (SWEEP_FLAGS: a probe a shared CPU can afford); held-out
+          answer NLL on --sweep-heldout problems (teacher-forced only: one greedy token, so
+          the format and exact-match columns of these runs mean nothing and are not shown)
   spin    plain SPIN iterations 0, 1, 2 (θ_1, θ_2, θ_3), --num-prompts prompts each
   fixes   iteration 1 again from the same θ_1 and the same pairs: relabel (the local judge,
           θ_0 itself), noise (ref-logit 0.5 on the real answers), adaptive
@@ -40,6 +41,9 @@ from minispin.recipe import write_variant  # noqa: E402
 DOC = os.path.join(REPO, "docs", "experiments-smollm2.md")
 RECIPE = os.path.join(REPO, "configs", "smollm2-135m.toml")
 SWEEP_LRS = ["1e-7", "1e-6", "1e-5"]
+# a probe, cheap enough for a shared CPU: two steps at the full lr (no warmup) on 8 of the
+# 16 pairs, then the held-out answer NLL
+SWEEP_FLAGS = ["--max-steps", "2", "--warmup-ratio", "0"]
 FIXES = {
     "relabel": ["--relabel", "--judge", "local"],
     "noise": ["--noise", "ref-logit=0.5,side=real"],
@@ -80,7 +84,7 @@ def device_line() -> str:
 # ------------------------------------------------------------------ stages
 def stage_sweep(root, model, args):
     cfg = write_variant(os.path.join(root, "sweep.toml"),
-                        {"heldout_examples": args.heldout, "heldout_max_new_tokens": 1}, base=RECIPE)
+                        {"heldout_examples": args.sweep_heldout, "heldout_max_new_tokens": 1}, base=RECIPE)
     first = None
     for lr in SWEEP_LRS:
         run_dir = os.path.join(root, "sweep", f"lr{lr}")
@@ -90,7 +94,7 @@ def stage_sweep(root, model, args):
                 src = os.path.join(first, "iter0", name)
                 if os.path.isfile(src):
                     shutil.copy(src, os.path.join(run_dir, "iter0", name))
-        train(cfg, run_dir, 0, model, args.threads, ["--lr", lr])
+        train(cfg, run_dir, 0, model, args.threads, ["--lr", lr, *SWEEP_FLAGS])
         first = first or run_dir
 
 
@@ -255,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     ap.add_argument("--num-prompts", type=int, default=64, help="SPIN prompts per iteration (default 64)")
     ap.add_argument("--heldout", type=int, default=50, help="held-out GSM8K test problems (default 50)")
+    ap.add_argument("--sweep-heldout", type=int, default=20,
+                    help="held-out problems of the lr sweep (teacher-forced NLL only; default 20)")
     ap.add_argument("--lm-eval-limit", type=int, default=100, help="documents per lm-eval task (default 100)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each tool (default 2)")
     ap.add_argument("--tables-only", action="store_true", help="run nothing; rewrite the tables")
