@@ -9,7 +9,7 @@ a killed job) and run again to continue: train.py skips an iteration whose model
 resumes an unfinished one from its pairs file and checkpoints, evaluate.py results are kept.
 
   sweep   the learning rate: iteration 0 of configs/smollm2-135m.toml (16 prompts, the same
-          pairs and reference log-probs for every lr) at lr 1e-7, 1e-6, 1e-5, cut to two
+          pairs and reference log-probs for every lr) at lr 1e-7 ... 1e-4 (SWEEP_LRS), cut to two
           steps at the full lr (SWEEP_FLAGS: a probe a shared CPU can afford); held-out
           answer NLL on --sweep-heldout problems (teacher-forced only: one greedy token, so
           the format and exact-match columns of these runs mean nothing and are not shown)
@@ -40,10 +40,12 @@ from minispin.recipe import write_variant  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "experiments-smollm2.md")
 RECIPE = os.path.join(REPO, "configs", "smollm2-135m.toml")
-SWEEP_LRS = ["1e-7", "1e-6", "1e-5"]
+SWEEP_LRS = ["1e-7", "1e-6", "1e-5", "3e-5", "1e-4"]
 # a probe, cheap enough for a shared CPU: two steps at the full lr (no warmup) on 8 of the
 # 16 pairs, then the held-out answer NLL
 SWEEP_FLAGS = ["--max-steps", "2", "--warmup-ratio", "0"]
+# then the recipe's whole schedule (8 steps, warmup, linear decay) around the probe's best
+SWEEP_FULL = ["3e-6", "1e-5"]
 FIXES = {
     "relabel": ["--relabel", "--judge", "local"],
     "noise": ["--noise", "ref-logit=0.5,side=real"],
@@ -86,15 +88,16 @@ def stage_sweep(root, model, args):
     cfg = write_variant(os.path.join(root, "sweep.toml"),
                         {"heldout_examples": args.sweep_heldout, "heldout_max_new_tokens": 1}, base=RECIPE)
     first = None
-    for lr in SWEEP_LRS:
-        run_dir = os.path.join(root, "sweep", f"lr{lr}")
+    for lr, name, flags in [(lr, f"lr{lr}", SWEEP_FLAGS) for lr in SWEEP_LRS] + \
+            [(lr, f"full-lr{lr}", []) for lr in SWEEP_FULL]:
+        run_dir = os.path.join(root, "sweep", name)
         if first is not None and not os.path.isdir(os.path.join(run_dir, "iter0")):
             os.makedirs(os.path.join(run_dir, "iter0"))
             for name in ("pairs.jsonl", "ref_logps.jsonl", "heldout_before.json"):  # same θ_0, same pairs
                 src = os.path.join(first, "iter0", name)
                 if os.path.isfile(src):
                     shutil.copy(src, os.path.join(run_dir, "iter0", name))
-        train(cfg, run_dir, 0, model, args.threads, ["--lr", lr, *SWEEP_FLAGS])
+        train(cfg, run_dir, 0, model, args.threads, ["--lr", lr, *flags])
         first = first or run_dir
 
 
@@ -167,17 +170,18 @@ PENDING = "pending (not yet run)"
 
 
 def sweep_table(root):
-    lines = ["| lr | first loss | loss, last quarter | reward acc., last quarter | margin, last quarter | "
-             "held-out answer NLL/token (θ_0 → θ_1) |", "|---|---:|---:|---:|---:|---|"]
+    lines = ["| lr | steps | first loss | loss, last quarter | reward acc., last quarter | margin, last quarter | "
+             "held-out answer NLL/token (θ_0 → θ_1) |", "|---|---|---:|---:|---:|---:|---|"]
     n = None
-    for lr in SWEEP_LRS:
-        s = load(os.path.join(root, "sweep", f"lr{lr}", "iter0", "summary.json"))
+    for lr, name, what in [(lr, f"lr{lr}", "2, probe") for lr in SWEEP_LRS] + \
+            [(lr, f"full-lr{lr}", "8, the recipe's schedule") for lr in SWEEP_FULL]:
+        s = load(os.path.join(root, "sweep", name, "iter0", "summary.json"))
         if s is None:
-            lines.append(f"| {lr} | {PENDING} | | | | |")
+            lines.append(f"| {lr} | {what} | {PENDING} | | | | |")
             continue
         h = s["heldout"]
         n = h["examples"]
-        lines.append(f"| {lr} | {s['loss_first']:.4f} | {s['loss_last_quarter']:.4f} | "
+        lines.append(f"| {lr} | {what} | {s['loss_first']:.4f} | {s['loss_last_quarter']:.4f} | "
                      f"{s['rewards/accuracies_last_quarter']:.3f} | {s['rewards/margins_last_quarter']:.3f} | "
                      f"{h['before']['answer_nll']:.4f} → {h['after']['answer_nll']:.4f} |")
     if n:
