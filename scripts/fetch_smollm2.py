@@ -22,8 +22,9 @@ gguf`, minispin's [gguf] extra) and write the folder from the file's own metadat
                      the GPT-2 byte-level pre-tokenizer and decoder, and every token the file
                      marks CONTROL (type 3) as a special added token: what transformers' GGUF
                      loader builds (tests/test_smollm2.py checks ids against it). The file's
-                     pre-tokenizer name "smollm" splits digits one by one; the vocabulary has
-                     no merges between digits, so the plain GPT-2 split gives the same ids;
+                     pre-tokenizer name "smollm" (llama.cpp) also splits digits one by one; no
+                     merge involves the digits 0-9, so on them the GPT-2 split gives the same
+                     ids (runs of other numerals, e.g. "²³", might differ from llama.cpp);
 * tokenizer_config.json  bos / eos / pad / unk strings of the file's token ids
                      (<|im_start|>, <|im_end|>, <|im_end|>, <|endoftext|>), add_bos_token as
                      the file says (false), and its ChatML chat_template;
