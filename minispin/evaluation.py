@@ -346,11 +346,13 @@ class MinispinLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
         """As the "hf" backend: an explicit add_special_tokens wins, then add_bos_token; by
-        default <s> first unless the text already starts with it."""
+        default <s> first if the tokenizer puts it there (Tokenizer.adds_bos) and the text
+        does not already start with it."""
         if add_special_tokens is None:
             add_special_tokens = self.add_bos_token
             if add_special_tokens is None:
-                add_special_tokens = not string.startswith(self.tok.id_to_piece(self.prefix_token_id))
+                add_special_tokens = self.tok.adds_bos and \
+                    not string.startswith(self.tok.id_to_piece(self.prefix_token_id))
         return self.tok.encode(string, bos=bool(add_special_tokens))
 
     def tok_decode(self, ids: Sequence[int]) -> str:

@@ -254,9 +254,10 @@ class Eval:
     heldout_examples: int = key(0, "held-out examples evaluated after the iteration (0 = none)",
                                 lo=0)
     heldout_max_new_tokens: int = key(256, "greedy tokens per held-out answer", lo=1)
-    eval_bos: str = key("auto", "lm-eval requests start with <s>: auto (<s> first unless the text "
-                        "starts with it, as lm-eval's hf backend since v0.4.9.2) | yes | no (the hf "
-                        "backend up to v0.4.9.1, which the study ran)", choices=("auto", "yes", "no"))
+    eval_bos: str = key("auto", "lm-eval requests start with the tokenizer's BOS: auto (as lm-eval's "
+                        "hf backend since v0.4.9.2: the BOS the tokenizer itself adds — <s> for Llama "
+                        "and Mistral, none for SmolLM2 — unless the text starts with it) | yes | no (the "
+                        "hf backend up to v0.4.9.1, which the study ran)", choices=("auto", "yes", "no"))
 
 
 SECTIONS = {"model": Model, "data": Data, "generation": Generation, "training": Training,

@@ -123,6 +123,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether transformers' `encode(text)` (add_special_tokens=True) puts bos in front:
+        for a tokenizer.json, whether its post-processor starts with a special token (SmolLM2's
+        has bos <|im_start|> but adds nothing); SentencePiece (Llama's slow tokenizer) does."""
+        return self.bos_id is not None
+
     # ------------------------------------------------------------------ set-up
     def _configure(self, folder: "_Folder", template: Optional[str]):
         tokens, ids = folder.tokens, folder.ids
@@ -417,6 +424,10 @@ class JsonTokenizer(Tokenizer):
 
     def _defaults(self):
         return self._bare_defaults
+
+    @property
+    def adds_bos(self):
+        return self.bos_id is not None and self._bare_defaults["bos"] is not None
 
     def _token_id(self, token):
         return self.tk.token_to_id(token)
