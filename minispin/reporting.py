@@ -25,7 +25,7 @@ import os
 import sys
 from typing import List
 
-from .errors import UserError
+from .errors import UserError, redact, redact_all
 
 REPORTERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install tensorboard (or pip install 'minispin[tensorboard]')",
@@ -83,8 +83,14 @@ class TensorBoard:
 class WandB:
     def __init__(self, work_dir: str, resume_step: int, name: str = "", group: str = "", config=None):
         wandb = _import("wandb")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minispin"), name=name or None,
-                              group=group or None, dir=work_dir, config=config or {})
+        # W&B records the command line (sys.argv) in the run's files: a judge URL given as a
+        # flag would carry its user:password there, so it sees the redacted command line
+        argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minispin"), name=name or None,
+                                  group=group or None, dir=work_dir, config=redact_all(config or {}))
+        finally:
+            sys.argv = argv
 
     def log(self, scalars: dict, step: int):
         self.run.log(scalars, step=step)

@@ -117,7 +117,7 @@ class MetricsLog:
         a W&B run; the trainer itself never reads it."""
         self.jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a") if enabled else None
         label = dict(name=f"{recipe['name']}-{os.path.basename(work_dir)}", group=recipe["name"],
-                     config=redact_all(recipe)) if recipe else {}   # W&B writes it to disk
+                     config=recipe) if recipe else {}
         self.reporters = reporting.open_reporters(report_to, work_dir, resume_step, **label) if enabled else []
 
     def write(self, rec: dict):

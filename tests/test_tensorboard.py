@@ -129,6 +129,9 @@ def wandb_records(path):
             yield rec
 
 
+SECRET = "pw4WandbXq9"
+
+
 def test_wandb_offline_run_holds_metrics_jsonl_beside_tensorboard(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is a test dependency (pip install -e .[test])")
     for k in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME"):
@@ -144,8 +147,14 @@ def test_wandb_offline_run_holds_metrics_jsonl_beside_tensorboard(tmp_path, monk
     assert run_cli("train.py", "--model", model, "--run-dir", run, "--batch-size", "4", "--micro-batch-size", "2",
                    "--max-length", "80", "--max-prompt-length", "48", "--lr", "1e-3", "--epochs", "1",
                    "--heldout-examples", "0", "--device", "cpu", "--no-progress",
-                   "--report-to", "tensorboard,wandb") == 0
+                   "--report-to", "tensorboard,wandb",
+                   "--judge-base-url", f"http://wb-user:{SECRET}@127.0.0.1:9/v1?api_key={SECRET}") == 0
     work = os.path.join(run, "iter0")
+    # W&B writes the run's recipe into its files: the URL's credentials are redacted first
+    for root, _, files in os.walk(run):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert SECRET.encode() not in f.read(), os.path.join(root, name)
     recs = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert EXPECTED_TAGS <= set(read_events(work).Tags()["scalars"])   # TensorBoard as well
