@@ -759,6 +759,17 @@ def recipe_lora_model(compile: bool = False):
     return model.train(), rank
 
 
+def sum_loss_step(losses, params, opt) -> float:
+    """The optimizer half of a LoRA micro-step, the same for ours and transformers+peft:
+    backward of the summed losses, foreach clipping at 1.0, the update; the mean loss read
+    back as the trainer reads its metrics."""
+    losses.sum().backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(losses.detach().mean())
+
+
 def recipe_lora_steps(model, fp32_logits: bool = True, compile: bool = False) -> dict:
     """The trainer's micro-step on one pair of 2 x train_seq tokens (loss.spin_step, RMSprop
     over the adapters — compiled under compile_train — foreach clipping), timed."""
@@ -769,12 +780,7 @@ def recipe_lora_steps(model, fp32_logits: bool = True, compile: bool = False) ->
     batch, ref = {"input_ids": ids, "loss_mask": mask}, torch.zeros(2, device=DEV)
 
     def step():
-        losses, _ = spin_step(model, batch, ref, fp32_logits=fp32_logits)
-        losses.sum().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(losses.detach().mean())
+        return sum_loss_step(spin_step(model, batch, ref, fp32_logits=fp32_logits)[0], params, opt)
 
     out = time_steps(step, 2 * P.train_seq)
     del opt
@@ -834,12 +840,7 @@ def peft_recipe_steps(rank: int) -> dict:
     ref = torch.zeros(2, device=DEV)
 
     def step():
-        losses = spin_step_loss(pm(input_ids=ids, use_cache=False).logits, ids, mask, ref)
-        losses.sum().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(losses.detach().mean())
+        return sum_loss_step(spin_step_loss(pm(input_ids=ids, use_cache=False).logits, ids, mask, ref), params, opt)
 
     out = time_steps(step, 2 * P.train_seq)
     del pm, hf, opt
