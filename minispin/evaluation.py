@@ -60,7 +60,6 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .checkpoint import load_model
-from .config import parse_dtype
 from . import distributed as D
 from .errors import UserError
 from .recipe import ASSET_ROOT

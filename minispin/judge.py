@@ -634,7 +634,7 @@ class LocalJudge:
 
 # ---------------------------------------------------------------- relabeling
 # the swap rule lives in fixes.py; judge_pairs applies it to the scores it collects
-from .fixes import margin_histogram, relabel  # noqa: E402,F401
+from .fixes import relabel  # noqa: E402
 
 
 # ---------------------------------------------------------------- the run

@@ -31,8 +31,8 @@ import difflib
 import math
 import os
 import sys
-from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib

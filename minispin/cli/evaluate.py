@@ -20,7 +20,7 @@ import sys
 
 from minispin import recipe as R
 from minispin.cli import apply_threads, prog
-from minispin.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, path_arg, iteration_arg
+from minispin.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, path_arg
 
 INSTALL_HINT = ("needs lm-evaluation-harness, an optional extra of minispin: pip install 'minispin[eval]' "
                 "(in a checkout: pip install -e .[eval])")
@@ -58,7 +58,7 @@ def run(argv=None) -> int:
     recipe = R.resolve(args.config, R.given_flags(args, KEYS))
     apply_threads(recipe)
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     from minispin import evaluation as E
@@ -90,7 +90,6 @@ def run(argv=None) -> int:
     table = E.markdown_table(rows)
     note = " (offline samples in assets/eval)" if args.offline else ""
     limit = f", --limit {args.limit}" if args.limit is not None else ""
-    import lm_eval
     E.write_text(table_path, f"{table}\n\nlm-eval {lm_eval.__version__}{note}{limit}; backend minispin; "
                              f"<s> first: {recipe.eval.eval_bos}.\n")
     print(f"\n{table}\n\ntable written to {table_path}")
