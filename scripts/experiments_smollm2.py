@@ -120,6 +120,10 @@ def stage_fixes(root, model, args):
             shutil.copytree(os.path.join(spin, "iter0"), os.path.join(fix, "iter0"))
             os.makedirs(os.path.join(fix, "iter1"), exist_ok=True)
             shutil.copy(os.path.join(spin, "iter1", "pairs.jsonl"), os.path.join(fix, "iter1", "pairs.jsonl"))
+            # θ_1's held-out numbers: train.py reuses them only if their fingerprint is θ_1's
+            before = os.path.join(spin, "iter1", "heldout_before.json")
+            if os.path.isfile(before):
+                shutil.copy(before, os.path.join(fix, "iter1", "heldout_before.json"))
         train(cfg, fix, 1, model, args.threads, flags)
 
 
