@@ -17,8 +17,8 @@ import torch
 
 from helpers import REPO, STORIES, run_cli
 from minispin.data import read_jsonl
-from minispin.judge import (LocalJudge, OpenAIJudge, ScoreCache, item_key, judge_pairs,
-                            margin_histogram, parse_score, relabel)
+from minispin.fixes import margin_histogram
+from minispin.judge import LocalJudge, OpenAIJudge, ScoreCache, item_key, judge_pairs, parse_score, relabel
 
 KEY = "sk-proj-Vb3Kq8ZmT1xR7nW4cY9pL2hG6dF0sJ5a"  # random-looking: no 4-character piece of it is in our own output
 REFUSAL = "I cannot grade this, sorry."
