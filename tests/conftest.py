@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -13,3 +14,10 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# A shell without job control starts background commands (`pytest ... &`, `nohup ... &`)
+# with SIGINT ignored, and Python then installs no Ctrl-C handler. The judge's Ctrl-C tests
+# would fail there for a reason that is not the judge's. Put the handler back: the children
+# these tests start then get SIGINT's default disposition at exec and install their own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
