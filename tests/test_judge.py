@@ -321,12 +321,17 @@ def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_judge(tmp_path):
     once — no new requests, "stopping" said — not when the requests in flight return: the
     main thread waits in short slices."""
     release, waiting = threading.Event(), threading.Semaphore(0)
-    said = []
+    said, workers = [], []
 
     class Held:  # a backend whose requests return only when the test releases them
         judge_id, concurrency = "held", 2
 
         def score(self, prompt, answer, stop=None):
+            # the worker of THIS run (not another "judge*" thread an earlier test left
+            # behind), with SIGINT deliverable to it whatever mask the suite inherited;
+            # the mask it had is kept for the failure message
+            old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            workers.append((threading.get_ident(), sorted(old_mask)))
             waiting.release()
             release.wait(30)
             return {"score": 50, "reply": "50"}
@@ -334,9 +339,8 @@ def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_judge(tmp_path):
     def interrupt_a_worker():
         for _ in range(2):
             assert waiting.acquire(timeout=30)
-        worker = next(t for t in threading.enumerate() if t.name.startswith("judge"))
         said.append((time.time(), "sent"))
-        signal.pthread_kill(worker.ident, signal.SIGINT)
+        signal.pthread_kill(workers[0][0], signal.SIGINT)
         time.sleep(5)           # the two requests in flight return only after this
         release.set()
 
@@ -346,6 +350,9 @@ def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_judge(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             judge_pairs(make_pairs(4), Held(), ScoreCache(str(tmp_path / "c.jsonl")),
                         log=lambda m: said.append((time.time(), m)))
+            pytest.fail(f"no KeyboardInterrupt: SIGINT handler {signal.getsignal(signal.SIGINT)!r}, "
+                        f"main thread's mask {sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}, "
+                        f"workers (ident, mask before) {workers}, said {said}")
     finally:
         release.set()
         helper.join()
