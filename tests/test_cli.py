@@ -175,6 +175,32 @@ def test_train_prints_the_changed_settings_first(tmp_path, capsys, monkeypatch):
     assert "  beta = 0.25  (--beta)" in out
 
 
+def test_generate_and_judge_print_the_changed_settings_first(tmp_path, capsys, monkeypatch):
+    """Like train.py: a run says first which settings are not the recipe file's own."""
+    import minispin.cli.generate
+    import minispin.cli.judge
+    monkeypatch.setattr(minispin.cli.generate, "generate_pairs_file", lambda *a, **k: None)
+    capsys.readouterr()
+    assert run_cli("generate.py", "--run-dir", tmp_path / "run", "--temperature", "0.5", "--no-progress") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("settings beyond ") and out[0].endswith("tiny.toml:")
+    assert "  temperature = 0.5  (--temperature)" in out
+
+    summary = {"failed": 0, "items_failed": 0}
+    monkeypatch.setattr(minispin.cli.judge, "judge_file", lambda *a, **k: summary)
+    monkeypatch.setattr(minispin.cli.judge, "make_judge", lambda *a, **k: None)
+    monkeypatch.setattr(minispin.cli.judge, "format_summary", lambda s: "summary")
+    assert run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "local",
+                   "--threshold", "7", "--no-progress") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("settings beyond ") and err[0].endswith("tiny.toml:")
+    assert any(line.startswith("  judge_threshold = 7") and line.endswith("(--threshold)") for line in err), err
+    # --quiet: only the summary
+    assert run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "local",
+                   "--threshold", "7", "--quiet") == 0
+    assert "settings beyond" not in capsys.readouterr().err
+
+
 def test_a_hub_suite_without_network_is_one_line_that_names_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
            and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}   # a proxy would answer

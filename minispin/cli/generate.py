@@ -61,6 +61,9 @@ def run(argv=None) -> int:
     recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
     apply_threads(recipe)
     env = D.init_distributed(recipe.model.device)
+    changed = R.format_overrides(recipe)   # e.g. the checkpoint's generation_config.json
+    if changed and env.is_main:
+        print(changed, flush=True)
     try:
         with locked(recipe.run_dir, env):
             generate_pairs_file(recipe, args.iter, env, model_dir=args.model, out=args.out,

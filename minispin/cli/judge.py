@@ -63,6 +63,9 @@ def run(argv=None) -> int:
     apply_threads(recipe)
     backend = args.backend or (recipe.fixes.judge_backend if recipe.fixes.judge_backend != "none" else "openai")
     log = (lambda msg: None) if args.quiet else log_stderr
+    changed = R.format_overrides(recipe)
+    if changed:
+        log(changed)
     src = args.pairs or pairs_path(recipe.run_dir, args.iter)
     out = args.out or judged_path(recipe.run_dir, args.iter)
     cache = args.cache or judge_cache_path(recipe.run_dir)
