@@ -192,13 +192,13 @@ def test_generate_and_judge_print_the_changed_settings_first(tmp_path, capsys, m
     monkeypatch.setattr(minispin.cli.judge, "format_summary", lambda s: "summary")
     assert run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "local",
                    "--threshold", "7", "--no-progress") == 0
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("settings beyond ") and err[0].endswith("tiny.toml:")
-    assert any(line.startswith("  judge_threshold = 7") and line.endswith("(--threshold)") for line in err), err
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("settings beyond ") and out[0].endswith("tiny.toml:")
+    assert any(line.startswith("  judge_threshold = 7") and line.endswith("(--threshold)") for line in out), out
     # --quiet: only the summary
     assert run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "local",
                    "--threshold", "7", "--quiet") == 0
-    assert "settings beyond" not in capsys.readouterr().err
+    assert "settings beyond" not in str(capsys.readouterr())
 
 
 def test_a_hub_suite_without_network_is_one_line_that_names_offline(tmp_path):

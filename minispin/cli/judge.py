@@ -64,8 +64,8 @@ def run(argv=None) -> int:
     backend = args.backend or (recipe.fixes.judge_backend if recipe.fixes.judge_backend != "none" else "openai")
     log = (lambda msg: None) if args.quiet else log_stderr
     changed = R.format_overrides(recipe)
-    if changed:
-        log(changed)
+    if changed and not args.quiet:   # on stdout, as train.py's: stderr's error stays one line
+        print(changed, flush=True)
     src = args.pairs or pairs_path(recipe.run_dir, args.iter)
     out = args.out or judged_path(recipe.run_dir, args.iter)
     cache = args.cache or judge_cache_path(recipe.run_dir)
