@@ -10,21 +10,13 @@ too so that every template goes through the same code:
     instruction  "### Instruction: {question}\\n\\n### Response: " then each answer and eos:
                  the prompt uclaml/SPIN's generate.py wrote, one user turn only
 
-The engine is the one transformers uses (chat_template_utils._compile_jinja_template):
-ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks and the loopcontrols
-extension; a `tojson` filter that does not escape HTML; `raise_exception` and
-`strftime_now`; and at render time messages, tools=None, documents=None,
-add_generation_prompt and the special tokens (bos_token, eos_token, ...) as strings. The
-`{% generation %}` tag that some templates use to mark answers renders its body, as in
-transformers; we do not need its marks (below).
-
-A template comes with a downloaded model folder, so it is untrusted beyond what the sandbox
-already stops: one render may produce at most OUTPUT_LIMIT characters (checked on the
-stream, and before any `*`, `+`, `**`, `%`, format width or call whose size argument would
-pass it) and
-take at most TIME_LIMIT seconds (a timer, in the main thread); either ends in one line
-naming the file. Limits: a string doubled with `~` inside `{% set %}` is caught only by the
-time limit.
+The engine is transformers' own (jinja's ImmutableSandboxedEnvironment with its settings
+and globals), built in template_sandbox.py, which also sizes the steps that can build long text (it
+lists them) before they run: a template comes with a downloaded model folder and is
+untrusted. Here a render is streamed and cut at OUTPUT_LIMIT
+characters and TIME_LIMIT seconds (a timer, in the main thread); a refusal is one line
+naming the file. At render time the template sees messages, tools=None, documents=None,
+add_generation_prompt and the special tokens (bos_token, eos_token, ...) as strings.
 
 Where the answers are. `answer_spans` finds, for each assistant message i, the characters
 of its content in the rendered text and the end of its turn. It renders twice more:
@@ -50,15 +42,13 @@ mask.
 """
 from __future__ import annotations
 
-import json
-import re
 import signal
 import threading
 import time
-from datetime import datetime
 from typing import Dict, List, Tuple
 
 from .errors import UserError
+from .template_sandbox import OUTPUT_LIMIT, TemplateLimit, sandboxed_environment
 
 TEMPLATES = ("checkpoint", "zephyr", "instruction")
 
@@ -89,99 +79,7 @@ class TokenizerError(UserError):
     """Bad tokenizer file, chat template or text (re-exported by minispin.tokenizer)."""
 
 
-OUTPUT_LIMIT = 4_000_000  # characters of one render (a million-token conversation is far below)
 TIME_LIMIT = 10.0         # seconds of one render
-
-
-class _TemplateLimit(Exception):
-    pass
-
-
-def _environment():
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(Extension):
-        """{% generation %}...{% endgeneration %}: the body, rendered as is."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes <, >, & for HTML; chat templates want plain JSON
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    def too_big(n) -> bool:
-        return isinstance(n, int) and not isinstance(n, bool) and n > OUTPUT_LIMIT
-
-    def check_widths(fmt, pattern: str):
-        """A format string's field widths and precisions ('%0999999999d', '{:>999999999}')."""
-        if isinstance(fmt, str) and any(int(w) > OUTPUT_LIMIT for w in re.findall(pattern, fmt)):
-            raise _TemplateLimit("a format width past the output limit")
-
-    PERCENT_WIDTH = r"%[-+ #0]*(\d+)|%[-+ #0]*\d*\.(\d+)"
-    BRACE_WIDTH = r"\{[^{}]*:[^{}]*?(\d+)"
-
-    class LimitedSandbox(ImmutableSandboxedEnvironment):
-        """The sandbox, with sizes checked before a string or list is built."""
-        intercepted_binops = frozenset(["*", "+", "**", "%"])
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(right, int) and abs(right) > 4096:
-                raise _TemplateLimit(f"an exponent of {right}")
-            if operator == "*":
-                for a, b in ((left, right), (right, left)):
-                    if hasattr(a, "__len__") and isinstance(b, int) and len(a) * max(b, 0) > OUTPUT_LIMIT:
-                        raise _TemplateLimit(f"a repetition to {len(a) * b} items")
-            if operator == "%":
-                for fmt in re.findall(PERCENT_WIDTH, left) if isinstance(left, str) else []:
-                    if any(w and int(w) > OUTPUT_LIMIT for w in fmt):
-                        raise _TemplateLimit("a format width past the output limit")
-            if operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__") \
-                    and len(left) + len(right) > OUTPUT_LIMIT:
-                raise _TemplateLimit("a concatenation past the output limit")
-            return super().call_binop(context, operator, left, right)
-
-        def wrap_str_format(self, value):  # 'text'.format(...) / format_map: widths first
-            wrapped = super().wrap_str_format(value)
-            if wrapped is not None:
-                check_widths(value.__self__, BRACE_WIDTH)
-            return wrapped
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
-            if any(too_big(a) for a in list(args) + list(kwargs.values())):
-                raise _TemplateLimit("a call with a size argument past the output limit")
-
-            return super().call(__context, __obj, *args, **kwargs)
-
-    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
-                         extensions=[GenerationBlock, loopcontrols])
-    env.filters["tojson"] = tojson
-    plain_format = env.filters["format"]
-
-    def format_filter(value, *args, **kwargs):  # "%0999999999d"|format(1)
-        for fmt in re.findall(PERCENT_WIDTH, value) if isinstance(value, str) else []:
-            if any(w and int(w) > OUTPUT_LIMIT for w in fmt):
-                raise _TemplateLimit("a format width past the output limit")
-        return plain_format(value, *args, **kwargs)
-    env.filters["format"] = format_filter
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env
 
 
 class ChatTemplate:
@@ -192,7 +90,7 @@ class ChatTemplate:
         self.name, self.source, self.origin = name, source, origin
         self.special_tokens = dict(special_tokens)  # bos_token, eos_token, ...: strings
         try:
-            self._template = _environment().from_string(source)
+            self._template = sandboxed_environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise TokenizerError(f"{origin}: chat template line {e.lineno}: {e.message}") from None
 
@@ -203,7 +101,7 @@ class ChatTemplate:
         timer = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
         if timer:
             def expired(signum, frame):
-                raise _TemplateLimit(f"more than {TIME_LIMIT:g} s")
+                raise TemplateLimit(f"more than {TIME_LIMIT:g} s")
             old = signal.signal(signal.SIGALRM, expired)
             signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT)
         try:
@@ -211,9 +109,9 @@ class ChatTemplate:
             for chunk in self._template.generate(**kw):
                 n += len(chunk)
                 if n > OUTPUT_LIMIT:
-                    raise _TemplateLimit(f"more than {OUTPUT_LIMIT} characters of output")
+                    raise TemplateLimit(f"more than {OUTPUT_LIMIT} characters of output")
                 if time.monotonic() > deadline:
-                    raise _TemplateLimit(f"more than {TIME_LIMIT:g} s")
+                    raise TemplateLimit(f"more than {TIME_LIMIT:g} s")
                 out.append(chunk)
             return "".join(out)
         finally:
@@ -226,7 +124,7 @@ class ChatTemplate:
             return self._render_limited(messages=messages, tools=None, documents=None,
                                         add_generation_prompt=add_generation_prompt,
                                         **self.special_tokens)
-        except _TemplateLimit as e:
+        except TemplateLimit as e:
             raise TokenizerError(f"{self.origin}: chat template '{self.name}' stopped: {e} (a template "
                                  f"may write at most {OUTPUT_LIMIT} characters in {TIME_LIMIT:g} s); "
                                  "use template 'zephyr' or fix the template") from None

@@ -367,6 +367,62 @@ def test_hostile_model_folder_fails_fast_naming_the_file(base, tmp_path, capsys,
     assert os.path.join(m, name) in line, line
 
 
+# Each of these builds 9-16 million characters in one step (a few more steps would be
+# gigabytes): refused BEFORE the step, naming it, not by the output stream's count or the timer.
+A = "{% set a = 'x' * 3000 %}"
+GROWING_TEMPLATES = {
+    "~ doubling": ("{% set ns = namespace(x='ab') %}{% for i in range(23) %}{% set ns.x = ns.x ~ ns.x %}"
+                   "{% endfor %}{{ ns.x|length }}", "a concatenation (~)"),
+    "~ in set": ("{% set a = 'x' * 3000000 %}{% set b = a ~ a %}{{ b|length }}", "a concatenation (~)"),
+    "replace filter": (A + "{{ a|replace('x', a)|length }}", "a replace"),
+    "str.replace": (A + "{{ a.replace('x', a)|length }}", "a str.replace"),
+    "join filter": (A + "{{ ([a] * 3000)|join|length }}", "a join"),
+    "str.join": (A + "{{ ''.join([a] * 3000)|length }}", "a str.join"),
+    "center filter": ("{{ 'x'|center(5000000) }}", "'center' filter with a size argument"),
+    "indent filter": ("{{ ('x\\n' * 3000)|indent(3000)|length }}", "an indent"),
+    "str.expandtabs": ("{{ ('\\t' * 3000).expandtabs(3000)|length }}", "a str.expandtabs"),
+    "str.format fields": (A + "{{ ('{0}' * 3000).format(a)|length }}", "a format"),
+    "% fields": (A + "{{ (('%(a)s' * 3000) % {'a': a})|length }}", "a % format"),
+    "format filter fields": (A + "{{ ('%(a)s' * 3000)|format(a=a)|length }}", "a format"),
+    "wordwrap filter": (A + "{{ ('x ' * 3000)|wordwrap(1, wrapstring=a)|length }}", "a wordwrap"),
+    "printed list": (A + "{{ [a] * 3000 }}", "an output expression"),
+}
+
+
+@pytest.mark.parametrize("name", GROWING_TEMPLATES)
+def test_a_template_step_that_would_grow_past_the_limit_is_refused_before_it_runs(name, monkeypatch):
+    import minispin.chat as C
+    monkeypatch.setattr(C, "TIME_LIMIT", 60.0)  # the size rule must stop it, not the timer
+    source, step = GROWING_TEMPLATES[name]
+    template = C.ChatTemplate("checkpoint", source, "m/chat_template.jinja", {"eos_token": "</s>"})
+    with pytest.raises(C.TokenizerError) as e:
+        template.render([{"role": "user", "content": "hi"}])
+    assert f"{step}" in str(e.value) and "past the output limit" in str(e.value), str(e.value)
+    assert "m/chat_template.jinja" in str(e.value)
+
+
+def test_the_size_rules_render_what_plain_jinja_renders():
+    """The same steps, small: minispin's checked environment writes what jinja's own
+    sandbox writes (the checks refuse; they never change a result)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    import minispin.chat as C
+    source = ("{% set ns = namespace(x='ab') %}{% for i in range(3) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}"
+              "{{ ns.x }}|{{ 'x' ~ 1 ~ none ~ [1, 'a'] }}|{{ 'ab'|replace('a', 'cc') }}|{{ 'aaa'.replace('a', 'b', 2) }}|"
+              "{{ [1, 'a', none]|join(', ') }}|{{ messages|join(',', attribute='role') }}|{{ '-'.join(['x', 'y']) }}|"
+              "{{ 'x'|center(7) }}|{{ 'a\nb'|indent(2, true) }}|{{ 'a\tb'.expandtabs(4) }}|"
+              "{{ '{0}{0}{1}{}'.format('p', 'q') if false else '{0}{0}{1}'.format('p', 'q') }}|"
+              "{{ '{a}-{b[0]}'.format_map({'a': 1, 'b': 'xy'}) }}|{{ '%s=%d' % ('k', 3) }}|{{ '%(a)s%(a)s' % {'a': 'q'} }}|"
+              "{{ '%s'|format('z') }}|{{ '%(n)s'|format(n='w') }}|{{ 'aa bb cc'|wordwrap(2, wrapstring='/') }}|"
+              "{{ messages[0] }}|{{ {'k': [1, 2]} }}|{{ 3.5 }}|{{ bos_token }}{{ eos_token }}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    ours = C.ChatTemplate("checkpoint", source, "m", tokens).render(messages)
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+    assert ours == plain.render(messages=messages, tools=None, documents=None,
+                                add_generation_prompt=False, **tokens)
+    assert "abababababababab|x1None[1, 'a']|ccb|bba|" in ours   # and it is not empty
+
+
 # ---------------------------------------------------------------------- 8. validation
 @pytest.mark.parametrize("flags, named", [
     (["--lr", "0"], "'lr' must be > 0"),
