@@ -11,12 +11,12 @@ too so that every template goes through the same code:
                  the prompt uclaml/SPIN's generate.py wrote, one user turn only
 
 The engine is transformers' own (jinja's ImmutableSandboxedEnvironment with its settings
-and globals), built in template_sandbox.py, which also sizes the steps that can build long text (it
-lists them) before they run: a template comes with a downloaded model folder and is
-untrusted. Here a render is streamed and cut at OUTPUT_LIMIT
-characters and TIME_LIMIT seconds (a timer, in the main thread); a refusal is one line
-naming the file. At render time the template sees messages, tools=None, documents=None,
-add_generation_prompt and the special tokens (bos_token, eos_token, ...) as strings.
+and globals), built in template_sandbox.py, which also sizes the steps that can build long
+text (it lists them) before they run: a template comes with a downloaded model folder and
+is untrusted. Here a render is streamed and cut at OUTPUT_LIMIT characters and TIME_LIMIT
+seconds (a timer, in the main thread); a refusal is one line naming the file. At render
+time the template sees messages, tools=None, documents=None, add_generation_prompt and the
+special tokens (bos_token, eos_token, ...) as strings.
 
 Where the answers are. `answer_spans` finds, for each assistant message i, the characters
 of its content in the rendered text and the end of its turn. It renders twice more:

@@ -82,7 +82,7 @@ def printed_size(x, budget: int = OUTPUT_LIMIT, depth: int = 0) -> int:
         return int(abs(x).bit_length() * 0.30103) + 2  # digits and sign
     if isinstance(x, float):
         return len(repr(x))
-    return 0  # Undefined, Namespace, loop objects: their text is bounded by the checks here
+    return 0  # Undefined, Namespace, loop objects: their text is that of what they hold, sized when built
 
 
 def format_size(fmt: str, args, kwargs) -> int:

@@ -165,40 +165,26 @@ def test_print_config_resolves_to_the_same_recipe(tmp_path, capsys):
     assert R.format_overrides(R.resolve(config)) == ""
 
 
-def test_train_prints_the_changed_settings_first(tmp_path, capsys, monkeypatch):
-    import minispin.cli.train
-    monkeypatch.setattr(minispin.cli.train, "run_iteration", lambda *a, **k: None)
+@pytest.mark.parametrize("script, stubs, flags, line", [
+    ("train.py", {"run_iteration": None}, ["--beta", "0.25"], "  beta = 0.25  (--beta)"),
+    ("generate.py", {"generate_pairs_file": None}, ["--temperature", "0.5"], "  temperature = 0.5  (--temperature)"),
+    ("judge.py", {"judge_file": {"failed": 0, "items_failed": 0}, "make_judge": None, "format_summary": "summary"},
+     ["--iter", "0", "--backend", "local", "--threshold", "7"], "  judge_threshold = 7.0  (--threshold)"),
+])
+def test_a_run_prints_the_changed_settings_first(script, stubs, flags, line, tmp_path, capsys, monkeypatch):
+    """A run says first, on stdout, which settings are not the recipe file's own."""
+    import importlib
+    cli = importlib.import_module(f"minispin.cli.{script[:-3]}")
+    for name, returns in stubs.items():
+        monkeypatch.setattr(cli, name, lambda *a, returns=returns, **k: returns)
     capsys.readouterr()
-    assert run_cli("train.py", "--run-dir", tmp_path / "run", "--beta", "0.25", "--no-progress") == 0
+    assert run_cli(script, "--run-dir", tmp_path / "run", *flags, "--no-progress") == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("settings beyond ") and out[0].endswith("tiny.toml:")
-    assert "  beta = 0.25  (--beta)" in out
-
-
-def test_generate_and_judge_print_the_changed_settings_first(tmp_path, capsys, monkeypatch):
-    """Like train.py: a run says first which settings are not the recipe file's own."""
-    import minispin.cli.generate
-    import minispin.cli.judge
-    monkeypatch.setattr(minispin.cli.generate, "generate_pairs_file", lambda *a, **k: None)
-    capsys.readouterr()
-    assert run_cli("generate.py", "--run-dir", tmp_path / "run", "--temperature", "0.5", "--no-progress") == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("settings beyond ") and out[0].endswith("tiny.toml:")
-    assert "  temperature = 0.5  (--temperature)" in out
-
-    summary = {"failed": 0, "items_failed": 0}
-    monkeypatch.setattr(minispin.cli.judge, "judge_file", lambda *a, **k: summary)
-    monkeypatch.setattr(minispin.cli.judge, "make_judge", lambda *a, **k: None)
-    monkeypatch.setattr(minispin.cli.judge, "format_summary", lambda s: "summary")
-    assert run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "local",
-                   "--threshold", "7", "--no-progress") == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("settings beyond ") and out[0].endswith("tiny.toml:")
-    assert any(line.startswith("  judge_threshold = 7") and line.endswith("(--threshold)") for line in out), out
-    # --quiet: only the summary
-    assert run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "local",
-                   "--threshold", "7", "--quiet") == 0
-    assert "settings beyond" not in str(capsys.readouterr())
+    assert line in out, out
+    if script == "judge.py":  # --quiet: only the summary
+        assert run_cli(script, "--run-dir", tmp_path / "run", *flags, "--quiet") == 0
+        assert "settings beyond" not in str(capsys.readouterr())
 
 
 def test_a_hub_suite_without_network_is_one_line_that_names_offline(tmp_path):
