@@ -2,7 +2,7 @@
 
 configs/ and assets/ stay at the checkout's root, where the docs and recipes name them; an
 installed minispin carries them inside the package as minispin/configs and minispin/assets
-(package_dir below), and minispin/recipe.py looks there first, then beside the package.
+(package_dir below), and minispin/run/recipe.py looks there first, then beside the package.
 Only the run-time files ship: the recipes and the judge prompt, the tiny models, the GSM8K
 records of the tiny recipe, the offline lm-eval samples and the test tokenizers.
 """

@@ -59,7 +59,7 @@ def random_llama(spec: str) -> str:
 
 def build_requests(names, limit):
     """The loglikelihood Instances lm-eval would send for these tasks (rank 0 of 1)."""
-    from minispin import evaluation as E
+    from minispin.study import evaluation as E
 
     tasks = E.resolve_tasks(names)
     tm = E.task_manager(offline=True)
@@ -95,7 +95,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     from lm_eval.models.huggingface import HFLM
-    from minispin.evaluation import MinispinLM
+    from minispin.study.evaluation import MinispinLM
 
     path = random_llama(a.random_llama) if a.random_llama else a.model
     requests = build_requests([t.strip() for t in a.tasks.split(",") if t.strip()], a.limit)

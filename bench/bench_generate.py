@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minispin import load_model  # noqa: E402
-from minispin.model import build_model  # noqa: E402
-from minispin.sampling import generate  # noqa: E402
+from minispin.core.model import build_model  # noqa: E402
+from minispin.core.sampling import generate  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORIES = os.path.join(REPO, "assets", "models", "stories260K")
@@ -175,7 +175,7 @@ def cpu_bench(args):
 
 def gpu_bench(args, device="cuda", shape=MISTRAL_7B, dtype=torch.bfloat16):
     from transformers import MistralConfig, MistralForCausalLM
-    from minispin.config import ModelArgs
+    from minispin.run.config import model_args_from_hf
     device = torch.device(device)
     header(torch.cuda.get_device_name() if device.type == "cuda" else str(device))
     cfg = MistralConfig(**shape)
@@ -188,7 +188,7 @@ def gpu_bench(args, device="cuda", shape=MISTRAL_7B, dtype=torch.bfloat16):
     finally:
         torch.set_default_dtype(default)
     hf.generation_config.eos_token_id = None
-    ours = build_model(ModelArgs.from_hf(cfg.to_dict()), device="meta")
+    ours = build_model(model_args_from_hf(cfg.to_dict()), device="meta")
     ours.load_state_dict(hf.state_dict(), assign=True, strict=True)  # the same tensors, no copy
     ours.eval()
     n = ours.num_params() / 1e9

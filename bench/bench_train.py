@@ -104,13 +104,13 @@ def peak_flops(device: torch.device, override: float) -> tuple:
 
 def run_child(args) -> dict:
     """Time one implementation; print one JSON line."""
-    from minispin.loss import answer_logps, sequence_logps, spin_loss
+    from minispin.core.loss import answer_logps, sequence_logps, spin_loss
     device = torch.device(args.device)
     bf16 = args.dtype == "bf16"
     env = None
     autocast = contextlib.nullcontext
     if args.impl == "ours":  # as trainer.py: one-process group, FSDP2, fp32 master weights
-        from minispin import distributed as D
+        from minispin.run import distributed as D
         env = D.init_distributed(device.type)
         device = env.device
         mp = D.mixed_precision_policy("bf16" if bf16 else "fp32", device)

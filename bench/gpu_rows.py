@@ -52,10 +52,11 @@ sys.path[:0] = [REPO, BENCH]
 import cards  # noqa: E402
 from gpu_check import OWN_PROCESS_GROUP, ROWS  # noqa: E402  (standard library only)
 from minispin import distributed as D  # noqa: E402
-from minispin.config import ModelArgs  # noqa: E402
-from minispin.loss import LN2, answer_logps, sequence_logps, spin_loss  # noqa: E402
-from minispin.model import build_model  # noqa: E402
-from minispin.sampling import generate, generate_batch  # noqa: E402
+from minispin.core.model import ModelArgs  # noqa: E402
+from minispin.run.config import model_args_from_hf  # noqa: E402
+from minispin.core.loss import LN2, answer_logps, sequence_logps, spin_loss  # noqa: E402
+from minispin.core.model import build_model  # noqa: E402
+from minispin.core.sampling import generate, generate_batch  # noqa: E402
 
 # ---------------------------------------------------------------------------- shapes
 COMMON = dict(rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
@@ -319,13 +320,13 @@ def init_random(model, seed: int = 0, sharpen: float = 1.0):
 
 def ours_from(hf):
     """Our Transformer over transformers' own tensors (no copy)."""
-    ours = build_model(ModelArgs.from_hf(hf.config.to_dict(), source="transformers config"), device="meta")
+    ours = build_model(model_args_from_hf(hf.config.to_dict(), source="transformers config"), device="meta")
     ours.load_state_dict(hf.state_dict(), assign=True, strict=True)
     return ours.eval()
 
 
 def our_args(shape: dict) -> ModelArgs:
-    return ModelArgs.from_hf(dict(shape, **COMMON), source="gpu_rows shape")
+    return model_args_from_hf(dict(shape, **COMMON), source="gpu_rows shape")
 
 
 def our_model(shape: dict, dtype):
@@ -594,7 +595,7 @@ def rmsprop(params, lr: float, compile: bool):
     """The trainer's optimizer (torch's defaults α 0.99, ε 1e-8, foreach); under
     compile_train its compiled update (optim.CompiledRMSprop)."""
     if compile:
-        from minispin.optim import CompiledRMSprop
+        from minispin.core.optim import CompiledRMSprop
         return CompiledRMSprop(params, lr=lr, alpha=0.99, eps=1e-8, backend=train_compile_backend())
     return torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-8, foreach=True)
 
@@ -676,22 +677,22 @@ def group_4():
 
 
 def apply_our_lora(model, rank: int, alpha: float, targets):
-    """ADAPT HERE once minispin.lora exists: adapters on `targets`, base frozen."""
-    from minispin import lora
+    """ADAPT HERE once minispin.core.lora exists: adapters on `targets`, base frozen."""
+    from minispin.core import lora
     for name in ("apply_lora", "add_lora", "inject_lora"):
         fn = getattr(lora, name, None)
         if fn is not None:
             out = fn(model, rank=rank, alpha=alpha, targets=targets)
             return model if out is None else out
-    raise RuntimeError("minispin.lora has no apply_lora(model, rank=, alpha=, targets=): "
+    raise RuntimeError("minispin.core.lora has no apply_lora(model, rank=, alpha=, targets=): "
                        "adapt apply_our_lora in bench/gpu_rows.py")
 
 
 def lora_row():
     try:
-        import minispin.lora  # noqa: F401
+        import minispin.core.lora  # noqa: F401
     except ImportError:
-        R.put("4c", status="skipped", ours="-", hf="-", goal="-", note="skipped: no LoRA yet (minispin.lora missing)")
+        R.put("4c", status="skipped", ours="-", hf="-", goal="-", note="skipped: no LoRA yet (minispin.core.lora missing)")
         return
     shape, rank, rows = P.m7b, P.lora_rank, P.lora_rows
     ids, mask = spin_batch(rows // 2, P.train_seq, shape["vocab_size"], seed=6)
@@ -735,7 +736,7 @@ def recipe_lora_model(compile: bool = False):
     """configs/zephyr-7b-lora-1gpu.toml's model on the 7B shape: one process, FSDP2 with the
     bf16 policy, a bf16 base, fp32 adapters (rank 64, alpha 16, dropout 0.1, q/k/v/o),
     activation checkpointing; compile: each block through torch.compile (compile_train)."""
-    from minispin import lora
+    from minispin.core import lora
     env = dist_env()
     rank = 64 if DEV.type == "cuda" else P.lora_rank
     settings = lora.LoRASettings(rank, RECIPE_LORA["alpha"], RECIPE_LORA["dropout"], RECIPE_LORA["targets"])
@@ -773,7 +774,7 @@ def sum_loss_step(losses, params, opt) -> float:
 def recipe_lora_steps(model, fp32_logits: bool = True, compile: bool = False) -> dict:
     """The trainer's micro-step on one pair of 2 x train_seq tokens (loss.spin_step, RMSprop
     over the adapters — compiled under compile_train — foreach clipping), timed."""
-    from minispin.loss import spin_step
+    from minispin.core.loss import spin_step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = rmsprop(params, 1e-5, compile)
     ids, mask = spin_batch(1, P.train_seq, P.m7b["vocab_size"], seed=7)
@@ -912,7 +913,7 @@ def group_7():
 
 # ---------------------------------------------------------------------------- row 5
 def group_5():
-    from minispin.recipe import write_variant as write_recipe_variant
+    from minispin.run.recipe import write_variant as write_recipe_variant
     with R.row("5"):
         tmp = tempfile.mkdtemp(prefix="gpucheck-e2e-")
         try:
@@ -986,7 +987,7 @@ def sdpa_calls(fn) -> tuple:
 
 def packed_rows(model):
     """lm-eval's packing: a shared context then two continuations, each seeing the context
-    and itself (the boolean block mask of minispin.evaluation, restated)."""
+    and itself (the boolean block mask of minispin.study.evaluation, restated)."""
     a = model.config
     ctx, cont = P.probe_prompt // 2, P.probe_prompt // 4
     seg = torch.tensor([0] * ctx + [1] * cont + [2] * cont, device=DEV)

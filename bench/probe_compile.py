@@ -13,9 +13,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minispin.config import ModelArgs  # noqa: E402
-from minispin.model import build_model  # noqa: E402
-from minispin.sampling import _STATIC_CACHES, generate  # noqa: E402
+from minispin.core.model import ModelArgs  # noqa: E402
+from minispin.core.model import build_model  # noqa: E402
+from minispin.core.sampling import _STATIC_CACHES, generate  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

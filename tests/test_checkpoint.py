@@ -246,7 +246,7 @@ def test_truncated_shard_names_file_and_tensor(tmp_path):
 
 # ------------------------------------------------------------------ generation_config.json
 def test_generation_config_read_and_checked(tmp_path):
-    from minispin.config import read_generation_config
+    from minispin.run.config import read_generation_config
     assert read_generation_config(str(tmp_path)) == {}  # no file
     _write(tmp_path / "generation_config.json", json.dumps({
         "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": True,
@@ -269,7 +269,7 @@ def test_generation_config_read_and_checked(tmp_path):
     ('{"do_sample": "yes"}', "do_sample: must be true or false"),
 ])
 def test_bad_generation_config_is_one_line(tmp_path, text, needle):
-    from minispin.config import read_generation_config
+    from minispin.run.config import read_generation_config
     path = tmp_path / "generation_config.json"
     _write(path, text)
     with pytest.raises(ConfigError) as e:

@@ -62,8 +62,8 @@ def test_help_shows_every_default(capsys, script):
     import argparse
     import importlib
 
-    from minispin.errors import ArgumentParser
-    from minispin.recipe import KEYS
+    from minispin.cli.args import ArgumentParser
+    from minispin.run.recipe import KEYS
     module = importlib.import_module("minispin.cli." + script[:-3])
     if hasattr(module, "build_parser"):
         parser = module.build_parser()
@@ -93,7 +93,7 @@ def test_help_shows_every_default(capsys, script):
 
 
 def recipe_with(tmp_path, text_extra="", **keys):
-    from minispin import recipe as R
+    from minispin.run import recipe as R
     path = str(tmp_path / "r.toml")
     R.write_variant(path, {k: v for k, v in keys.items()})
     with open(path, "a") as f:
@@ -110,7 +110,7 @@ def test_every_tool_runs_with_the_recipes_cpu_threads(tmp_path, monkeypatch, scr
     import minispin.cli.evaluate  # noqa: F401  (the modules the scripts run)
     import minispin.cli.generate
     import minispin.cli.judge
-    import minispin.evaluation
+    import minispin.study.evaluation
     before = torch.get_num_threads()
     want = before + 1 if before < 4 else before - 1       # not what torch runs with now
     seen = []
@@ -120,7 +120,7 @@ def test_every_tool_runs_with_the_recipes_cpu_threads(tmp_path, monkeypatch, scr
         raise Seen
     monkeypatch.setattr(minispin.cli.generate, "generate_pairs_file", record)
     monkeypatch.setattr(minispin.cli.judge, "make_judge", record)
-    monkeypatch.setattr(minispin.evaluation, "MinispinLM", record)
+    monkeypatch.setattr(minispin.study.evaluation, "MinispinLM", record)
     config = recipe_with(tmp_path, cpu_threads=want)
     argv = {"generate.py": ["--run-dir", tmp_path / "run"], "judge.py": ["--iter", "0", "--run-dir", tmp_path / "run"],
             "evaluate.py": ["--model", STORIES, "--offline", "--output", tmp_path / "eval"]}[script]
@@ -138,7 +138,7 @@ def test_print_config_resolves_to_the_same_recipe(tmp_path, capsys):
     except ImportError:   # Python 3.10
         import tomli as tomllib
 
-    from minispin import recipe as R
+    from minispin.run import recipe as R
     config = recipe_with(tmp_path, "\n[iterations.1]\nmax_new_tokens = 32\nlr = 2e-7\n")
     flags = ["--config", config, "--iter", "1", "--lr", "1e-3", "--no-mix-previous", "--report-to",
              "tensorboard,wandb", "--run-dir", tmp_path / "elsewhere"]

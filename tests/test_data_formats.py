@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import REPO, run_cli
-from minispin.data import (DataError, JsonlAppender, read_jsonl, read_pairs, read_sft,
+from minispin.run.data import (DataError, JsonlAppender, read_jsonl, read_pairs, read_sft,
                            write_spin_parquet)
 
 QA = [("What is 2 + 3?", "2 + 3 = 5", "It is 6."),

@@ -137,7 +137,7 @@ def test_gsm8k_generations_equal_hf_backend():
 
 def test_generate_until_stops_and_max_gen_toks():
     from lm_eval.api.instance import Instance
-    from minispin.sampling import generate
+    from minispin.core.sampling import generate
 
     lm = _ours(STORIES, gen_chunk=7)  # several rounds per request
     prompt = "Once upon a time"
@@ -206,7 +206,7 @@ def test_offline_suite_end_to_end_prints_table(tmp_path, capsys):
 
 
 def test_table_across_iterations_and_default_layout(tmp_path):
-    from minispin.checkpoint import load_model, save_model
+    from minispin.run.checkpoint import load_model, save_model
 
     run = tmp_path / "runs" / "tiny"
     model = load_model(STORIES)

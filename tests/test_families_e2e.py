@@ -97,7 +97,7 @@ def test_generation_takes_the_checkpoints_sampling_defaults_and_stop_ids(trained
     for p in pairs:
         g = p["gen"]
         assert (g["temperature"], g["top_p"], g["top_k"], g["max_new_tokens"]) == (0.6, 0.9, 0, 24)
-    from minispin.recipe import resolve
+    from minispin.run.recipe import resolve
     # a key the recipe or a flag sets wins over the file; do_sample false means greedy
     assert resolve(os.path.join(trained[4], "recipe.toml"), {"temperature": 1.0}).generation.temperature == 1.0
     with open(os.path.join(theta0, "generation_config.json")) as f:

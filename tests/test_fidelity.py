@@ -204,9 +204,9 @@ def test_spin_generation_equals_transformers_generate(mistral, tmp_path):
     special tokens, left padding with eos (pad_to_multiple_of 8), greedy generate, then
     batch_decode, .replace("</s>", "") and .lstrip()."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from minispin import distributed as D
-    from minispin.pairs import generate_pairs_file
-    from minispin.recipe import resolve
+    from minispin.run import distributed as D
+    from minispin.run.pairs import generate_pairs_file
+    from minispin.run.recipe import resolve
     recs = gsm8k(12)
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))

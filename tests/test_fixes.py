@@ -146,8 +146,8 @@ def test_noise_off_is_bit_identical_to_plain_spin(base):
 def test_fix_settings_resolve_and_refuse(base, capsys):
     """The swap rule is applied by train.py at its own threshold (exact at τ), the adaptive
     plan matches the margins, and impossible combinations stop with exit status 2."""
-    from minispin.fixes import apply_recipe_fixes
-    from minispin.recipe import resolve
+    from minispin.study.fixes import apply_recipe_fixes
+    from minispin.run.recipe import resolve
 
     def prepared(**flags):
         recipe = resolve(None, dict(model=STORIES, **flags))
@@ -251,7 +251,7 @@ def test_neftune_is_absent_from_the_reference_pass_and_generation(base):
     assert abs(metrics(online)[0]["loss"] - a[0]["loss"]) < 1e-5  # same draws, clean reference
 
     from minispin import generate, load_model
-    from minispin.noise import add_neftune
+    from minispin.core.noise import add_neftune
     model = load_model(STORIES)
     prompts = [[1, 400, 31, 90], [1, 55, 66]]
     plain_out = generate(model, prompts, max_new_tokens=12, temperature=1.0, eos_id=2, seed=3)

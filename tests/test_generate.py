@@ -1,4 +1,4 @@
-"""generate.py and minispin.pairs: the pairs file, bad input, resume after a kill, torchrun ==
+"""generate.py and minispin.run.pairs: the pairs file, bad input, resume after a kill, torchrun ==
 one process."""
 import json
 import os
@@ -10,10 +10,10 @@ import time
 import pytest
 
 from helpers import REPO, STORIES, free_port, run_cli, undocumented_flags
-from minispin import distributed as D
+from minispin.run import distributed as D
 from minispin import generate as sample, load_model, load_tokenizer
-from minispin.pairs import generate_pairs_file
-from minispin.recipe import resolve
+from minispin.run.pairs import generate_pairs_file
+from minispin.run.recipe import resolve
 
 DATA = os.path.join(REPO, "assets", "data", "gsm8k", "train.jsonl")
 
@@ -142,7 +142,7 @@ def test_long_prompt_keeps_its_end_and_is_counted(tmp_path, stories):
     assert "What is the last word?" in text and "word0 " not in text and "<|system|>" not in text
     assert long_["generated"] == tok.decode(sample(model, [kept], 16, temperature=0, eos_id=tok.eos_id)[0])
     # the rule is training's: rows.truncate_pair gives the same prompt for an answer of 16 + eos
-    from minispin.rows import truncate_pair
+    from minispin.run.rows import truncate_pair
     assert truncate_pair(full, [5], [0] * 17, 200, 64, tok.bos_id)[0] == kept
 
 
@@ -245,7 +245,7 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     after = open(out).read().splitlines()
     ids = [json.loads(line)["id"] for line in after]
     assert len(ids) == 40 == len(set(ids))
-    from minispin.data import read_sft
+    from minispin.run.data import read_sft
     assert ids == [ex.id for ex in read_sft(DATA, limit=40)[0]]  # SFT order
     assert set(before) <= set(after)  # every line written before the kill kept as it was
     assert not os.path.exists(part)

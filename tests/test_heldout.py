@@ -3,9 +3,9 @@ import torch
 
 from helpers import REPO
 from minispin import load_model, load_tokenizer
-from minispin.data import SFTExample
-from minispin.rows import collate_sft, tokenize_sft
-from minispin.heldout import final_number, heldout_metrics
+from minispin.run.data import SFTExample
+from minispin.run.rows import collate_sft, tokenize_sft
+from minispin.study.heldout import final_number, heldout_metrics
 
 TINY_SFT = f"{REPO}/assets/models/tiny-sft"
 

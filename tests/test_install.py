@@ -67,7 +67,7 @@ def installed(tmp_path_factory):
 def test_recipe_by_name_or_path_from_any_folder(tmp_path, monkeypatch):
     """In a checkout, from another folder: the shipped recipe by name, by file name and by
     its checkout path, and the assets it names, all found; a wrong name lists the shipped."""
-    from minispin import recipe as R
+    from minispin.run import recipe as R
     monkeypatch.chdir(tmp_path)
     tiny = os.path.join(REPO, "configs", "tiny.toml")
     for name in ("tiny", "tiny.toml", "configs/tiny.toml", None):
@@ -95,7 +95,7 @@ def test_console_scripts_run_the_tiny_recipe_from_an_empty_folder(installed):
     for tool in ("minispin-train", "minispin-generate", "minispin-judge", "minispin-eval", "minispin-plot"):
         assert f"usage: {tool}" in sh([bin_dir / tool, "--help"], work, env)
     # the installed tiny recipe, shortened (written with its own write_variant, from the venv)
-    code = ("from minispin.recipe import write_variant; write_variant('short.toml', {'num_prompts': 8, "
+    code = ("from minispin.run.recipe import write_variant; write_variant('short.toml', {'num_prompts': 8, "
             "'max_new_tokens': 32, 'batch_size': 4, 'epochs': 1, 'heldout_examples': 2, "
             "'heldout_max_new_tokens': 32})")
     sh([bin_dir / "python", "-c", code], work, env)

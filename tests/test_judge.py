@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from helpers import REPO, STORIES, run_cli
-from minispin.data import read_jsonl
-from minispin.fixes import margin_histogram
-from minispin.judge import LocalJudge, OpenAIJudge, ScoreCache, item_key, judge_pairs, parse_score, relabel
+from minispin.run.data import read_jsonl
+from minispin.study.fixes import margin_histogram
+from minispin.study.judge import LocalJudge, OpenAIJudge, ScoreCache, item_key, judge_pairs, parse_score, relabel
 
 KEY = "sk-proj-Vb3Kq8ZmT1xR7nW4cY9pL2hG6dF0sJ5a"  # random-looking: no 4-character piece of it is in our own output
 REFUSAL = "I cannot grade this, sorry."
@@ -308,7 +308,7 @@ def test_http_judge_gives_up_and_reports(tmp_path):
 
 
 def test_wrong_key_stops_the_run(server, tmp_path):
-    from minispin.judge import JudgeError
+    from minispin.study.judge import JudgeError
     judge = OpenAIJudge(base_url=server.url, api_key="sk-wrong-key-123456", timeout=2, backoff=0.01, log=lambda m: None)
     with pytest.raises(JudgeError) as e:
         judge_pairs(make_pairs(3), judge, ScoreCache(str(tmp_path / "c.jsonl")), log=lambda m: None)

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from helpers import REPO, STORIES
-from minispin.judge import (SYSTEM_PROMPT, JudgeError, LocalJudge, OpenAIJudge, ScoreCache,
+from minispin.study.judge import (SYSTEM_PROMPT, JudgeError, LocalJudge, OpenAIJudge, ScoreCache,
                             format_summary, item_key, judge_pairs, load_prompt_template, redact)
 
 # a realistic-looking key: none of its 4-character pieces occurs in our own messages

@@ -9,7 +9,7 @@ import torch
 
 from helpers import REPO, free_port
 from minispin import load_model
-from minispin.recipe import write_variant as write_recipe_variant
+from minispin.run.recipe import write_variant as write_recipe_variant
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

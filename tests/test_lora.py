@@ -1,4 +1,4 @@
-"""LoRA (minispin/lora.py) on CPU: adapters against peft's maths, dropout under activation
+"""LoRA (minispin/core/lora.py) on CPU: adapters against peft's maths, dropout under activation
 checkpointing, SPIN with only the adapters training, the merged and the peft-format exports against transformers and peft, 1 process
 == 2 under torchrun, kill + resume, and a bf16 base with fp32 adapters under FSDP2.
 
@@ -41,7 +41,7 @@ def frozen_snapshot(into: dict):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from minispin.trainer import add_hook, clear_hooks
+    from minispin.run.trainer import add_hook, clear_hooks
     root = tmp_path_factory.mktemp("lora")
     model = str(root / "model")
     make_hf_model(model, "llama", sharpen=1.0)
@@ -61,7 +61,8 @@ def setup(tmp_path_factory):
 def ours_with_adapter(base_model, adapter_dir, rank=RANK, alpha=ALPHA):
     """minispin's model + our LoRA modules holding the adapter file's weights (unmerged)."""
     from minispin import load_model
-    from minispin.lora import PEFT_PREFIX, apply_lora
+    from minispin.core.lora import apply_lora
+    from minispin.run.checkpoint import PEFT_PREFIX
     model = apply_lora(load_model(base_model), rank, alpha, TARGETS)
     state = {k[len(PEFT_PREFIX):]: v for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -80,7 +81,7 @@ def test_adapters_start_at_the_base_and_compute_peft_lora(setup):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from minispin import load_model
-    from minispin.lora import adapters_disabled, apply_lora, lora_modules
+    from minispin.core.lora import adapters_disabled, apply_lora, lora_modules
     x = ids()
     base = load_model(setup["model"])
     with torch.no_grad():
@@ -114,8 +115,8 @@ def test_dropout_masks_are_redrawn_alike_under_activation_checkpointing(setup):
     """lora_dropout > 0 with activation checkpointing: the recomputed forward draws the same
     masks (checkpoint restores the RNG), so the gradients equal those of a plain backward."""
     from minispin import load_model
-    from minispin.distributed import apply_activation_checkpointing
-    from minispin.lora import apply_lora, lora_modules
+    from minispin.run.distributed import apply_activation_checkpointing
+    from minispin.core.lora import apply_lora, lora_modules
     grads = []
     for ac in (False, True):
         model = apply_lora(load_model(setup["model"]), RANK, ALPHA, TARGETS, dropout=0.3, seed=1)
@@ -139,14 +140,14 @@ def test_dropout_masks_are_redrawn_alike_under_activation_checkpointing(setup):
 def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
     """One SPIN backward through the sharded LoRA policy: every base weight has no gradient;
     B has one (A's is zero at step 0, as B = 0); the trainer's optimizer holds the adapters."""
-    from minispin import distributed as D
-    from minispin.data import read_pairs
-    from minispin.rows import collate_pairs, tokenize_pairs
-    from minispin.loss import spin_step
-    from minispin.lora import LoRASettings
-    from minispin.recipe import resolve
-    from minispin.tokenizer import load_tokenizer
-    from minispin.trainer import Trainer
+    from minispin.run import distributed as D
+    from minispin.run.data import read_pairs
+    from minispin.run.rows import collate_pairs, tokenize_pairs
+    from minispin.core.loss import spin_step
+    from minispin.core.lora import LoRASettings
+    from minispin.run.recipe import resolve
+    from minispin.run.tokenizer import load_tokenizer
+    from minispin.run.trainer import Trainer
     env = D.init_distributed("cpu")
     try:
         policy = D.load_sharded_model(setup["model"], env, D.device_mesh(env),
@@ -167,7 +168,7 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
             else:
                 assert p.grad is not None and p.grad.full_tensor().abs().max() == 0, name
         recipe = resolve(None, {"lora_rank": RANK, "model": setup["model"]})
-        from minispin.iteration import train_settings
+        from minispin.run.iteration import train_settings
         trainer = Trainer(train_settings(recipe), env, items, setup["model"], str(setup["root"] / "unused"),
                           str(setup["root"] / "unused-out"), tok.pad_id, progress=False)
         opt, _ = trainer._build_optimizer(policy)
@@ -178,7 +179,7 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
 
 
 def policy_logps(policy, batch):
-    from minispin.loss import sequence_logps
+    from minispin.core.loss import sequence_logps
     return sequence_logps(policy(batch["input_ids"]), batch["input_ids"], batch["loss_mask"])
 
 
@@ -288,7 +289,7 @@ def test_bf16_base_fp32_adapters_under_fsdp(setup, capsys):
     block holds both): step 0 is exactly ln 2 (online reference), the bf16 base is bit-
     identical after training, and 2 processes under torchrun match 1 (same micro-batches,
     so only the fp32 gradient reduction differs)."""
-    from minispin.trainer import add_hook, clear_hooks
+    from minispin.run.trainer import add_hook, clear_hooks
     extra = ("--lora-base-dtype", "bfloat16", "--ref-mode", "online", "--max-steps", "4",
              "--keep-checkpoints-after-export")
     one = fresh_run(setup, "bf16-1")
@@ -325,7 +326,7 @@ def test_bf16_base_fp32_adapters_under_fsdp(setup, capsys):
     ({"lora_rank": -1}, "'lora_rank' must be >= 0"),
 ])
 def test_impossible_lora_settings_are_refused_in_one_line(flags, says):
-    from minispin.recipe import RecipeError, resolve
+    from minispin.run.recipe import RecipeError, resolve
     with pytest.raises(RecipeError) as e:
         resolve(None, flags)
     assert says in str(e.value) and "\n" not in str(e.value)
@@ -347,10 +348,10 @@ def test_resume_refuses_a_checkpoint_of_another_lora_setting(setup, capsys):
 def test_the_1gpu_recipe_and_its_adapter_count():
     """configs/zephyr-7b-lora-1gpu.toml resolves, and its adapters on a meta-device
     Mistral-7B number what docs/training.md's memory table says: r × Σ(in + out) × 32."""
-    from minispin.config import ModelArgs
-    from minispin.lora import apply_lora, parse_targets
-    from minispin.model import build_model
-    from minispin.recipe import resolve
+    from minispin.core.model import ModelArgs
+    from minispin.core.lora import apply_lora, parse_targets
+    from minispin.core.model import build_model
+    from minispin.run.recipe import resolve
     t = resolve("zephyr-7b-lora-1gpu").training
     assert (t.lora_rank, t.micro_batch_size, t.batch_size, t.activation_checkpointing,
             t.lora_base_dtype) == (64, 1, 64, True, "bfloat16")

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minispin.rows import collate_pairs, truncate_pair, TokenizedPair
-from minispin.loss import LN2, sequence_logps, sft_step, spin_loss
+from minispin.run.rows import collate_pairs, truncate_pair, TokenizedPair
+from minispin.core.loss import LN2, sequence_logps, sft_step, spin_loss
 
 
 def _hand_logps(logits, ids, mask):
@@ -208,7 +208,7 @@ def test_collate_pairs_layout():
 def test_spin_step_ipo_averages_log_probs_per_answer_token_as_trl():
     """TRL's IPO divides each sequence log-prob (policy and reference) by its answer's token
     count before Δ; ipo_sum keeps the sums. Checked by hand on fixed logits."""
-    from minispin.loss import spin_step
+    from minispin.core.loss import spin_step
     logits, ids, mask = _batch(7, B=4)
     policy = lambda x, logits_at, logits_dtype: logits[logits_at]  # noqa: E731  (fixed logits)
     ref = torch.tensor([-30.0, -20.0, -25.0, -40.0])
@@ -231,9 +231,9 @@ def test_answer_logps_fp32_logits_under_bf16_weights():
     bf16 logits (uclaml/SPIN's, fp32_logits=False) are measurably further off. In fp32
     the answer-only path equals the full-logits path."""
     from helpers import TINY
-    from minispin.config import ModelArgs
-    from minispin.loss import answer_logps
-    from minispin.model import Transformer
+    from minispin.core.model import ModelArgs
+    from minispin.core.loss import answer_logps
+    from minispin.core.model import Transformer
     torch.manual_seed(0)
     args = ModelArgs(dim=TINY["hidden_size"], n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                      vocab_size=512, intermediate_size=TINY["intermediate_size"])
@@ -260,7 +260,7 @@ def test_answer_logps_fp32_logits_under_bf16_weights():
 def test_wide_logits_gradients_equal_autograd():
     """model.WideLogits (bf16 in, fp32 logits out, bf16 saved) against plain autograd of
     F.linear(h.float(), W.float()), in forward and in both gradients."""
-    from minispin.model import WideLogits
+    from minispin.core.model import WideLogits
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 16, generator=g).bfloat16().requires_grad_()
     w = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
@@ -282,7 +282,7 @@ def test_wide_logits_on_cuda_is_a_bf16_gemm_with_fp32_output():
     """On CUDA, WideLogits' forward is one bf16 GEMM that writes fp32 (model._wide_mm): the
     logits equal the float64 products of the bf16 operands up to fp32 sums, and the call
     allocates its output and no fp32 copy of the head (V x D) beside it."""
-    from minispin.model import WideLogits
+    from minispin.core.model import WideLogits
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(64, 256, device="cuda", generator=g).bfloat16()
     w = torch.randn(32000, 256, device="cuda", generator=g).bfloat16()

@@ -90,7 +90,7 @@ def test_bf16_runs_on_cpu_and_matches_transformers_bf16():
 def test_rope_layout_matters(tmp_path):
     """Guards the parity tests: interleaved-pair rotary (the llama2.c layout) on the same
     weights must give visibly different logits, so rotate_half is really being checked."""
-    import minispin.model as M
+    import minispin.core.model as M
     make_hf_model(tmp_path, "llama")
     m = load_model(str(tmp_path))
     x = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -137,7 +137,7 @@ def test_attention_mask_inside_rows_matches_transformers(masked_pair, case, impl
     """attention_mask = 0 in the middle of rows: logits equal transformers' at EVERY
     position, the masked ones included (SPIN's loss reads them), with and without the GQA
     fold, positions 0..T-1 as transformers computes them."""
-    import minispin.model as M
+    import minispin.core.model as M
     monkeypatch.setattr(M, "FOLD_GQA_ON_CPU", fold)
     ours, hf = masked_pair[case]
     x = torch.randint(3, 512, (3, 72), generator=torch.Generator().manual_seed(4))
@@ -176,7 +176,7 @@ def test_gqa_fold_equals_the_gqa_flag(tmp_path, model_type, monkeypatch):
     """The fold that GPUs take (query heads folded into the query axis, no enable_gqa),
     forced on CPU: padded prefill bit for bit, cached decode steps within 1e-5 (a 2-row
     matmul rounds differently from a 1-row one), and the same greedy tokens."""
-    import minispin.model as M
+    import minispin.core.model as M
     make_hf_model(tmp_path, model_type, num_key_value_heads=1,
                   **(dict(sliding_window=12) if model_type == "mistral" else {}))
     m = load_model(str(tmp_path))
@@ -226,9 +226,9 @@ def test_compiled_block_forward_backward_equals_eager():
     same gradient of every weight, and the same state-dict keys (checkpoints and the HF
     loader see no compile wrapper)."""
     import copy
-    from minispin.config import ModelArgs
-    from minispin.distributed import compile_blocks
-    from minispin.model import Transformer
+    from minispin.core.model import ModelArgs
+    from minispin.run.distributed import compile_blocks
+    from minispin.core.model import Transformer
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=512,
                      intermediate_size=128)

@@ -11,8 +11,8 @@ import torch
 
 from helpers import TOK512, STORIES, make_hf_model
 from minispin import generate, load_model, save_model
-from minispin.config import ModelArgs, read_config
-from minispin.model import rope_frequencies
+from minispin.run.config import model_args_from_hf, read_config
+from minispin.core.model import rope_frequencies
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -184,7 +184,7 @@ def test_rope_frequencies_equal_transformers(theta, head_dim, rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     cfg = _hf_config(head_dim=head_dim, rope_theta=theta, rope_scaling=dict(rope), max_position_embeddings=16384)
     want, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](cfg, "cpu")
-    args = ModelArgs.from_hf(cfg.to_dict())
+    args = model_args_from_hf(cfg.to_dict())
     assert scale == 1.0 and torch.equal(rope_frequencies(args, torch.arange(10)), want)
 
 
@@ -197,7 +197,7 @@ def test_dynamic_ntk_frequencies_equal_transformers(seq_len):
                      rope_scaling={"rope_type": "dynamic", "factor": 3.0})
     fn = ROPE_INIT_FUNCTIONS["dynamic"]
     want = fn(cfg, "cpu")[0] if seq_len <= 64 else fn(cfg, "cpu", seq_len=torch.tensor(seq_len))[0]
-    args = ModelArgs.from_hf(cfg.to_dict())
+    args = model_args_from_hf(cfg.to_dict())
     positions = torch.arange(seq_len)[None].expand(2, seq_len).clone()
     positions[1] = 0  # the longest row decides, as with transformers' max over position_ids
     assert torch.equal(rope_frequencies(args, positions), want)
@@ -232,9 +232,9 @@ def test_llama3_original_max_positions_falls_back_like_transformers(tmp_path):
     top-level one, else max_position_embeddings; so do we."""
     base = json.load(open(os.path.join(STORIES, "config.json")))
     rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
-    assert ModelArgs.from_hf(dict(base, rope_scaling=rope)).rope_scaling[
+    assert model_args_from_hf(dict(base, rope_scaling=rope)).rope_scaling[
         "original_max_position_embeddings"] == base["max_position_embeddings"]
     top = dict(base, rope_scaling=dict(LLAMA3_ROPE), original_max_position_embeddings=100)
-    assert ModelArgs.from_hf(top).rope_scaling["original_max_position_embeddings"] == 100
+    assert model_args_from_hf(top).rope_scaling["original_max_position_embeddings"] == 100
     cfg = _hf_config(rope_scaling=dict(rope), max_position_embeddings=300, rope_theta=10000.0)
     assert cfg.rope_parameters["original_max_position_embeddings"] == 300

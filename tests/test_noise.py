@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minispin.config import ModelArgs
-from minispin.loss import sequence_logps
-from minispin.model import build_model
-from minispin.noise import add_neftune, answer_generator, reference_noise
-from minispin.recipe import RecipeError, parse_noise
+from minispin.core.model import ModelArgs
+from minispin.core.loss import sequence_logps
+from minispin.core.model import build_model
+from minispin.core.noise import add_neftune, answer_generator, reference_noise
+from minispin.run.recipe import RecipeError, parse_noise
 
 
 def _batch(B=4, T=40, V=96, seed=0):

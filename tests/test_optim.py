@@ -4,7 +4,7 @@ state-dict layout, and one compiled graph however the lr moves."""
 import pytest
 import torch
 
-from minispin.optim import CompiledRMSprop
+from minispin.core.optim import CompiledRMSprop
 
 
 def _params(seed):

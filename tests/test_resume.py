@@ -1,4 +1,4 @@
-"""Training checkpoints (minispin.distributed save/load) and the run-folder lock (minispin.lock).
+"""Training checkpoints (minispin.run.distributed save/load) and the run-folder lock (minispin.run.lock).
 
 Oracles: the state before saving, compared bit for bit with the state loaded into a fresh model
 and optimizer, and with the state after one more step from each; the `safetensors` library
@@ -24,7 +24,7 @@ from helpers import REPO, make_hf_model, run_cli
 
 sys.path.insert(0, REPO)
 from minispin import distributed as D  # noqa: E402
-from minispin.lock import LOCK_NAME, RunLock, RunLockError, clean_orphans  # noqa: E402
+from minispin.run.lock import LOCK_NAME, RunLock, RunLockError, clean_orphans  # noqa: E402
 
 
 # ---------------------------------------------------------------------- shared by the worker
@@ -365,7 +365,7 @@ def dead_pid():
 
 def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(tmp_path, capsys):
     folder = str(tmp_path / "run")
-    code = ("import sys\nfrom minispin.lock import RunLock\n"
+    code = ("import sys\nfrom minispin.run.lock import RunLock\n"
             f"with RunLock({folder!r}):\n    print('locked', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=dict(os.environ, PYTHONPATH=REPO))

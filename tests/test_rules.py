@@ -1,7 +1,7 @@
 """fixes.py: the swap rule, the adaptive plan and the modes, on hand-written pairs."""
 import pytest
 
-from minispin.fixes import adaptive_plan, apply_fixes, pair_margin, relabel, swaps
+from minispin.study.fixes import adaptive_plan, apply_fixes, pair_margin, relabel, swaps
 
 
 def scored(pid, real, gen, **extra):

@@ -6,7 +6,7 @@ import torch
 
 from helpers import STORIES, make_hf_model
 from minispin import generate, load_model, load_tokenizer
-from minispin.sampling import filtered_probs, generate_batch, row_seed, sample_next
+from minispin.core.sampling import filtered_probs, generate_batch, row_seed, sample_next
 
 
 
@@ -144,7 +144,7 @@ def test_batch_rows_equal_alone_stories(stories, ragged):
 
 
 def test_prefill_groups_split_and_equal_alone(tiny_mistral, monkeypatch):
-    from minispin import sampling
+    from minispin.core import sampling
     assert sampling.prefill_groups([9, 9, 9], 10 ** 6, 1e9) == [(0, 3)]
     # padding of 30 + 31 tokens of a big model costs more than a second call: two groups
     assert sampling.prefill_groups([40, 39, 10, 9], 50 * 10 ** 6, 1e9) == [(0, 2), (2, 4)]
@@ -165,7 +165,7 @@ def test_eos_stops_rows_and_compaction_keeps_the_rest(stories):
     full = [generate_batch(stories, [p], 40, temperature=0, eos_id=-1)[0] for p in prompts]
     want = [f[:f.index(stop)] if stop in f else f for f in full]
     assert len({len(w) for w in want}) > 2, "rows should stop at different steps"
-    from minispin import model as model_mod
+    from minispin.core import model as model_mod
     calls = []
     orig = model_mod.KVCache.keep_rows
 
@@ -234,7 +234,7 @@ def test_compiled_decode_keeps_one_cache_and_never_recompiles(tiny_mistral):
     (counted by a counting torch.compile backend); a third shape is kept beside them, a
     fourth evicts the least recently used, so caches of old shapes are not kept alive."""
     from torch._dynamo.testing import CompileCounter
-    from minispin import sampling
+    from minispin.core import sampling
     model, _ = tiny_mistral
     torch._dynamo.reset()  # other tests' compiles of the step and caches must not count here
     sampling._STATIC_CACHES.pop(model, None)

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 from helpers import REPO, load_script  # noqa: E402
 
 from minispin import generate, load_model, load_tokenizer  # noqa: E402
-from minispin.recipe import write_variant  # noqa: E402
+from minispin.run.recipe import write_variant  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -171,7 +171,7 @@ def test_one_spin_step_at_ln2_and_an_export_transformers_loads(smollm2, tmp_path
 def test_lm_eval_backend_same_answers_as_hf_backend(smollm2):
     pytest.importorskip("lm_eval")
     from test_evaluation import _compare, _hf, _ours
-    from minispin import evaluation as E
+    from minispin.study import evaluation as E
 
     def run(lm):  # 3-shot, not the suite's 25 / 10: short rows on a 2-core CI
         return E.run_tasks(lm, E.resolve_tasks(["arc_easy", "hellaswag"], num_fewshot=3), offline=True,

@@ -152,8 +152,8 @@ def reformatted_records(n):
 @pytest.mark.parametrize("k", [300, 2000])
 def test_prompt_selection_equals_datasets_shuffle(tmp_path, k):
     datasets = pytest.importorskip("datasets")
-    from minispin.pairs import read_sft_prompts
-    from minispin.recipe import resolve
+    from minispin.run.pairs import read_sft_prompts
+    from minispin.run.recipe import resolve
     recs = reformatted_records(2000)
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -180,8 +180,8 @@ def test_fill_last_batch_is_accelerates(n, world, micro):
     epoch's first pairs. Positions are in the epoch's order on both sides."""
     accelerate_dl = pytest.importorskip("accelerate.data_loader")
     from torch.utils.data import BatchSampler
-    from minispin.recipe import resolve
-    from minispin.trainer import epoch_steps, global_batch
+    from minispin.run.recipe import resolve
+    from minispin.run.trainer import epoch_steps, global_batch
     B = micro * world
     shards = [list(accelerate_dl.BatchSamplerShard(BatchSampler(range(n), micro, drop_last=False), world, r,
                                                    even_batches=True)) for r in range(world)]

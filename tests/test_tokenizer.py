@@ -6,7 +6,7 @@ import pytest
 
 from helpers import MISTRAL_TOK, STORIES
 from minispin import load_tokenizer
-from minispin.tokenizer import TokenizerError
+from minispin.run.tokenizer import TokenizerError
 
 CONVERSATION = [
     {"role": "user", "content": "What is 2+3?"},

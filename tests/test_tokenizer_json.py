@@ -18,7 +18,7 @@ from tokenizers import Regex, Tokenizer as Oracle, decoders, models, pre_tokeniz
 
 from helpers import MISTRAL_TOK, REPO
 from minispin import load_tokenizer
-from minispin.tokenizer import TokenizerError
+from minispin.run.tokenizer import TokenizerError
 
 MISTRAL_JSON = os.path.join(REPO, "assets", "tokenizers", "mistral-7b-v0.1.tokenizer.json")
 

@@ -218,12 +218,12 @@ def test_kill_midway_and_resume(setup):
 
 def nan_at(n):
     """A trainer hook: the loss of step n (1-based) becomes NaN."""
-    from minispin.trainer import add_hook
+    from minispin.run.trainer import add_hook
     add_hook("loss", lambda step, loss: loss * float("nan") if step + 1 == n else loss)
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, capsys):
-    from minispin.trainer import clear_hooks
+    from minispin.run.trainer import clear_hooks
     run = fresh_run(setup, "nan")
     args = common(setup["model"]) + ["--run-dir", run, "--checkpoint-every", "2"]
     nan_at(5)
@@ -242,7 +242,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, capsys):
 
 
 def test_resume_refuses_changed_settings(setup, capsys):
-    from minispin.trainer import clear_hooks
+    from minispin.run.trainer import clear_hooks
     run = fresh_run(setup, "changed")
     args = common(setup["model"]) + ["--run-dir", run, "--checkpoint-every", "2"]
     nan_at(3)
@@ -342,8 +342,8 @@ def test_rerun_of_a_finished_iteration_is_skipped(setup, capsys):
 
 
 def test_next_step_commands_are_spelt_as_the_run_was_started(monkeypatch):
-    from minispin.iteration import command
-    from minispin.recipe import resolve
+    from minispin.run.iteration import command
+    from minispin.run.recipe import resolve
     recipe = resolve()
     monkeypatch.setattr(sys, "argv", ["train.py"])
     assert command(recipe, "generate.py", 1) == "python generate.py --iter 1"
@@ -424,8 +424,8 @@ def test_truncation_is_applied_and_counted(tmp_path, setup, capsys):
     assert (t["truncated_prompts"], t["truncated_real"], t["truncated_generated"]) == (1, 1, 1)
     assert "1 prompts, 1 real and 1 generated answers cut of 16 pairs" in out
     # the rule itself, on the same records
-    from minispin.rows import tokenize_pairs
-    from minispin.tokenizer import load_tokenizer
+    from minispin.run.rows import tokenize_pairs
+    from minispin.run.tokenizer import load_tokenizer
     tok = load_tokenizer(setup["model"])
     items, _ = tokenize_pairs(tok, recs[:3], "x", 128, 64)
     full_prompt, _ = tok.encode_chat(recs[0]["prompt"], add_generation_prompt=True, empty_system=True)
@@ -456,7 +456,7 @@ def test_spin_on_stories260k_loss_falls_and_accuracy_rises(tmp_path):
     """stories260K, its own samples y' for 32 GSM8K prompts vs the real answers y: SPIN learns
     to tell them apart — the loss falls from ln 2 and rewards/accuracies rises."""
     from minispin import generate, load_model, load_tokenizer
-    from minispin.data import read_sft
+    from minispin.run.data import read_sft
     examples, _ = read_sft(os.path.join(REPO, "assets", "data", "gsm8k", "train.jsonl"), limit=32)
     tok = load_tokenizer(STORIES)
     model = load_model(STORIES)

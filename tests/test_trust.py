@@ -79,12 +79,12 @@ def fresh(base, tmp_path, name="run"):
 def stop_after(n):
     """A trainer hook: the loss of step n+1 becomes NaN, so the run stops after step n
     (exit 1) with its checkpoints intact."""
-    from minispin.trainer import add_hook
+    from minispin.run.trainer import add_hook
     add_hook("loss", lambda step, loss: loss * float("nan") if step == n else loss)
 
 
 def interrupted(model, run, n, *extra):
-    from minispin.trainer import clear_hooks
+    from minispin.run.trainer import clear_hooks
     stop_after(n)
     try:
         assert run_cli("train.py", *args(model, run, *extra)) == 1
@@ -200,7 +200,7 @@ def _edit_step(ckpt):
 def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(model, base, tmp_path, capsys, damage):
     run = fresh(base, tmp_path)
     args_ = args(model, run, "--keep-checkpoints", "3", "--checkpoint-every", "1")
-    from minispin.trainer import clear_hooks
+    from minispin.run.trainer import clear_hooks
     stop_after(3)
     try:
         assert run_cli("train.py", *args_) == 1
@@ -220,8 +220,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(model, base, tmp
 def test_every_training_key_reaches_the_trainer():
     """The resume key is derived from TrainSettings; every training key of a recipe must be
     one of its fields (or be declared as not the trainer's), so none can be left out."""
-    from minispin.recipe import Training
-    from minispin.trainer import TrainSettings
+    from minispin.run.recipe import Training
+    from minispin.run.trainer import TrainSettings
     not_the_trainers = {"sft_limit"}  # iteration.run_sft's: which records, in the data fingerprint
     assert {f.name for f in fields(Training)} - {f.name for f in fields(TrainSettings)} == not_the_trainers
 
@@ -291,7 +291,7 @@ def test_an_empty_lock_left_by_a_crash_is_taken_over(model, base, tmp_path, caps
 
 def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
     import errno
-    from minispin.lock import LOCK_NAME, RunLock, RunLockError
+    from minispin.run.lock import LOCK_NAME, RunLock, RunLockError
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -357,8 +357,8 @@ def _template(text):
 ], ids=["index-escapes", "symlink-out", "1e7-layers", "1e9-vocab", "nested-json", "3GB-string",
         "3GB-ljust", "3GB-format-width", "1e10-loop"])
 def test_hostile_model_folder_fails_fast_naming_the_file(base, tmp_path, capsys, monkeypatch, plant):
-    import minispin.chat
-    monkeypatch.setattr(minispin.chat, "TIME_LIMIT", 1.0)
+    import minispin.run.chat
+    monkeypatch.setattr(minispin.run.chat, "TIME_LIMIT", 1.0)
     m = shutil.copytree(STORIES, str(tmp_path / "model"))
     name = plant(m, tmp_path)
     run = fresh(base, tmp_path)
@@ -391,7 +391,7 @@ GROWING_TEMPLATES = {
 
 @pytest.mark.parametrize("name", GROWING_TEMPLATES)
 def test_a_template_step_that_would_grow_past_the_limit_is_refused_before_it_runs(name, monkeypatch):
-    import minispin.chat as C
+    import minispin.run.chat as C
     monkeypatch.setattr(C, "TIME_LIMIT", 60.0)  # the size rule must stop it, not the timer
     source, step = GROWING_TEMPLATES[name]
     template = C.ChatTemplate("checkpoint", source, "m/chat_template.jinja", {"eos_token": "</s>"})
@@ -405,7 +405,7 @@ def test_the_size_rules_render_what_plain_jinja_renders():
     """The same steps, small: minispin's checked environment writes what jinja's own
     sandbox writes (the checks refuse; they never change a result)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    import minispin.chat as C
+    import minispin.run.chat as C
     source = ("{% set ns = namespace(x='ab') %}{% for i in range(3) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}"
               "{{ ns.x }}|{{ 'x' ~ 1 ~ none ~ [1, 'a'] }}|{{ 'ab'|replace('a', 'cc') }}|{{ 'aaa'.replace('a', 'b', 2) }}|"
               "{{ [1, 'a', none]|join(', ') }}|{{ messages|join(',', attribute='role') }}|{{ '-'.join(['x', 'y']) }}|"
@@ -458,7 +458,7 @@ def test_judge_cache_is_never_aimed_at_a_pairs_file(tmp_path, capsys, monkeypatc
 
 
 def test_a_cache_without_final_newline_keeps_its_last_record(tmp_path):
-    from minispin.judge import ScoreCache
+    from minispin.study.judge import ScoreCache
     path = tmp_path / "cache.jsonl"
     rec = {"key": "k1", "score": 80}
     path.write_text(json.dumps({"key": "k0", "score": 10}) + "\n" + json.dumps(rec))  # edited by hand
@@ -469,7 +469,7 @@ def test_a_cache_without_final_newline_keeps_its_last_record(tmp_path):
 
 
 def test_judge_module_does_not_import_the_training_machinery():
-    code = "import sys, minispin.judge; print('minispin.distributed' in sys.modules, 'minispin.trainer' in sys.modules)"
+    code = "import sys, minispin.study.judge; print('minispin.run.distributed' in sys.modules, 'minispin.run.trainer' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["False", "False"], r.stderr[-2000:]
 
@@ -478,7 +478,7 @@ def test_a_hugging_face_cache_snapshot_still_loads(tmp_path):
     """The one allowed link out of a model folder: an HF hub cache snapshot's files are
     symlinks to ../../blobs/<sha>; they load as before (and equal the plain folder)."""
     import torch
-    from minispin.checkpoint import load_model
+    from minispin.run.checkpoint import load_model
     repo = tmp_path / "models--org--stories"
     (repo / "blobs").mkdir(parents=True)
     snap = repo / "snapshots" / "0123abc"

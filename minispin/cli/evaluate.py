@@ -5,12 +5,12 @@ or more models, and one table across them.
     python evaluate.py --model assets/models/stories260K --offline --limit 20
     torchrun --nproc_per_node 8 evaluate.py --model runs/zephyr/iter0/model
 
-For each model: lm-evaluation-harness with the "minispin" backend (minispin/evaluation.py)
+For each model: lm-evaluation-harness with the "minispin" backend (minispin/study/evaluation.py)
 on the suite — arc_challenge 25-shot, arc_easy 25, truthfulqa_mc1 0, truthfulqa_mc2 0,
 winogrande 5, gsm8k 5, hellaswag 10, mmlu 5 — then one Markdown table, a row per model and
 a column per task with the leaderboard metric, plus the Average. --offline runs the
 "_local" copies of the tasks on the samples shipped in assets/eval (docs/evaluation.md).
-Where results go: see minispin.evaluation.results_paths.
+Where results go: see minispin.study.evaluation.results_paths.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import argparse
 import os
 import sys
 
-from minispin import recipe as R
+from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
-from minispin.errors import ArgumentParser, RawDescriptionHelpFormatter, UserError, run_cli, path_arg
+from minispin.run.errors import UserError
+from minispin.cli.args import ArgumentParser, RawDescriptionHelpFormatter, run_cli, path_arg
 
 INSTALL_HINT = ("needs lm-evaluation-harness, an optional extra of minispin: pip install 'minispin[eval]' "
                 "(in a checkout: pip install -e .[eval])")
@@ -61,7 +62,7 @@ def run(argv=None) -> int:
         import lm_eval
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    from minispin import evaluation as E
+    from minispin.study import evaluation as E
     for path in args.model:
         if not os.path.isdir(path):
             raise UserError(f"model folder {path} not found")

@@ -8,19 +8,19 @@ y' ~ p_θt for the SFT prompts, written as a pairs file.
 For every SFT record: the first user turn x and the first assistant answer y (SPIN's rule),
 the prompt rendered with the chat template training uses, y' sampled from θ_t, one line
 appended to runs/<name>/iter<t>/pairs.jsonl. Re-running resumes; seeds are per prompt, so
-the output does not depend on the number of processes. The logic is minispin/pairs.py;
+the output does not depend on the number of processes. The logic is minispin/run/pairs.py;
 docs/generate.md has the file format, the truncation rule and resume.
 """
 from __future__ import annotations
 
 import argparse
 
-from minispin import distributed as D
-from minispin import recipe as R
+from minispin.run import distributed as D
+from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
-from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
-from minispin.iteration import locked
-from minispin.pairs import generate_pairs_file
+from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
+from minispin.run.iteration import locked
+from minispin.run.pairs import generate_pairs_file
 
 KEYS = ("data", "num_prompts", "shuffle_seed", "shuffle_rows", "max_new_tokens", "temperature", "top_p", "top_k",
         "seed", "gen_batch_size", "max_length", "max_prompt_length", "template", "empty_system",

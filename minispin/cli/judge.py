@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minispin import recipe as R
+from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
-from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
-from minispin.iteration import judge_file
-from minispin.judge import format_summary, log_stderr, make_judge
-from minispin.layout import judge_cache_path, judged_path, pairs_path
-from minispin.lock import RunLock
+from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
+from minispin.run.iteration import judge_file
+from minispin.study.judge import format_summary, log_stderr, make_judge
+from minispin.run.layout import judge_cache_path, judged_path, pairs_path
+from minispin.run.lock import RunLock
 
 KEYS = ("judge_model", "judge_threshold", "judge_base_url", "judge_concurrency", "judge_timeout",
         "judge_max_retries", "judge_backoff", "judge_prompt", "judge_system", "judge_api_defaults",
@@ -70,7 +70,7 @@ def run(argv=None) -> int:
     out = args.out or judged_path(recipe.run_dir, args.iter)
     cache = args.cache or judge_cache_path(recipe.run_dir)
     try:
-        with RunLock(recipe.run_dir):   # one writer per run folder (minispin/lock.py)
+        with RunLock(recipe.run_dir):   # one writer per run folder (minispin/run/lock.py)
             summary = judge_file(recipe, src, out, make_judge(recipe, backend, log=log), cache,
                                  retry_unparsable=args.retry_unparsable, limit=args.limit, log=log,
                                  progress=args.progress and not args.quiet)

@@ -4,7 +4,7 @@ iteration and held-out metrics across them.
     python plot.py runs/tiny                 # writes runs/tiny/plots/*.png
     python plot.py runs/tiny --out docs      # e.g. the charts checked in under docs/
 
-Reads what train.py leaves in the run folder (see minispin/layout.py):
+Reads what train.py leaves in the run folder (see minispin/run/layout.py):
 * iter<t>/metrics.jsonl  -> training.png: loss, rewards/margins and rewards/accuracies
   against the optimizer step, one line per iteration;
 * iter<t>/summary.json   -> heldout.png: the held-out metrics of θ_0 (from iteration 0's
@@ -19,7 +19,7 @@ import re
 import sys
 
 from minispin.cli import prog
-from minispin.errors import ArgumentParser, RawDescriptionHelpFormatter
+from minispin.cli.args import ArgumentParser, RawDescriptionHelpFormatter
 
 CURVES = [("loss", "SPIN loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
           ("rewards/accuracies", "reward accuracy")]

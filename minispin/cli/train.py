@@ -9,7 +9,7 @@
 Iteration t starts from θ_t (the recipe's SFT model for t = 0, else runs/<name>/iter<t-1>/model),
 uses θ_t frozen as the reference, trains on iter<t>/pairs.jsonl (plus iter<t-1>'s for t >= 1)
 and writes θ_{t+1} to iter<t>/model. Re-running the same command resumes; a finished
-iteration is skipped unless --force. The logic is minispin/iteration.py (docs/reading.md
+iteration is skipped unless --force. The logic is minispin/run/iteration.py (docs/reading.md
 walks through it); this file only reads the command line.
 
 Settings: built-in defaults < recipe < the recipe's [iterations.<t>] (or [sft]) table < flags.
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 
-from minispin import distributed as D
-from minispin import recipe as R
+from minispin.run import distributed as D
+from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
-from minispin.errors import ArgumentParser, run_cli, path_arg, iteration_arg
-from minispin.iteration import locked, run_iteration, run_sft, summarize
-from minispin.reporting import check_installed
+from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
+from minispin.run.iteration import locked, run_iteration, run_sft, summarize
+from minispin.run.reporting import check_installed
 
 MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads")
 DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_prompts", "seed")

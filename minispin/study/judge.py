@@ -102,8 +102,8 @@ import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import UserError, json_loads, redact as redact_urls
-from .data import JsonlAppender, read_jsonl
+from ..run.errors import UserError, json_loads, redact as redact_urls
+from ..run.data import JsonlAppender, read_jsonl
 
 TEMPLATE_VERSION = "v1"
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -556,9 +556,9 @@ class LocalJudge:
                  prompt_template: Optional[str] = None):
         import torch
 
-        from .checkpoint import load_model, model_fingerprint
-        from .config import parse_dtype
-        from .tokenizer import load_tokenizer
+        from ..run.checkpoint import load_model, model_fingerprint
+        from ..run.config import parse_dtype
+        from ..run.tokenizer import load_tokenizer
         if prompt_template is not None:
             check_template(prompt_template)
         self.torch = torch
@@ -598,7 +598,7 @@ class LocalJudge:
     def candidate_logps(self, prompt_ids: List[int]):
         """log P(candidate n | prompt) for n = 0..100, shape (101,), fp32."""
         torch = self.torch
-        from .model import KVCache
+        from ..core.model import KVCache
         m = self.model
         C, W = self.cands.shape
         P = len(prompt_ids)
@@ -791,7 +791,7 @@ def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = l
     fx = recipe.fixes
     template = load_prompt_template(fx.judge_prompt) if fx.judge_prompt else None
     if backend == "local":
-        from .device import compute_dtype, pick_device
+        from ..run.device import compute_dtype, pick_device
         device = device or pick_device(recipe.model.device)
         return LocalJudge(fx.judge_model or recipe.model.path, device=device,
                           dtype=compute_dtype(recipe.model.dtype, device), template=recipe.model.template,

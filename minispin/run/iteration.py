@@ -31,7 +31,7 @@ from typing import Callable, List, Optional, Tuple
 from . import distributed as D
 from .data import read_jsonl, read_pairs, read_sft, write_json_atomic, write_jsonl_atomic
 from .errors import UserError
-from .fixes import apply_recipe_fixes, pair_margin
+from ..study.fixes import apply_recipe_fixes, pair_margin
 from .layout import (export_path, fingerprint_cache_path, iter_dir, judge_cache_path, judged_path, pairs_path,
                      theta_path)
 from .rows import tokenize_pairs, tokenize_sft
@@ -180,7 +180,7 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
                log: Callable = print, progress: bool = False) -> dict:
     """Score both answers of every pair of pairs_file (cached), apply the swap rule at the
     recipe's threshold, and write `out` (judged pairs) and judge_summary.json beside it."""
-    from .judge import ScoreCache, judge_pairs
+    from ..study.judge import ScoreCache, judge_pairs
     for other, what in ((pairs_file, "the pairs file"), (out, "the output")):
         if os.path.abspath(cache_path) == os.path.abspath(other):
             raise UserError(f"{cache_path}: the score cache is {what}; give --cache another file")
@@ -225,7 +225,7 @@ def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str,
                     "--judge local|openai to this command to judge them first (recipe key judge_backend)")
             failure = None
             if env.is_main:
-                from .judge import format_summary, make_judge
+                from ..study.judge import format_summary, make_judge
                 log(f"judged pairs {target} missing or out of date: judging {path} first "
                     f"({fx.judge_backend} judge)")
                 try:
@@ -352,7 +352,7 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
 def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bool = False) -> str:
     """Reward statistics of iteration t and, when the recipe names held-out data, θ_t vs
     θ_{t+1} on it (heldout.py); written to iter<t>/summary.json, returned as text."""
-    from .heldout import format_summary, iteration_summary
+    from ..study.heldout import format_summary, iteration_summary
     ev = recipe.eval
     summary = iteration_summary(
         iter_dir(recipe.run_dir, t), theta_path(recipe.run_dir, t, recipe.model.path),

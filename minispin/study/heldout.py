@@ -26,11 +26,11 @@ from typing import List, Optional
 
 import torch
 
-from .checkpoint import load_model, model_fingerprint
-from .data import SFTExample, read_jsonl, read_sft
-from .rows import collate_sft, tokenize_sft
-from .loss import sequence_logps
-from .sampling import generate
+from ..run.checkpoint import load_model, model_fingerprint
+from ..run.data import SFTExample, read_jsonl, read_sft
+from ..run.rows import collate_sft, tokenize_sft
+from ..core.loss import sequence_logps
+from ..core.sampling import generate
 
 _FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
 
@@ -89,7 +89,7 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
     Reads work_dir/metrics.jsonl; writes work_dir/summary.json. The "before" numbers are
     cached in work_dir/heldout_before.json, so a re-run does not recompute them.
     """
-    from .tokenizer import load_tokenizer
+    from ..run.tokenizer import load_tokenizer
 
     metrics = [r for r in read_jsonl(os.path.join(work_dir, "metrics.jsonl")) if "rewards/accuracies" in r]
     tail = metrics[-max(1, len(metrics) // 4):] if metrics else []

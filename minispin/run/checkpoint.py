@@ -55,8 +55,10 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .errors import UserError, json_loads, load_json_file
-from .config import ModelArgs, parse_dtype, read_config
-from .model import Transformer, build_model
+from ..core.lora import LoRASettings, is_adapter_key
+from ..core.model import ModelArgs
+from .config import hf_config, parse_dtype, read_config
+from ..core.model import Transformer, build_model
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -341,7 +343,7 @@ def save_model(model: Optional[Transformer], out_dir: str, tokenizer_from: Optio
         with open(os.path.join(tmp, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config.to_hf(saved_dtype), f, indent=2)
+        json.dump(hf_config(config, saved_dtype), f, indent=2)
     if tokenizer_from:
         src = tokenizer_from if os.path.isdir(tokenizer_from) else os.path.dirname(tokenizer_from)
         for name in TOKENIZER_FILES:
@@ -459,3 +461,38 @@ def model_fingerprint(model_dir: str, cache_path: Optional[str] = None) -> str:
     _FP_CACHE[key] = fp
     return fp
 
+
+# ------------------------------------------------------------------ LoRA adapters in peft's format
+PEFT_PREFIX = "base_model.model."          # peft's key prefix for a causal LM
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The adapters under peft's names: base_model.model.<our key>."""
+    return {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()
+            if is_adapter_key(k)}
+
+
+def peft_config(settings: LoRASettings, base_model: str) -> dict:
+    """adapter_config.json as peft's LoraConfig writes it, for the fields that matter."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+            "target_modules": sorted(settings.targets), "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None}
+
+
+def save_peft_adapter(out_dir: str, state: Dict[str, torch.Tensor], settings: LoRASettings,
+                      base_model: str) -> str:
+    """Write the adapters of a full state dict as a peft adapter folder (temporary folder,
+    then rename, so a crash never leaves half an adapter)."""
+    from safetensors.torch import save_file
+    out_dir = os.path.abspath(out_dir.rstrip("/"))
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(peft_state_dict(state), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+        json.dump(peft_config(settings, base_model), f, indent=2)
+    return replace_folder(tmp, out_dir)

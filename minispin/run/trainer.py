@@ -23,7 +23,7 @@ machinery (distributed.py). One SPIN iteration, or an SFT run, is one `Trainer.r
 5. Optimizer step with gradient clipping; RMSprop (SPIN's choice) or AdamW; a linear (or
    cosine / constant) schedule with warmup. The step's metrics are a named dict, summed
    over the global batch with one all-reduce, appended to metrics.jsonl by rank 0
-   (and to TensorBoard / W&B as report_to asks: MetricsLog, minispin/reporting.py).
+   (and to TensorBoard / W&B as report_to asks: MetricsLog, minispin/run/reporting.py).
 6. A non-finite loss or gradient norm stops the run BEFORE the optimizer step, with a
    message naming the step, the batch and the last good checkpoint, which stays intact.
 7. Checkpoints every `checkpoint_every` steps (model, optimizer, scheduler, step, RNG and a
@@ -70,16 +70,17 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import torch
 
 from . import distributed as D
-from . import lora, reporting
-from .checkpoint import check_export_target, model_fingerprint, save_model
+from ..core import lora
+from . import reporting
+from .checkpoint import check_export_target, model_fingerprint, save_model, save_peft_adapter
 from .config import parse_dtype, read_config
 from .data import JsonlAppender, read_jsonl, write_jsonl_atomic
 from .errors import StoppedError, UserError, redact_all
 from .layout import fingerprint_cache_path
 from .rows import TokenizedPair, collate_pairs, collate_sft
-from .loss import answer_logps, sft_step, spin_step
-from .noise import add_neftune, reference_noise
-from .optim import CompiledRMSprop
+from ..core.loss import answer_logps, sft_step, spin_step
+from ..core.noise import add_neftune, reference_noise
+from ..core.optim import CompiledRMSprop
 
 if TYPE_CHECKING:  # the type only: the trainer never reads a recipe
     from .recipe import NoiseSettings
@@ -107,7 +108,7 @@ class ResumeError(UserError):
 
 class MetricsLog:
     """Where each optimizer step's metrics go, on rank 0: a line of metrics.jsonl and the
-    same numbers to each reporter of report_to (TensorBoard, W&B: minispin/reporting.py).
+    same numbers to each reporter of report_to (TensorBoard, W&B: minispin/run/reporting.py).
     Every step is flushed, so a crash loses nothing a checkpoint would not replay (JSONL
     lines past a resumed step are trimmed by the trainer before)."""
 
@@ -645,7 +646,7 @@ class Trainer:
         full = D.gather_full_state_dict(policy)
         if self.env.is_main:
             if self.lora:
-                lora.save_peft_adapter(self.adapter_dir, full, self.lora, os.path.abspath(self.init_model))
+                save_peft_adapter(self.adapter_dir, full, self.lora, os.path.abspath(self.init_model))
                 self.log(f"adapter (peft format): {self.adapter_dir}")
                 stats: Dict[str, float] = {}
                 full = lora.merged_state_dict(full, self.lora, parse_dtype(self.cfg.export_dtype), stats)

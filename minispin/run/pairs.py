@@ -38,7 +38,7 @@ from .errors import UserError
 from .layout import fingerprint_cache_path, pairs_path, theta_path
 from .recipe import Recipe
 from .rows import truncate_pair
-from .sampling import generate, row_seed
+from ..core.sampling import generate, row_seed
 from .tokenizer import load_tokenizer
 
 # what makes two lines of a pairs file comparable (the per-line fields are left out)

@@ -32,13 +32,48 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelArgs
+
+@dataclass
+class ModelArgs:
+    """The model's shape: what the forward pass needs (run/config.py reads it from an HF
+    config.json and writes it back)."""
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None = plain RoPE; else {"rope_type": "linear" | "dynamic" | "llama3", "factor": ...,
+    # and for llama3 low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 4096
+    sliding_window: Optional[int] = None  # Mistral: query i sees key j iff 0 <= i-j < window
+    qkv_bias: bool = False  # Qwen2 always; Llama with attention_bias
+    o_bias: bool = False    # Llama with attention_bias
+    mlp_bias: bool = False  # Llama with mlp_bias
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2  # the first stop id (the one a template writes)
+    eos_token_ids: Tuple[int, ...] = ()  # every stop id (Llama 3 lists several); () = (eos_token_id,)
+    pad_token_id: Optional[int] = None
+    dtype: str = "float32"  # the dtype the checkpoint was saved in
+    hf_config: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.eos_token_ids and self.eos_token_id is not None:
+            self.eos_token_ids = (self.eos_token_id,)
+
 
 # The GQA fold (see the module docstring) is for the GPU's fused kernels. On CPU, SDPA's
 # own kernel already takes a mask together with enable_gqa, and the fold would change the

@@ -1,6 +1,6 @@
 """Model shape, read from (and written back to) a Hugging Face `config.json`.
 
-`ModelArgs` holds only what the forward pass needs. `ModelArgs.from_hf` builds it from
+`ModelArgs` holds only what the forward pass needs. `model_args_from_hf` builds it from
 the HF dict and accepts both dialects of the file:
 
 * transformers >= 5 writes `dtype` and `rope_parameters: {rope_type, rope_theta, ...}`;
@@ -36,10 +36,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 import torch
+from ..core.model import ModelArgs
 from .errors import MissingFileError, UserError, json_loads
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -150,149 +150,119 @@ def _rope_scaling(cfg: dict, source: str, max_positions: int):
     return theta, scaling
 
 
-@dataclass
-class ModelArgs:
-    model_type: str = "llama"
-    vocab_size: int = 32000
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 32
-    head_dim: int = 128
-    intermediate_size: int = 11008
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    # None = plain RoPE; else {"rope_type": "linear" | "dynamic" | "llama3", "factor": ...,
-    # and for llama3 low_freq_factor, high_freq_factor, original_max_position_embeddings}
-    rope_scaling: Optional[dict] = None
-    max_position_embeddings: int = 4096
-    sliding_window: Optional[int] = None  # Mistral: query i sees key j iff 0 <= i-j < window
-    qkv_bias: bool = False  # Qwen2 always; Llama with attention_bias
-    o_bias: bool = False    # Llama with attention_bias
-    mlp_bias: bool = False  # Llama with mlp_bias
-    tie_word_embeddings: bool = False
-    bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2  # the first stop id (the one a template writes)
-    eos_token_ids: Tuple[int, ...] = ()  # every stop id (Llama 3 lists several); () = (eos_token_id,)
-    pad_token_id: Optional[int] = None
-    dtype: str = "float32"  # the dtype the checkpoint was saved in
-    hf_config: dict = field(default_factory=dict, repr=False)
+def model_args_from_hf(cfg: dict, source: str = "config.json") -> ModelArgs:
+    """ModelArgs from a config.json dict, every field checked (module docstring)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: top level: must be a JSON object {{...}}, got a "
+                          f"{type(cfg).__name__}")
 
-    def __post_init__(self):
-        if not self.eos_token_ids and self.eos_token_id is not None:
-            self.eos_token_ids = (self.eos_token_id,)
+    def need(key, check=_check_int):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{source}: {key}: required but missing")
+        return check(cfg[key], source, key)
 
-    @classmethod
-    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{source}: top level: must be a JSON object {{...}}, got a "
-                              f"{type(cfg).__name__}")
+    def optional(key, default, check=_check_int):
+        return default if cfg.get(key) is None else check(cfg[key], source, key)
 
-        def need(key, check=_check_int):
-            if cfg.get(key) is None:
-                raise ConfigError(f"{source}: {key}: required but missing")
-            return check(cfg[key], source, key)
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"{source}: model_type: required but missing")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{source}: model_type: '{model_type}' is not supported "
+                          f"(minispin implements {', '.join(SUPPORTED_MODEL_TYPES)})")
+    defaults = FAMILY_DEFAULTS[model_type]
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act: '{act}' is not supported (only 'silu')")
+    # pretraining_tp > 1 makes transformers split matmuls into slices: the same maths,
+    # so it is accepted rather than refusing a common Llama-2 config.
 
-        def optional(key, default, check=_check_int):
-            return default if cfg.get(key) is None else check(cfg[key], source, key)
+    # biases: Llama reads attention_bias/mlp_bias; transformers ignores both on
+    # Mistral and Qwen2, so a true there is an ambiguity we refuse
+    attention_bias = optional("attention_bias", False, _check_bool)
+    mlp_bias = optional("mlp_bias", False, _check_bool)
+    if model_type != "llama":
+        for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
+            if value:
+                raise ConfigError(f"{source}: {key}: true is not supported on {model_type} "
+                                  "(transformers ignores it there; remove it or set false)")
 
-        model_type = cfg.get("model_type")
-        if model_type is None:
-            raise ConfigError(f"{source}: model_type: required but missing")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: model_type: '{model_type}' is not supported "
-                              f"(minispin implements {', '.join(SUPPORTED_MODEL_TYPES)})")
-        defaults = FAMILY_DEFAULTS[model_type]
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: hidden_act: '{act}' is not supported (only 'silu')")
-        # pretraining_tp > 1 makes transformers split matmuls into slices: the same maths,
-        # so it is accepted rather than refusing a common Llama-2 config.
+    dim = need("hidden_size")
+    n_layers = need("num_hidden_layers")
+    n_heads = need("num_attention_heads")
+    n_kv = optional("num_key_value_heads", n_heads)
+    if n_heads % n_kv:
+        raise ConfigError(f"{source}: num_key_value_heads: {n_kv} does not divide "
+                          f"num_attention_heads ({n_heads})")
+    head_dim = optional("head_dim", dim // n_heads)
+    if head_dim % 2 or head_dim == 0:
+        raise ConfigError(f"{source}: head_dim: {head_dim} must be even and positive (RoPE "
+                          "rotates pairs; hidden_size // num_attention_heads when not given)")
+    max_positions = optional("max_position_embeddings", defaults["max_position_embeddings"])
+    theta, scaling = _rope_scaling(cfg, source, max_positions)
 
-        # biases: Llama reads attention_bias/mlp_bias; transformers ignores both on
-        # Mistral and Qwen2, so a true there is an ambiguity we refuse
-        attention_bias = optional("attention_bias", False, _check_bool)
-        mlp_bias = optional("mlp_bias", False, _check_bool)
-        if model_type != "llama":
-            for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
-                if value:
-                    raise ConfigError(f"{source}: {key}: true is not supported on {model_type} "
-                                      "(transformers ignores it there; remove it or set false)")
+    window = None
+    if model_type == "mistral":
+        window = optional("sliding_window", None)
+    elif model_type == "qwen2":
+        if optional("use_sliding_window", False, _check_bool):
+            raise ConfigError(f"{source}: use_sliding_window: true is not supported (Qwen2's "
+                              "per-layer sliding window; minispin runs qwen2 with full attention)")
+    elif cfg.get("sliding_window"):
+        raise ConfigError(f"{source}: sliding_window: set on a llama model; transformers "
+                          "ignores it there, so we refuse the ambiguity (remove it)")
 
-        dim = need("hidden_size")
-        n_layers = need("num_hidden_layers")
-        n_heads = need("num_attention_heads")
-        n_kv = optional("num_key_value_heads", n_heads)
-        if n_heads % n_kv:
-            raise ConfigError(f"{source}: num_key_value_heads: {n_kv} does not divide "
-                              f"num_attention_heads ({n_heads})")
-        head_dim = optional("head_dim", dim // n_heads)
-        if head_dim % 2 or head_dim == 0:
-            raise ConfigError(f"{source}: head_dim: {head_dim} must be even and positive (RoPE "
-                              "rotates pairs; hidden_size // num_attention_heads when not given)")
-        max_positions = optional("max_position_embeddings", defaults["max_position_embeddings"])
-        theta, scaling = _rope_scaling(cfg, source, max_positions)
+    eos_ids = _check_token_ids(cfg.get("eos_token_id", defaults["eos_token_id"]), source, "eos_token_id")
+    bos = cfg.get("bos_token_id", defaults["bos_token_id"])
+    bos = None if bos is None else _check_int(bos, source, "bos_token_id", minimum=0)
+    pad = optional("pad_token_id", None, lambda v, s, n: _check_int(v, s, n, minimum=0))
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return ModelArgs(
+        model_type=model_type, vocab_size=need("vocab_size"), dim=dim,
+        n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+        head_dim=head_dim, intermediate_size=need("intermediate_size"),
+        norm_eps=optional("rms_norm_eps", 1e-6, _check_number), rope_theta=theta,
+        rope_scaling=scaling, max_position_embeddings=max_positions,
+        sliding_window=window, qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=attention_bias, mlp_bias=mlp_bias,
+        tie_word_embeddings=optional("tie_word_embeddings", False, _check_bool),
+        bos_token_id=bos, eos_token_id=eos_ids[0] if eos_ids else None,
+        eos_token_ids=eos_ids, pad_token_id=pad, dtype=str(dtype).replace("torch.", ""),
+        hf_config=dict(cfg),
+    )
 
-        window = None
-        if model_type == "mistral":
-            window = optional("sliding_window", None)
-        elif model_type == "qwen2":
-            if optional("use_sliding_window", False, _check_bool):
-                raise ConfigError(f"{source}: use_sliding_window: true is not supported (Qwen2's "
-                                  "per-layer sliding window; minispin runs qwen2 with full attention)")
-        elif cfg.get("sliding_window"):
-            raise ConfigError(f"{source}: sliding_window: set on a llama model; transformers "
-                              "ignores it there, so we refuse the ambiguity (remove it)")
 
-        eos_ids = _check_token_ids(cfg.get("eos_token_id", defaults["eos_token_id"]), source, "eos_token_id")
-        bos = cfg.get("bos_token_id", defaults["bos_token_id"])
-        bos = None if bos is None else _check_int(bos, source, "bos_token_id", minimum=0)
-        pad = optional("pad_token_id", None, lambda v, s, n: _check_int(v, s, n, minimum=0))
-        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        return cls(
-            model_type=model_type, vocab_size=need("vocab_size"), dim=dim,
-            n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-            head_dim=head_dim, intermediate_size=need("intermediate_size"),
-            norm_eps=optional("rms_norm_eps", 1e-6, _check_number), rope_theta=theta,
-            rope_scaling=scaling, max_position_embeddings=max_positions,
-            sliding_window=window, qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=attention_bias, mlp_bias=mlp_bias,
-            tie_word_embeddings=optional("tie_word_embeddings", False, _check_bool),
-            bos_token_id=bos, eos_token_id=eos_ids[0] if eos_ids else None,
-            eos_token_ids=eos_ids, pad_token_id=pad, dtype=str(dtype).replace("torch.", ""),
-            hf_config=dict(cfg),
-        )
+def hf_config(args: ModelArgs, dtype: Optional[torch.dtype] = None) -> dict:
+    """The config.json to write next to saved weights (both dtype spellings)."""
+    cfg = dict(args.hf_config) if args.hf_config else _fresh_hf(args)
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        cfg["torch_dtype"] = name
+        cfg["dtype"] = name
+    return cfg
 
-    def to_hf(self, dtype: Optional[torch.dtype] = None) -> dict:
-        """The config.json to write next to saved weights (both dtype spellings)."""
-        cfg = dict(self.hf_config) if self.hf_config else self._fresh_hf()
-        if dtype is not None:
-            name = str(dtype).replace("torch.", "")
-            cfg["torch_dtype"] = name
-            cfg["dtype"] = name
-        return cfg
 
-    def _fresh_hf(self) -> dict:
-        eos = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id
-        cfg = {
-            "architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type,
-            "vocab_size": self.vocab_size, "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id, "eos_token_id": eos, "torch_dtype": self.dtype,
-        }
-        if self.model_type == "llama":
-            cfg.update(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
-        if self.pad_token_id is not None:
-            cfg["pad_token_id"] = self.pad_token_id
-        if self.model_type == "mistral":
-            cfg["sliding_window"] = self.sliding_window
-        if self.rope_scaling:
-            cfg["rope_scaling"] = dict(self.rope_scaling)
-        return cfg
+def _fresh_hf(args: ModelArgs) -> dict:
+    eos = list(args.eos_token_ids) if len(args.eos_token_ids) > 1 else args.eos_token_id
+    cfg = {
+        "architectures": [ARCHITECTURES[args.model_type]], "model_type": args.model_type,
+        "vocab_size": args.vocab_size, "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "intermediate_size": args.intermediate_size, "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_word_embeddings, "hidden_act": "silu",
+        "bos_token_id": args.bos_token_id, "eos_token_id": eos, "torch_dtype": args.dtype,
+    }
+    if args.model_type == "llama":
+        cfg.update(attention_bias=args.o_bias, mlp_bias=args.mlp_bias)
+    if args.pad_token_id is not None:
+        cfg["pad_token_id"] = args.pad_token_id
+    if args.model_type == "mistral":
+        cfg["sliding_window"] = args.sliding_window
+    if args.rope_scaling:
+        cfg["rope_scaling"] = dict(args.rope_scaling)
+    return cfg
 
 
 def _read_json(path: str, what: str):
@@ -316,7 +286,7 @@ def read_config(model_dir: str) -> ModelArgs:
     if not os.path.isfile(path):
         raise MissingFileError(f"{path}: config.json is missing (a model folder needs config.json "
                                 "and model.safetensors or model.safetensors.index.json)")
-    return ModelArgs.from_hf(_read_json(path, "config.json"), source=path)
+    return model_args_from_hf(_read_json(path, "config.json"), source=path)
 
 
 # generation_config.json keys we read, with their checks; others (transformers_version,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import UserError
+from ..run.errors import UserError
 
 
 def pair_margin(p: dict) -> Optional[float]:

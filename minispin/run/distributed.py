@@ -70,8 +70,8 @@ from .checkpoint import _ST_DTYPES, check_config_sizes, file_sha256, load_model
 from .errors import UserError, json_loads
 from .config import read_config
 from .device import compute_dtype, pick_device  # noqa: F401  (re-exported: D.pick_device)
-from .lora import LoRASettings, apply_lora, initial_adapters, store_base_in
-from .model import Block, Transformer, build_model
+from ..core.lora import LoRASettings, apply_lora, initial_adapters, store_base_in
+from ..core.model import Block, Transformer, build_model
 
 
 @dataclass

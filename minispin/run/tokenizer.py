@@ -48,7 +48,7 @@ token); pieces after an added token inside the text are encoded as the layout sa
 For tokenizer.json it is computed with a twin of the file that has that prefix switched off
 (the ids of the first piece come from the twin, the rest from the file itself).
 
-Chat templates (minispin/chat.py renders them): "checkpoint" (the folder's own
+Chat templates (minispin/run/chat.py renders them): "checkpoint" (the folder's own
 chat_template; the default when there is one), "zephyr" (the default otherwise) and
 "instruction". empty_system=True puts SPIN's empty system turn in front ("zephyr": "<|system|>\\n</s>\\n...")
 unless the conversation starts with a system message; "instruction" ignores it.

@@ -1,6 +1,6 @@
 """lm-evaluation-harness over minispin's model: the study's eight-task suite and its table.
 
-    import minispin.evaluation   # registers the "minispin" model with lm-eval
+    import minispin.study.evaluation   # registers the "minispin" model with lm-eval
     lm_eval.simple_evaluate(model="minispin", model_args="pretrained=PATH,dtype=bfloat16",
                             tasks=["arc_easy"])
 
@@ -59,14 +59,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .checkpoint import load_model
-from . import distributed as D
-from .errors import UserError
-from .recipe import ASSET_ROOT
-from .sampling import generate
-from .tokenizer import load_tokenizer
+from ..run.checkpoint import load_model
+from ..run import distributed as D
+from ..run.errors import UserError
+from ..run.recipe import ASSET_ROOT
+from ..core.sampling import generate
+from ..run.tokenizer import load_tokenizer
 
-TASK_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+TASK_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks")
 EVAL_DATA = os.path.join(ASSET_ROOT, "eval")   # the offline samples: in the checkout or the installed package
 LM_EVAL_TASKS = os.path.join(os.path.dirname(os.path.abspath(lm_eval.__file__)), "tasks")
 
@@ -600,7 +600,7 @@ def results_paths(models: List[str], output: Optional[str] = None):
 
 def results_json(results: dict) -> str:
     import json
-    from .errors import redact
+    from ..run.errors import redact
     return redact(json.dumps(results, indent=2, default=str))
 
 

@@ -30,7 +30,7 @@ Design choices, and why:
 * Initial adapters are drawn on rank 0 from a seeded CPU generator, in module order
   (`initial_adapters`), and broadcast with the base, so 1, 2 or 64 processes start from
   the same A.
-* Export (`merged_state_dict`, `save_peft_adapter`): θ_{t+1} = W + (alpha/r)·B·A in fp32,
+* Export (`merged_state_dict`; run/checkpoint.py's `save_peft_adapter`): θ_{t+1} = W + (alpha/r)·B·A in fp32,
   in HF format (the next iteration's θ_t), and the adapter alone in peft's format
   (adapter_config.json + adapter_model.safetensors), which `peft.PeftModel.from_pretrained`
   loads onto the base. minispin never imports peft.
@@ -38,10 +38,7 @@ Design choices, and why:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -49,12 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import replace_folder
-
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_PREFIX = "base_model.model."          # peft's key prefix for a causal LM
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -211,33 +203,3 @@ def merged_state_dict(state: Dict[str, torch.Tensor], settings: LoRASettings,
             w = merged
         out[key] = w.to(dtype) if dtype is not None and w.is_floating_point() else w
     return out
-
-
-def peft_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The adapters under peft's names: base_model.model.<our key>."""
-    return {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()
-            if is_adapter_key(k)}
-
-
-def peft_config(settings: LoRASettings, base_model: str) -> dict:
-    """adapter_config.json as peft's LoraConfig writes it, for the fields that matter."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
-            "target_modules": sorted(settings.targets), "bias": "none", "fan_in_fan_out": False,
-            "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-            "modules_to_save": None}
-
-
-def save_peft_adapter(out_dir: str, state: Dict[str, torch.Tensor], settings: LoRASettings,
-                      base_model: str) -> str:
-    """Write the adapters of a full state dict as a peft adapter folder (temporary folder,
-    then rename, so a crash never leaves half an adapter)."""
-    from safetensors.torch import save_file
-    out_dir = os.path.abspath(out_dir.rstrip("/"))
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(peft_state_dict(state), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
-        json.dump(peft_config(settings, base_model), f, indent=2)
-    return replace_folder(tmp, out_dir)

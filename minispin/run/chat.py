@@ -76,7 +76,7 @@ SENTINEL = "MINISPINANSWERSENTINEL"
 
 
 class TokenizerError(UserError):
-    """Bad tokenizer file, chat template or text (re-exported by minispin.tokenizer)."""
+    """Bad tokenizer file, chat template or text (re-exported by minispin.run.tokenizer)."""
 
 
 TIME_LIMIT = 10.0         # seconds of one render

@@ -41,7 +41,7 @@ else:  # pragma: no cover
 
 from .errors import UserError, redact
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # minispin/
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)   # a checkout's root; in an installed minispin, site-packages
 
 
@@ -188,7 +188,7 @@ class Training:
                          "or a comma-separated list of tensorboard (event files beside it) and "
                          "wandb (W&B; WANDB_MODE=offline works without network), under HF "
                          "Trainer's and TRL's names: train/loss, train/rewards/chosen, ... "
-                         "(minispin/reporting.py; needs pip install tensorboard / wandb)")
+                         "(minispin/run/reporting.py; needs pip install tensorboard / wandb)")
     checkpoint_every: int = key(500, "save a sharded checkpoint every N steps (0 = only at the end)",
                                 lo=0)
     keep_checkpoints: int = key(2, "how many checkpoints to keep", lo=1)
@@ -363,7 +363,7 @@ FOREIGN_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "optim": "
 def _unknown(k: str, where: str, valid: Iterable[str]) -> RecipeError:
     close = [FOREIGN_NAMES[k]] if k in FOREIGN_NAMES else difflib.get_close_matches(k, list(valid), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return RecipeError(f"{where}: unknown key '{k}'{hint}; the keys are listed in minispin/recipe.py")
+    return RecipeError(f"{where}: unknown key '{k}'{hint}; the keys are listed in minispin/run/recipe.py")
 
 
 def find_recipe(path: Optional[str]) -> str:
@@ -549,7 +549,7 @@ def check_lora(recipe: Recipe, where):
             raise RecipeError(f"{KEYS[given[0]].flag} sets up LoRA, which is off: add --lora-rank R "
                               "(e.g. 16)")
         return
-    from .lora import parse_targets
+    from ..core.lora import parse_targets
     try:
         parse_targets(t.lora_targets)
     except ValueError as e:
