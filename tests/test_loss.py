@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minispin.run.rows import collate_pairs, truncate_pair, TokenizedPair
+from minispin.core.noise import noised_sequence_logps
 from minispin.core.loss import LN2, sequence_logps, sft_step, spin_loss
 
 
@@ -140,10 +141,10 @@ def test_bad_loss_settings():
 def test_noise_off_is_bit_identical_and_per_row():
     logits, ids, mask = _batch(4, B=4)
     clean = sequence_logps(logits, ids, mask)
-    zero = sequence_logps(logits, ids, mask, noise_std=torch.zeros(4), generator=torch.Generator().manual_seed(0))
+    zero = noised_sequence_logps(logits, ids, mask, noise_std=torch.zeros(4), generator=torch.Generator().manual_seed(0))
     assert torch.equal(clean, zero)
     sigma = torch.tensor([0.0, 0.5, 0.0, 2.0])
-    noisy = sequence_logps(logits, ids, mask, noise_std=sigma, generator=torch.Generator().manual_seed(0))
+    noisy = noised_sequence_logps(logits, ids, mask, noise_std=sigma, generator=torch.Generator().manual_seed(0))
     assert torch.equal(noisy[0], clean[0]) and torch.equal(noisy[2], clean[2])
     assert noisy[1] != clean[1] and noisy[3] != clean[3]
     # the same draws by hand: row 1 then row 3, each an (n_answer, V) block, in order
@@ -156,9 +157,9 @@ def test_noise_off_is_bit_identical_and_per_row():
     assert noisy.tolist() == pytest.approx(want, abs=1e-4)
     # per-row generators: a row's draw does not depend on the other rows
     gens = [torch.Generator().manual_seed(100 + b) for b in range(4)]
-    a = sequence_logps(logits, ids, mask, noise_std=sigma, generator=gens)
+    a = noised_sequence_logps(logits, ids, mask, noise_std=sigma, generator=gens)
     gens2 = [torch.Generator().manual_seed(100 + b) for b in range(4)]
-    only3 = sequence_logps(logits, ids, mask, noise_std=torch.tensor([0, 0, 0, 2.0]), generator=gens2)
+    only3 = noised_sequence_logps(logits, ids, mask, noise_std=torch.tensor([0, 0, 0, 2.0]), generator=gens2)
     assert torch.equal(a[3], only3[3])
 
 

@@ -1,5 +1,5 @@
-"""noise.py and the one place its draws are used (loss.sequence_logps): the reference-logit
-noise training applies, and NEFTune. CPU, seconds."""
+"""noise.py: the reference-logit noise training applies (noised_sequence_logps, a wrapper of
+loss.sequence_logps), and NEFTune. CPU, seconds."""
 import math
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minispin.core.model import ModelArgs
+from minispin.core.noise import noised_sequence_logps
 from minispin.core.loss import sequence_logps
 from minispin.core.model import build_model
 from minispin.core.noise import add_neftune, answer_generator, reference_noise
@@ -43,7 +44,7 @@ def test_noised_logps_equal_an_independent_restatement_and_sigma_zero_is_clean()
     keys = ["a", "b", "c", "d"]
     sigma = torch.tensor([0.0, 0.5, 0.0, 2.0])
     gens = lambda: [answer_generator(7, k, "real") for k in keys]  # noqa: E731
-    ours = sequence_logps(logits, ids, mask, noise_std=sigma, generator=gens())
+    ours = noised_sequence_logps(logits, ids, mask, noise_std=sigma, generator=gens())
     torch.testing.assert_close(ours, _restated(logits, ids, mask, sigma, gens()), atol=1e-4, rtol=0)
     clean = sequence_logps(logits, ids, mask)
     assert torch.equal(ours[0], clean[0]) and torch.equal(ours[2], clean[2])   # bit for bit
@@ -59,7 +60,7 @@ def test_noise_variance_is_sigma_squared():
     ids = torch.randint(0, V, (1, n + 1), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(1, n + 1, dtype=torch.long)
     for sigma in (0.5, 1.0):
-        got = sequence_logps(logits, ids, mask, noise_std=torch.tensor([sigma]),
+        got = noised_sequence_logps(logits, ids, mask, noise_std=torch.tensor([sigma]),
                              generator=[answer_generator(1, "k", "real")])
         want = -n * (math.log(V) + sigma ** 2 / 2)
         assert abs(float(got) - want) < 4 * sigma * math.sqrt(n), (sigma, float(got), want)
@@ -68,20 +69,20 @@ def test_noise_variance_is_sigma_squared():
 def test_frozen_draw_independent_of_batch_and_padding():
     logits, ids, mask = _batch(B=3, T=40)
     keys = ["a", "b", "c"]
-    full = sequence_logps(logits, ids, mask, noise_std=torch.full((3,), 0.5),
+    full = noised_sequence_logps(logits, ids, mask, noise_std=torch.full((3,), 0.5),
                           generator=[answer_generator(7, k, "real") for k in keys])
     pad = 5  # row 1 alone, with 5 extra padding positions: same noise, same log-prob
     l1 = torch.cat([logits[1:2], torch.randn(1, pad, logits.shape[-1])], 1)
     i1 = torch.cat([ids[1:2], torch.zeros(1, pad, dtype=torch.long)], 1)
     m1 = torch.cat([mask[1:2], torch.zeros(1, pad, dtype=torch.long)], 1)
-    alone = sequence_logps(l1, i1, m1, noise_std=torch.tensor([0.5]), generator=[answer_generator(7, "b", "real")])
+    alone = noised_sequence_logps(l1, i1, m1, noise_std=torch.tensor([0.5]), generator=[answer_generator(7, "b", "real")])
     assert torch.allclose(alone[0], full[1], atol=1e-5, rtol=0)
 
 
 def test_fresh_draws_differ_by_step_and_repeat_for_the_same_step():
     logits, ids, mask = _batch(B=2)
     sigma = torch.full((2,), 0.5)
-    run = lambda draw: sequence_logps(logits, ids, mask, noise_std=sigma, generator=[  # noqa: E731
+    run = lambda draw: noised_sequence_logps(logits, ids, mask, noise_std=sigma, generator=[  # noqa: E731
         answer_generator(3, k, "real", draw) for k in ("a", "b")])
     assert torch.equal(run(4), run(4))            # a resumed run redraws step 4 exactly
     assert not torch.equal(run(4), run(5))        # the next step draws anew
@@ -112,7 +113,7 @@ def test_noise_lowers_reference_confidence_on_average():
     ids = torch.zeros(200, 2, dtype=torch.long)
     mask = torch.ones(200, 2)
     clean = sequence_logps(logits, ids, mask)
-    noisy = sequence_logps(logits, ids, mask, noise_std=torch.ones(200),
+    noisy = noised_sequence_logps(logits, ids, mask, noise_std=torch.ones(200),
                            generator=[answer_generator(0, str(i), "real") for i in range(200)])
     assert noisy.mean() < clean.mean()
 

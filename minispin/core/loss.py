@@ -47,15 +47,12 @@ API (what the trainer calls)
     the forward both of them use: lm_head only at the answer positions, in fp32 (so under
     bf16 FSDP the logits are never rounded to bf16; fp32_logits=False is uclaml/SPIN's bf16
     logits), then sequence_logps.
-`sequence_logps(logits, input_ids, loss_mask, noise_std=None, generator=None) -> (B,)`
+`sequence_logps(logits, input_ids, loss_mask) -> (B,)`
     logits (B, T, V) predict input_ids shifted by one (logits[:, t] predicts
     input_ids[:, t + 1]), or are already the (N, V) rows at those positions; loss_mask
     (B, T) is 1 on the tokens whose log-prob counts (answer tokens and their eos).
-    Returns fp32 sums per row. noise_std (B,) and one generator per
-    row add the study's reference noise (noise.reference_noise draws the generators):
-    N(0, σ²) on the row's fp32 logits at its answer positions, before the log-softmax, as
-    one (n_b, V) draw from the row's own generator. Rows with σ = 0 draw nothing and are
-    bit-identical to a run without noise.
+    Returns fp32 sums per row. The study's reference noise is a wrapper around it
+    (noise.noised_sequence_logps), so this function has no noise branch.
 `spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta, loss_type,
            label_smoothing, swap=None) -> (losses (B,), stats)`
     swap (B,) bool: True where a judge made y' the chosen side — Δ changes sign for that
@@ -67,7 +64,7 @@ Nothing here knows about processes or devices; trainer.py is where this meets FS
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,48 +82,41 @@ def answer_positions(loss_mask: torch.Tensor) -> torch.Tensor:
 
 
 def answer_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, fp32_logits: bool = True,
-                 noise_std: Optional[torch.Tensor] = None,
-                 generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
                  **model_kw) -> torch.Tensor:
     """(B,) log p of each row's answer tokens: ONE forward that computes lm_head on the
     answer positions only. fp32_logits: lm_head itself runs in fp32 there, so under bf16
     weights the logits are never rounded to bf16 (a logit near 20 would move by up to 0.06;
     summed over hundreds of tokens, and over reference and policy passes of other batch
     shapes, that is how step 0 drifts from ln 2). Off = bf16 logits, as uclaml/SPIN ran."""
-    logits = model(input_ids, logits_at=answer_positions(loss_mask),
-                   logits_dtype=torch.float32 if fp32_logits else None, **model_kw)
-    return sequence_logps(logits, input_ids, loss_mask, noise_std, generator)
+    return sequence_logps(answer_logits(model, input_ids, loss_mask, fp32_logits, **model_kw),
+                          input_ids, loss_mask)
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                   noise_std: Optional[torch.Tensor] = None,
-                   generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
-                   ) -> torch.Tensor:
+def answer_logits(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, fp32_logits: bool = True,
+                  **model_kw) -> torch.Tensor:
+    """(N, V): the logits at the answer positions only (answer_positions), as answer_logps
+    takes them; noise.noised_sequence_logps starts from these too."""
+    return model(input_ids, logits_at=answer_positions(loss_mask),
+                 logits_dtype=torch.float32 if fp32_logits else None, **model_kw)
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Σ over masked positions of log p(input_ids[t] | input_ids[<t]), fp32, one per row.
     logits: (B, T, V), or (N, V) already taken at answer_positions(loss_mask)."""
     B = input_ids.shape[0]
     mask = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:][mask]                     # (N,)
     rows = torch.arange(B, device=logits.device)[:, None].expand_as(mask)[mask]  # (N,)
-    # Only the answer positions are lifted to fp32: the prompt never costs a float copy.
-    x = logits if logits.dim() == 2 else logits[:, :-1][mask]   # (N, V)
-    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
-    if noise_std is not None and x is logits:
-        x = x.clone()                                    # the noise is added in place
-    if noise_std is not None:
-        std = torch.as_tensor(noise_std, dtype=torch.float32).detach().cpu().tolist()
-        counts = mask.sum(1).tolist()
-        start = 0
-        for b in range(B):  # row b's answer positions are the contiguous slice [start, start + n)
-            n = counts[b]
-            if std[b] > 0 and n:
-                g = generator[b] if isinstance(generator, (list, tuple)) else generator
-                eps = torch.randn((n, x.shape[1]), generator=g, dtype=torch.float32,
-                                  device=g.device if g is not None else x.device)
-                x[start:start + n] += eps.to(device=x.device, dtype=x.dtype) * std[b]
-            start += n
+    x = answer_rows(logits, loss_mask)
     token_logps = x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
     return torch.zeros(B, device=logits.device, dtype=x.dtype).index_add(0, rows, token_logps)
+
+
+def answer_rows(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits of the answer positions, in fp32 (or wider): only these are lifted, so
+    the prompt never costs a float copy. logits: (B, T, V), or (N, V) already taken there."""
+    x = logits if logits.dim() == 2 else logits[:, :-1][loss_mask[:, 1:].bool()]
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
 
 
 def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor,

@@ -1,8 +1,8 @@
 """The noise of the study's fix 2, drawn: on the reference's logits, or NEFTune on the policy.
 
 This module only draws. Which pairs get noise, and how much, is decided by fixes.py (a
-pair's "noise" σ); where the draw is added is loss.sequence_logps (to the fp32 logits of
-the answer positions, before the log-softmax). With no noise asked for, nothing here is
+pair's "noise" σ); noised_sequence_logps adds the draw to the fp32 logits of the answer
+positions before the log-softmax, a wrapper of loss.sequence_logps. With no noise asked for, nothing here is
 called and not one random number is drawn: plain SPIN stays bit for bit.
 
 1. Reference-logit noise (the study's "Noised" run: σ = 0.5 on the real answers):
@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from .loss import answer_logits, answer_rows, sequence_logps
 
 SIDES = ("real", "generated", "both")
 
@@ -67,6 +69,36 @@ def reference_noise(keys: Sequence[str], pair_sigma: torch.Tensor, side: str, se
     keys = list(keys)
     origins = ["real"] * len(keys) + ["generated"] * len(keys)
     return sigma, [answer_generator(seed, k, o, draw) for k, o in zip(keys + keys, origins)]
+
+
+def noised_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                          noise_std: torch.Tensor,
+                          generator: Union[None, torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
+    """loss.sequence_logps with the study's reference noise: N(0, σ_b²) on row b's fp32
+    logits at its answer positions, before the log-softmax, as one (n_b, V) draw from the
+    row's own generator (or one shared generator). Rows with σ = 0 draw nothing and equal
+    sequence_logps bit for bit."""
+    x = answer_rows(logits, loss_mask)
+    if x is logits:
+        x = x.clone()                                    # the noise is added in place
+    std = torch.as_tensor(noise_std, dtype=torch.float32).detach().cpu().tolist()
+    counts = loss_mask[:, 1:].bool().sum(1).tolist()
+    start = 0
+    for b, n in enumerate(counts):  # row b's answer positions are the slice [start, start + n)
+        if std[b] > 0 and n:
+            g = generator[b] if isinstance(generator, (list, tuple)) else generator
+            eps = torch.randn((n, x.shape[1]), generator=g, dtype=torch.float32,
+                              device=g.device if g is not None else x.device)
+            x[start:start + n] += eps.to(device=x.device, dtype=x.dtype) * std[b]
+        start += n
+    return sequence_logps(x, input_ids, loss_mask)
+
+
+def noised_answer_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, noise_std: torch.Tensor,
+                        generator: Sequence[torch.Generator], fp32_logits: bool = True, **model_kw) -> torch.Tensor:
+    """loss.answer_logps with the reference noise (noised_sequence_logps)."""
+    logits = answer_logits(model, input_ids, loss_mask, fp32_logits, **model_kw)
+    return noised_sequence_logps(logits, input_ids, loss_mask, noise_std, generator)
 
 
 # ---------------------------------------------------------------- 2. NEFTune

@@ -79,7 +79,7 @@ from .errors import StoppedError, UserError, redact_all
 from .layout import fingerprint_cache_path
 from .rows import TokenizedPair, collate_pairs, collate_sft
 from ..core.loss import answer_logps, sft_step, spin_step
-from ..core.noise import add_neftune, reference_noise
+from ..core.noise import add_neftune, noised_answer_logps, reference_noise
 from ..core.optim import CompiledRMSprop
 
 if TYPE_CHECKING:  # the type only: the trainer never reads a recipe
@@ -323,8 +323,7 @@ class Trainer:
         with torch.no_grad(), lora.adapters_disabled(model):  # under LoRA, θ_t is the base
             if noise is None:
                 return answer_logps(model, ids, mask, self.cfg.fp32_logits, **seen)
-            return answer_logps(model, ids, mask, self.cfg.fp32_logits, noise_std=noise[0],
-                                generator=noise[1], **seen)
+            return noised_answer_logps(model, ids, mask, noise[0], noise[1], self.cfg.fp32_logits, **seen)
 
     def precompute_reference(self, model):
         """log p_θt of both answers of every pair, once; cached in ref_logps.jsonl."""
