@@ -116,3 +116,14 @@ def test_the_layer_check_sees_a_core_module_that_imports_the_run(tmp_path):
     known = {"minispin", "minispin.core", "minispin.core.bad", "minispin.run", "minispin.run.errors"}
     ours, outside = imports_of("minispin.core.bad", str(core / "bad.py"), known)
     assert ours == {"minispin.run.errors"} and outside == {"numpy"}
+
+
+def test_importing_the_core_loads_no_module_of_the_run_or_the_study():
+    """At run time too: the package's own __init__ must not pull the run in behind the core."""
+    import subprocess
+    code = ("import sys, minispin.core.model, minispin.core.sampling, minispin.core.loss, "
+            "minispin.core.noise, minispin.core.lora, minispin.core.optim\n"
+            "print(' '.join(m for m in sys.modules if m.startswith('minispin.') "
+            "and not m.startswith('minispin.core')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
