@@ -51,7 +51,7 @@ sys.path[:0] = [REPO, BENCH]
 
 import cards  # noqa: E402
 from gpu_check import OWN_PROCESS_GROUP, ROWS  # noqa: E402  (standard library only)
-from minispin import distributed as D  # noqa: E402
+from minispin.run import distributed as D  # noqa: E402
 from minispin.core.model import ModelArgs  # noqa: E402
 from minispin.run.config import model_args_from_hf  # noqa: E402
 from minispin.core.loss import LN2, answer_logps, sequence_logps, spin_loss  # noqa: E402

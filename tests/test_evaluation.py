@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 from helpers import REPO, STORIES, make_hf_model, run_cli  # noqa: E402
 
-from minispin import evaluation as E  # noqa: E402
+from minispin.study import evaluation as E  # noqa: E402
 
 
 class evaluate:  # the evaluate.py command, run in this process
@@ -82,6 +82,7 @@ def mistral_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_stories260k_same_answers_as_hf_backend():
     """All multiple-choice tasks of the suite (25-shot ARC is truncated at 512 tokens)."""
     ours = _run(_ours(STORIES), MC_TASKS, limit=3)
@@ -91,6 +92,7 @@ def test_stories260k_same_answers_as_hf_backend():
     print(f"stories260K: {n_ll} requests, worst |Δ log p| {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_tiny_mistral_same_answers_as_hf_backend(mistral_dir):
     """Sliding window 16 and GQA, packed rows (a question's choices share one row)."""
     names = ["arc_easy", "truthfulqa_mc2", "winogrande", "hellaswag"]
@@ -125,6 +127,7 @@ def test_bos_off_equals_hf_backend_with_add_bos_token_false():
     assert abs(first(on) - first(off)) > 1e-3
 
 
+@pytest.mark.slow
 def test_gsm8k_generations_equal_hf_backend():
     """generate_until, greedy, with the task's stop sequences ("Question:", "</s>")."""
     ours = _run(_ours(STORIES), ["gsm8k"], limit=4)
@@ -180,6 +183,7 @@ def test_packed_rows_score_as_separate_rows():
         assert a == pytest.approx(b, abs=1e-5) and ga == gb
 
 
+@pytest.mark.slow
 def test_offline_suite_end_to_end_prints_table(tmp_path, capsys):
     out = tmp_path / "eval"
     rc = evaluate.main(["--model", STORIES, "--offline", "--limit", "2", "--output", str(out),
@@ -278,6 +282,7 @@ def test_missing_lm_eval_says_how_to_install():
     assert "pip install -e .[eval]" in p.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_split_and_gather(tmp_path):
     """gloo, 2 ranks, each a whole model: same table as one process. (Zero-shot: lm-eval
     draws few-shot examples from one random stream per rank, so shots differ by rank count.)"""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from helpers import REPO, make_hf_model, run_cli
 
 sys.path.insert(0, REPO)
-from minispin import distributed as D  # noqa: E402
+from minispin.run import distributed as D  # noqa: E402
 from minispin.run.lock import LOCK_NAME, RunLock, RunLockError, clean_orphans  # noqa: E402
 
 
@@ -181,6 +181,7 @@ def test_keep_newest_and_no_tmp_left(env, model_dir, tmp_path):
     assert D.latest_checkpoint(str(root)) == str(root / "step_3")
 
 
+@pytest.mark.slow
 def test_reshard_one_to_two_and_two_to_one(env, model_dir, tmp_path):
     """1 process saves -> 2 processes load it; 2 processes save -> 1 process loads it."""
     from safetensors.torch import load_file, save_file
@@ -363,6 +364,7 @@ def dead_pid():
     return p.pid
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(tmp_path, capsys):
     folder = str(tmp_path / "run")
     code = ("import sys\nfrom minispin.run.lock import RunLock\n"
