@@ -21,3 +21,9 @@ torch.set_num_threads(1)
 # these tests start then get SIGINT's default disposition at exec and install their own.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a test that takes seconds or more (a torchrun launch, a real model, a "
+        "wheel build, a whole CLI run); `pytest -m \"not slow\"` is the fast tier")

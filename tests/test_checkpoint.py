@@ -15,6 +15,7 @@ def _x(n=2, t=70):
     return torch.randint(0, 512, (n, t), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     make_hf_model(tmp_path / "src", "mistral", num_key_value_heads=2, sliding_window=16)
     single = load_model(str(tmp_path / "src"))

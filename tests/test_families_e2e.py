@@ -159,6 +159,7 @@ def test_export_loads_in_transformers_with_our_logits(trained):
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_exported_model_like_lm_evals_hf_backend(trained):
     from test_evaluation import _compare, _hf, _ours, _run
     family, _, _, run_dir, root = trained

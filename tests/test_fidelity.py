@@ -163,6 +163,7 @@ def test_minispin_rows_differ_where_the_fidelity_table_says(mistral, tmp_path):
     assert all(r["input_ids"][0] == 1 and set(r["attention_mask"]) == {1} for r in rows)
 
 
+@pytest.mark.slow
 def test_spin_rows_train_with_transformers_log_probs(mistral, tmp_path, capsys):
     """Training on uclaml/SPIN's rows (attention 0 on every eos inside them): the reference
     pass's log-probs of θ_0 equal transformers' forward of the dumped rows with their
@@ -240,6 +241,7 @@ def test_spin_generation_equals_transformers_generate(mistral, tmp_path):
     assert len({t for t in ours.values()}) > 3  # not all the same string
 
 
+@pytest.mark.slow
 def test_fresh_noise_draws_anew_each_step_and_resumes_identically(tmp_path):
     """The study's noise: N(0, 0.5²) on the reference's real logits, a new draw at every step
     (online reference). Killed after step 3 and resumed, the run equals an uninterrupted one."""

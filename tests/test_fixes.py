@@ -329,6 +329,7 @@ def test_missing_or_stale_judged_pairs_name_the_judge_command_and_mixed_pairs_ar
 
 
 # ---------------------------------------------------------------------- the tiny recipe
+@pytest.mark.slow
 def test_tiny_recipe_runs_each_mode_from_the_command_line(tmp_path):
     """The documented commands (docs/fixes.md) on the tiny recipe, each one process with
     the recipe's local judge (judge_backend = "local", run by train.py itself), at test
@@ -376,6 +377,7 @@ def test_tiny_recipe_runs_each_mode_from_the_command_line(tmp_path):
     assert out["noise"]["info"]["sources"]["iter0"]["noised"] == 8
 
 
+@pytest.mark.slow
 def test_torchrun_judges_on_rank_0_only(base):
     """Two processes, judged pairs missing, --judge local: rank 0 judges (each answer scored
     once: one cache line per answer), rank 1 waits, then both train on the judged pairs."""

@@ -197,6 +197,7 @@ def cli_env():
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0, 1])
 def test_torchrun_two_processes_write_the_same_pairs(tmp_path, temperature):
     common = ["--model", STORIES, "--data", DATA, "--num-prompts", 10, "--max-new-tokens", 24,
@@ -214,6 +215,7 @@ def test_torchrun_two_processes_write_the_same_pairs(tmp_path, temperature):
     assert len(lines(one)) == 10 and not [p for p in os.listdir(two.parent) if ".part-" in p]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     out = tmp_path / "pairs.jsonl"
     args = [sys.executable, os.path.join(REPO, "generate.py"), "--model", STORIES, "--data", DATA,

@@ -1,5 +1,6 @@
 """bench/gpu.sh --dry: the GPU check's every row, on the CPU with tiny shapes, so that the
 script a GPU session runs blind cannot rot between GPU sessions."""
+import pytest
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from helpers import REPO
 # dropped from the script must fail this test
 ROWS = ["1a", "1b", "1c", "1d", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "4d", "4e", "5", "6a", "6b", "6c",
         "7a", "7b"]
+
+pytestmark = pytest.mark.slow  # every test here starts a real model, a wheel or a subprocess run
 
 
 def test_dry_run_prints_every_row_marked_dry(tmp_path):

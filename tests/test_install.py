@@ -23,6 +23,8 @@ from helpers import REPO
 SOURCES = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "LICENSES.md",
            "minispin", "configs", "assets")
 
+pytestmark = pytest.mark.slow  # every test here starts a real model, a wheel or a subprocess run
+
 
 def sh(cmd, cwd, env=None, timeout=300):
     p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
@@ -80,7 +82,7 @@ def test_recipe_by_name_or_path_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_import_and_recipes_come_from_the_venv(installed):
-    code = ("import json, minispin, minispin.cli.train; from minispin import recipe as R; "
+    code = ("import json, minispin, minispin.cli.train; from minispin.run import recipe as R; "
             "r = R.resolve('tiny'); "
             "print(json.dumps([minispin.__file__, r.source, r.model.path, r.data.path]))")
     out = sh([installed["bin"] / "python", "-c", code], installed["work"], installed["env"])

@@ -315,6 +315,7 @@ def test_wrong_key_stops_the_run(server, tmp_path):
     assert "401" in str(e.value) and "sk-wrong-key-123456" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_judge(tmp_path):
     """The kernel may deliver SIGINT to any thread of the process. Delivered to a judge
     worker (pthread_kill makes that happen here on purpose), it must still stop the run at
@@ -425,6 +426,7 @@ class CLIRun:
         return "".join(self.out), "".join(self.err)
 
 
+@pytest.mark.slow
 def test_cli_sigint_sigkill_resume_pays_twice_at_most_the_requests_in_flight(tmp_path):
     # The server's gate makes every step deterministic: the judge is stopped exactly when
     # it has been answered a given number of times and both its workers wait on a reply.

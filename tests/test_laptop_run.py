@@ -1,5 +1,6 @@
 """The README's main command, shortened: SPIN iteration 0 end to end on CPU, then
 iteration 1 under torchrun with 2 processes, checking what a user would look at."""
+import pytest
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ from minispin import load_model
 from minispin.run.recipe import write_variant as write_recipe_variant
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+pytestmark = pytest.mark.slow  # every test here starts a real model, a wheel or a subprocess run
 
 
 def short_recipe(tmp_path):

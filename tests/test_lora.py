@@ -75,6 +75,7 @@ def ids(n=2, t=40, seed=0):
 
 
 # ---------------------------------------------------------------------- the adapters
+@pytest.mark.slow
 def test_adapters_start_at_the_base_and_compute_peft_lora(setup):
     """B = 0: logits bit-identical to the base; A ~ U(±1/√in) as peft draws it; with B random,
     our LoRALinear equals peft's LoRA on transformers' model with the same A and B."""
@@ -201,6 +202,7 @@ def test_step0_is_ln2_and_the_base_is_bit_identical_after_training(setup):
     assert {index["tensors"][k]["dtype"] for k in names if not k.endswith("/step")} == {"F32"}
 
 
+@pytest.mark.slow
 def test_online_reference_is_the_base_with_adapters_off(setup):
     run = fresh_run(setup, "online")
     assert train.main(lora_args(setup["model"], run, "--ref-mode", "online")) == 0
@@ -256,6 +258,7 @@ def test_peft_loads_the_adapter_onto_the_base_with_our_logits(setup):
 
 
 # ---------------------------------------------------------------------- processes
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup):
     run = fresh_run(setup, "tr2")
     r = torchrun(lora_args(setup["model"], run, "--micro-batch-size", "2", "--activation-checkpointing"))
@@ -267,6 +270,7 @@ def test_torchrun_two_processes_match_one(setup):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_kill_midway_and_resume_with_another_process_count(setup):
     """SIGKILL rank 0 of a 2-process LoRA run after step 5 (checkpoints at 3 and 6); the same
     command as ONE process resumes from step_3 (the adapters reshard) and the losses equal
@@ -284,6 +288,7 @@ def test_kill_midway_and_resume_with_another_process_count(setup):
     assert os.path.isfile(os.path.join(run, "iter0", "adapter", "adapter_config.json"))
 
 
+@pytest.mark.slow
 def test_bf16_base_fp32_adapters_under_fsdp(setup, capsys):
     """The base stored in bf16, adapters and optimizer state in fp32 (one FSDP2 unit per
     block holds both): step 0 is exactly ln 2 (online reference), the bf16 base is bit-

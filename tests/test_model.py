@@ -220,6 +220,7 @@ def test_masked_gqa_attention_reaches_the_fused_kernel_on_gpu(tmp_path):
     torch.testing.assert_close(fused.float(), ref.float(), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_block_forward_backward_equals_eager():
     """compile_train's unit (distributed.compile_blocks: each Block through torch.compile's
     inductor, in place) against the eager model it was copied from: the same logits and the

@@ -82,6 +82,7 @@ def test_logits_match_transformers(family):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(family):
     """Decoding crosses the scaled band (llama3) and max_position_embeddings (dynamic); a
     batch of ragged prompts (left padding, masks, the GQA path) against each prompt alone

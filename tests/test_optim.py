@@ -12,6 +12,7 @@ def _params(seed):
     return [torch.randn(shape, generator=g).requires_grad_() for shape in ((7, 5), (5,), (3, 4, 2), (1,))]
 
 
+@pytest.mark.slow
 def test_compiled_rmsprop_equals_torch_rmsprop():
     from torch._dynamo.utils import counters
     ours, theirs = _params(0), _params(0)

@@ -102,6 +102,7 @@ def test_window_matters(tiny_mistral):
 
 
 # ------------------------------------------------------------- greedy: == transformers
+@pytest.mark.slow
 def test_greedy_equals_transformers_stories(stories, stories_hf):
     tok = load_tokenizer(STORIES)
     texts = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a big",
@@ -156,6 +157,7 @@ def test_prefill_groups_split_and_equal_alone(tiny_mistral, monkeypatch):
     assert generate_batch(model, prompts, 20, temperature=0, eos_id=-1) == alone
 
 
+@pytest.mark.slow
 def test_eos_stops_rows_and_compaction_keeps_the_rest(stories):
     """Rows stop at different steps; the batch is compacted as they do (checked by a spy)."""
     tok = load_tokenizer(STORIES)
@@ -194,6 +196,7 @@ def test_eos_default_is_model_eos_and_excluded(stories):
     assert out == full[:full.index(stop)] and len(out) <= 10
 
 
+@pytest.mark.slow
 def test_several_stop_ids(stories):
     """eos_id as a list (Llama 3 stops at <|eot_id|> or <|end_of_text|>): each row stops at
     the first of them it emits, and a config listing several ids is the default."""
@@ -218,6 +221,7 @@ def test_several_stop_ids(stories):
         stories.config.eos_token_id, stories.config.eos_token_ids = saved
 
 
+@pytest.mark.slow
 def test_compiled_static_step_equals_eager(tiny_mistral):
     """The static-shape decode step (whole cache, tensor write position) that torch.compile
     gets; backend 'eager' traces it with dynamo without invoking a C++ compiler."""
@@ -229,6 +233,7 @@ def test_compiled_static_step_equals_eager(tiny_mistral):
     assert generate(model, prompts, 20, temperature=1.0, seed=5, eos_id=-1, compile="eager") == s1
 
 
+@pytest.mark.slow
 def test_compiled_decode_keeps_one_cache_and_never_recompiles(tiny_mistral):
     """Two generate() calls of the same shape: the same cache buffers, and no new compile
     (counted by a counting torch.compile backend); a third shape is kept beside them, a
@@ -259,6 +264,7 @@ def test_compiled_decode_keeps_one_cache_and_never_recompiles(tiny_mistral):
 
 
 # ------------------------------------------------------------- sampling
+@pytest.mark.slow
 def test_same_seed_same_output(stories):
     prompts = prompts_of([4, 9, 1], seed=5)
     a = generate(stories, prompts, 40, temperature=1.0, top_p=0.95, seed=123)
@@ -319,6 +325,7 @@ def pooled_z(counts, p, n):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 1.0), (1.5, 0, 0.8),
                                                       (1.0, 20, 0.9)])
+@pytest.mark.slow
 def test_first_token_distribution_matches_softmax(stories, temperature, top_k, top_p):
     """N = 8,000 first tokens after "<s> The", seed 0, against softmax(logits / T) filtered by
     transformers' top-k/top-p warpers. Tolerance: every bin (a token with N·p >= 5, or all

@@ -46,6 +46,8 @@ CHATS = [
      {"role": "assistant", "content": "En  France.\t"}],
 ]
 
+pytestmark = pytest.mark.slow  # every test here starts a real model, a wheel or a subprocess run
+
 
 def _load_fetch_script():
     return load_script("fetch_smollm2")

@@ -101,6 +101,7 @@ def test_dump_rows_under_study_zephyr_equal_the_studys_rows(mistral, tmp_path): 
             assert answer[:len(prompt) - 1] == prompt[:len(prompt) - 1], r["id"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["none", "llama2"])
 def test_dump_rows_under_study_llama2_equal_the_studys_rows(mistral, tmp_path, template):  # noqa: F811
     """study-llama2 takes the checkpoint's own template (get_tokenizer), else the zephyr

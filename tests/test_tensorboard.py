@@ -91,6 +91,7 @@ def test_event_files_equal_metrics_jsonl_and_resume_writes_each_step_once(tmp_pa
         assert [e.value for e in got] == [np.float32(r[key]) for r in recs], key
 
 
+@pytest.mark.slow
 def test_missing_tensorboard_is_one_line_before_any_model_loads():
     code = ("import runpy, sys; sys.modules['tensorboard'] = None; "
             "sys.argv = ['train.py', '--report-to', 'tensorboard', '--model', 'no/such/model', "
@@ -132,6 +133,7 @@ def wandb_records(path):
 SECRET = "pw4WandbXq9"
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_metrics_jsonl_beside_tensorboard(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is a test dependency (pip install -e .[test])")
     for k in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME"):

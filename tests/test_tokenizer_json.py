@@ -318,6 +318,7 @@ def transformers_tokenizer(folder):
 
 
 # ---------------------------------------------------------------- plain text
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["legacy", "metaspace", "bytelevel"])
 def test_encode_and_decode_match_tokenizers(folders, texts, layout):
     ours, oracle = ours_and_oracle(folders, layout)
@@ -357,6 +358,7 @@ def test_sentencepiece_backend_equals_metaspace_file(folders, texts):
     assert sum(sp.encode(t, continuation=True) != e for t, e in zip(sample, after_eos)) == 0
 
 
+@pytest.mark.slow
 def test_continuation(folders, texts):
     """continuation=True drops the prefix a fresh encode puts before the text's first piece."""
     sample = texts[::8]
@@ -405,6 +407,7 @@ def _expected_mask(text, enc, conversation, header, eot, shown=lambda s: s):
     return mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["legacy", "metaspace", "bytelevel"])
 def test_zephyr_encode_chat_on_gsm8k(folders, layout):
     ours, oracle = ours_and_oracle(folders, layout, template="zephyr")
@@ -438,6 +441,7 @@ TURNS = {  # layout: (assistant header, end-of-turn token, what the template mak
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["legacy", "bytelevel", "qwen"])
 def test_checkpoint_templates_match_transformers(folders, layout):
     ours, oracle = ours_and_oracle(folders, layout)
@@ -541,6 +545,7 @@ def test_template_that_rewrites_earlier_turns_is_refused(tmp_path, folders):
         tok.encode_chat(CONVERSATIONS[1])
 
 
+@pytest.mark.slow
 def test_bad_files_and_text(tmp_path, folders):
     bad = tmp_path / "bad"
     bad.mkdir()

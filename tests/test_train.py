@@ -108,6 +108,7 @@ def fresh_run(setup, name):
 
 
 # ---------------------------------------------------------------------- numbers
+@pytest.mark.slow
 def test_step0_loss_is_ln2_and_online_equals_precompute(setup):
     base = setup["base_metrics"]
     assert len(base) == 8  # 16 pairs / batch 4 = 4 steps per epoch, 2 epochs
@@ -125,6 +126,7 @@ def test_step0_loss_is_ln2_and_online_equals_precompute(setup):
     assert len(refs) == 16 and all(r["key"].startswith("iter0/") for r in refs)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_same_losses(setup):
     run = fresh_run(setup, "ac")
     assert train.main(common(setup["model"]) + ["--run-dir", run, "--activation-checkpointing",
@@ -138,6 +140,7 @@ def test_activation_checkpointing_same_losses(setup):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_train_same_losses(setup):
     """--compile-train (each block through torch.compile's inductor, then FSDP2) trains the
     eager run's losses within TOL over 4 steps: the reference pass (eval, no grad) and the
@@ -169,6 +172,7 @@ def test_compile_train_without_a_cpp_compiler_is_one_clear_line(setup, monkeypat
     assert not os.path.exists(os.path.join(run, "iter0", "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup):
     run = fresh_run(setup, "tr2")
     r = torchrun(common(setup["model"]) + ["--run-dir", run, "--micro-batch-size", "2"])
@@ -180,6 +184,7 @@ def test_torchrun_two_processes_match_one(setup):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_nodes_c10d_rendezvous_match(setup):
     run = fresh_run(setup, "nodes")
     port = free_port()
@@ -196,6 +201,7 @@ def test_two_nodes_c10d_rendezvous_match(setup):
     assert_same_losses(metrics(run), setup["base_metrics"])
 
 
+@pytest.mark.slow
 def test_kill_midway_and_resume(setup):
     """SIGKILL rank 0 after step 5 (checkpoints at 3 and 6): the job dies; the same command
     resumes from step_3 and the remaining losses equal the uninterrupted run's."""
@@ -222,6 +228,7 @@ def nan_at(n):
     add_hook("loss", lambda step, loss: loss * float("nan") if step + 1 == n else loss)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, capsys):
     from minispin.run.trainer import clear_hooks
     run = fresh_run(setup, "nan")
@@ -241,6 +248,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, capsys):
     assert_same_losses(metrics(run), setup["base_metrics"], tol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(setup, capsys):
     from minispin.run.trainer import clear_hooks
     run = fresh_run(setup, "changed")
@@ -263,6 +271,7 @@ def test_resume_refuses_changed_settings(setup, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_pair_noise_reaches_the_reference_and_precompute_equals_online(setup):
     """A pair's "noise" σ (set by the noise/adaptive modes) noises the REFERENCE logits of
     its real answer with a frozen per-pair draw: precomputed and online references agree,
@@ -293,6 +302,7 @@ def test_pair_noise_reaches_the_reference_and_precompute_equals_online(setup):
         assert abs(refs[k]["generated"] - clean[k]["generated"]) < 1e-4  # side "real" only
 
 
+@pytest.mark.slow
 def test_mistral_sliding_window_trains_and_exports(tmp_path):
     """A Mistral whose window (16) is shorter than the rows: precompute == online, and the
     export equals transformers' logits past the window."""
@@ -353,6 +363,7 @@ def test_next_step_commands_are_spelt_as_the_run_was_started(monkeypatch):
     assert command(recipe, "train.py", 0, world=8) == "torchrun --nproc_per_node 8 -m minispin.cli.train --iter 0"
 
 
+@pytest.mark.slow
 def test_iteration_one_starts_from_theta1_and_mixes_iteration_zero(setup, capsys):
     run = str(setup["root"] / "iters")
     shutil.rmtree(run, ignore_errors=True)
@@ -383,6 +394,7 @@ def test_iteration_one_starts_from_theta1_and_mixes_iteration_zero(setup, capsys
     assert list(info["sources"]) == ["iter1"]
 
 
+@pytest.mark.slow
 def test_sft_mode_learns_the_real_answers(tmp_path, setup):
     data = tmp_path / "sft.jsonl"
     rng = random.Random(0)
@@ -407,6 +419,7 @@ def test_pairs_line_without_required_field_names_file_and_line(tmp_path, setup, 
     assert f"{path}:3: pair is missing required field 'generated'" in err
 
 
+@pytest.mark.slow
 def test_truncation_is_applied_and_counted(tmp_path, setup, capsys):
     run = str(tmp_path / "trunc")
     path = write_pairs(os.path.join(run, "iter0", "pairs.jsonl"))
@@ -452,6 +465,7 @@ def test_help_documents_every_flag(capsys):
 
 
 # ---------------------------------------------------------------------- a small real task
+@pytest.mark.slow
 def test_spin_on_stories260k_loss_falls_and_accuracy_rises(tmp_path):
     """stories260K, its own samples y' for 32 GSM8K prompts vs the real answers y: SPIN learns
     to tell them apart — the loss falls from ln 2 and rewards/accuracies rises."""

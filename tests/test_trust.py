@@ -99,6 +99,7 @@ def same_losses(a, b):
 
 
 # ---------------------------------------------------------------------- 1. export
+@pytest.mark.slow
 def test_out_never_deletes_a_folder_minispin_did_not_write(model, base, tmp_path, capsys):
     run = fresh(base, tmp_path)
     precious = tmp_path / "thesis"
@@ -114,6 +115,7 @@ def test_out_never_deletes_a_folder_minispin_did_not_write(model, base, tmp_path
     assert str(a_file) in line and a_file.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_exports_carry_the_marker_and_umask_modes_and_may_be_replaced(model, base, tmp_path):
     """Under umask 022 every exported file (model and peft adapter) is 0644, every folder
     0755; the marker lets --force replace minispin's own export."""
@@ -135,6 +137,7 @@ def test_exports_carry_the_marker_and_umask_modes_and_may_be_replaced(model, bas
 
 
 # ---------------------------------------------------------------------- 2. fingerprints
+@pytest.mark.slow
 def test_retrained_theta_at_the_same_path_is_noticed(model, tmp_path, capsys):
     """θ_1 = iter0/model retrained with --force: iteration 1's reference log-probs are
     computed again (first loss ln 2, not a stale reference's), and pairs sampled from the
@@ -167,6 +170,7 @@ def test_retrained_theta_at_the_same_path_is_noticed(model, tmp_path, capsys):
     assert run_cli("train.py", *it1, "--force", "--batch-size", "1") == 0
 
 
+@pytest.mark.slow
 def test_a_copied_run_folder_resumes(model, base, tmp_path, capsys):
     run = fresh(base, tmp_path, "original")
     interrupted(model, run, 2)
@@ -196,6 +200,7 @@ def _edit_step(ckpt):
     return f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_flip_a_float, _edit_step])
 def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(model, base, tmp_path, capsys, damage):
     run = fresh(base, tmp_path)
