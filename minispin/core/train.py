@@ -171,7 +171,7 @@ def sft_metrics(sums: Dict[str, float], batch_size: int) -> dict:
 def train_step(policy, optimizer, micro_steps: Iterable[Callable[[], Dict[str, float]]],
                metrics: Callable[[Dict[str, float]], dict], max_grad_norm: float, device) -> dict:
     """One optimizer step: this rank's micro-steps (each a forward + backward returning its
-    metric sums), the sums over all ranks, gradient clipping, the finite check, then the
+    metric sums; a "tokens/processed" sum gives tokens/s), the sums over all ranks, gradient clipping, the finite check, then the
     optimizer. Returns the step's metrics with lr, grad_norm, tokens/s and time."""
     t_step = time.perf_counter()
     policy.train()
@@ -193,5 +193,6 @@ def train_step(policy, optimizer, micro_steps: Iterable[Callable[[], Dict[str, f
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t_step
-    rec.update({"tokens/s": sums["tokens/processed"] / dt, "lr": lr, "grad_norm": gn, "time": round(dt, 4)})
+    rec.update({"tokens/s": sums.get("tokens/processed", 0.0) / dt, "lr": lr, "grad_norm": gn,
+                "time": round(dt, 4)})
     return rec
