@@ -8,7 +8,7 @@ import sys
 
 import torch.distributed as dist
 
-from minispin.run.trainer import add_hook
+from minispin.run.resume import add_hook
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 kind, _, n = sys.argv[1].partition("@")

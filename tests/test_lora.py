@@ -41,7 +41,7 @@ def frozen_snapshot(into: dict):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from minispin.run.trainer import add_hook, clear_hooks
+    from minispin.run.resume import add_hook, clear_hooks
     root = tmp_path_factory.mktemp("lora")
     model = str(root / "model")
     make_hf_model(model, "llama", sharpen=1.0)
@@ -116,7 +116,7 @@ def test_dropout_masks_are_redrawn_alike_under_activation_checkpointing(setup):
     """lora_dropout > 0 with activation checkpointing: the recomputed forward draws the same
     masks (checkpoint restores the RNG), so the gradients equal those of a plain backward."""
     from minispin import load_model
-    from minispin.run.distributed import apply_activation_checkpointing
+    from minispin.core.fsdp import apply_activation_checkpointing
     from minispin.core.lora import apply_lora, lora_modules
     grads = []
     for ac in (False, True):
@@ -148,7 +148,6 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
     from minispin.core.lora import LoRASettings
     from minispin.run.recipe import resolve
     from minispin.run.tokenizer import load_tokenizer
-    from minispin.run.trainer import Trainer
     env = D.init_distributed("cpu")
     try:
         policy = D.load_sharded_model(setup["model"], env, D.device_mesh(env),
@@ -169,10 +168,9 @@ def test_only_the_adapters_get_gradients_and_optimizer_state(setup):
             else:
                 assert p.grad is not None and p.grad.full_tensor().abs().max() == 0, name
         recipe = resolve(None, {"lora_rank": RANK, "model": setup["model"]})
+        from minispin.core.train import build_optimizer
         from minispin.run.iteration import train_settings
-        trainer = Trainer(train_settings(recipe), env, items, setup["model"], str(setup["root"] / "unused"),
-                          str(setup["root"] / "unused-out"), tok.pad_id, progress=False)
-        opt, _ = trainer._build_optimizer(policy)
+        opt, _ = build_optimizer(policy, train_settings(recipe), total_steps=1)
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
         assert in_opt == {id(p) for n, p in policy.named_parameters() if ".lora_" in n}
     finally:
@@ -294,7 +292,7 @@ def test_bf16_base_fp32_adapters_under_fsdp(setup, capsys):
     block holds both): step 0 is exactly ln 2 (online reference), the bf16 base is bit-
     identical after training, and 2 processes under torchrun match 1 (same micro-batches,
     so only the fp32 gradient reduction differs)."""
-    from minispin.run.trainer import add_hook, clear_hooks
+    from minispin.run.resume import add_hook, clear_hooks
     extra = ("--lora-base-dtype", "bfloat16", "--ref-mode", "online", "--max-steps", "4",
              "--keep-checkpoints-after-export")
     one = fresh_run(setup, "bf16-1")

@@ -228,7 +228,7 @@ def test_compiled_block_forward_backward_equals_eager():
     loader see no compile wrapper)."""
     import copy
     from minispin.core.model import ModelArgs
-    from minispin.run.distributed import compile_blocks
+    from minispin.core.fsdp import compile_blocks
     from minispin.core.model import Transformer
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=512,

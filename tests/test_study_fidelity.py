@@ -182,7 +182,7 @@ def test_fill_last_batch_is_accelerates(n, world, micro):
     accelerate_dl = pytest.importorskip("accelerate.data_loader")
     from torch.utils.data import BatchSampler
     from minispin.run.recipe import resolve
-    from minispin.run.trainer import epoch_steps, global_batch
+    from minispin.core.train import epoch_steps, global_batch
     B = micro * world
     shards = [list(accelerate_dl.BatchSamplerShard(BatchSampler(range(n), micro, drop_last=False), world, r,
                                                    even_batches=True)) for r in range(world)]

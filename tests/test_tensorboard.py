@@ -61,7 +61,7 @@ def test_event_files_equal_metrics_jsonl_and_resume_writes_each_step_once(tmp_pa
             "--max-length", "80", "--max-prompt-length", "48", "--lr", "1e-3", "--epochs", "2",
             "--checkpoint-every", "3", "--heldout-examples", "0", "--device", "cpu", "--no-progress",
             "--report-to", "tensorboard"]
-    from minispin.run.trainer import add_hook, clear_hooks
+    from minispin.run.resume import add_hook, clear_hooks
 
     def die_after_5(trainer, done):
         if done == 5:

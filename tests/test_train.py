@@ -224,13 +224,13 @@ def test_kill_midway_and_resume(setup):
 
 def nan_at(n):
     """A trainer hook: the loss of step n (1-based) becomes NaN."""
-    from minispin.run.trainer import add_hook
+    from minispin.run.resume import add_hook
     add_hook("loss", lambda step, loss: loss * float("nan") if step + 1 == n else loss)
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, capsys):
-    from minispin.run.trainer import clear_hooks
+    from minispin.run.resume import clear_hooks
     run = fresh_run(setup, "nan")
     args = common(setup["model"]) + ["--run-dir", run, "--checkpoint-every", "2"]
     nan_at(5)
@@ -250,7 +250,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(setup, capsys):
 
 @pytest.mark.slow
 def test_resume_refuses_changed_settings(setup, capsys):
-    from minispin.run.trainer import clear_hooks
+    from minispin.run.resume import clear_hooks
     run = fresh_run(setup, "changed")
     args = common(setup["model"]) + ["--run-dir", run, "--checkpoint-every", "2"]
     nan_at(3)

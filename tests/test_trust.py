@@ -79,12 +79,12 @@ def fresh(base, tmp_path, name="run"):
 def stop_after(n):
     """A trainer hook: the loss of step n+1 becomes NaN, so the run stops after step n
     (exit 1) with its checkpoints intact."""
-    from minispin.run.trainer import add_hook
+    from minispin.run.resume import add_hook
     add_hook("loss", lambda step, loss: loss * float("nan") if step == n else loss)
 
 
 def interrupted(model, run, n, *extra):
-    from minispin.run.trainer import clear_hooks
+    from minispin.run.resume import clear_hooks
     stop_after(n)
     try:
         assert run_cli("train.py", *args(model, run, *extra)) == 1
@@ -205,7 +205,7 @@ def _edit_step(ckpt):
 def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(model, base, tmp_path, capsys, damage):
     run = fresh(base, tmp_path)
     args_ = args(model, run, "--keep-checkpoints", "3", "--checkpoint-every", "1")
-    from minispin.run.trainer import clear_hooks
+    from minispin.run.resume import clear_hooks
     stop_after(3)
     try:
         assert run_cli("train.py", *args_) == 1
@@ -226,7 +226,7 @@ def test_every_training_key_reaches_the_trainer():
     """The resume key is derived from TrainSettings; every training key of a recipe must be
     one of its fields (or be declared as not the trainer's), so none can be left out."""
     from minispin.run.recipe import Training
-    from minispin.run.trainer import TrainSettings
+    from minispin.core.settings import TrainSettings
     not_the_trainers = {"sft_limit"}  # iteration.run_sft's: which records, in the data fingerprint
     assert {f.name for f in fields(Training)} - {f.name for f in fields(TrainSettings)} == not_the_trainers
 

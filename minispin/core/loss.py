@@ -59,7 +59,7 @@ API (what the trainer calls)
     pair; margins and accuracies are measured chosen-minus-rejected. stats: per-pair
     detached tensors named as in the metrics file.
 
-Nothing here knows about processes or devices; trainer.py is where this meets FSDP.
+Nothing here knows about processes or devices; core/train.py is where this meets FSDP.
 """
 from __future__ import annotations
 

@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
+from ..core.device import parse_dtype  # noqa: F401  (config.parse_dtype for its callers)
 from ..core.model import ModelArgs
 from .errors import MissingFileError, UserError, json_loads
 
@@ -57,25 +58,8 @@ FAMILY_DEFAULTS = {
     "qwen2": dict(max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
 }
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
 class ConfigError(UserError):
     """A config.json we cannot (or must not) run. The message names file and field."""
-
-
-def parse_dtype(dtype: Any) -> torch.dtype:
-    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}")
-    return DTYPES[key]
 
 
 # ------------------------------------------------------------------ value checks

@@ -1,4 +1,4 @@
-"""Processes, sharding and sharded checkpoints: everything train.py needs from torch.distributed.
+"""Processes, loading θ sharded, and sharded checkpoints: what a run needs from torch.distributed.
 
 * `init_distributed`: under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) it joins
   the job's process group — nccl on GPUs, gloo on CPU. Started as plain `python train.py`
@@ -12,21 +12,8 @@
   per node-rank-0 at most, never one per GPU. With LoRA (lora.py) the base is frozen and
   stored in the given dtype, fp32 adapters join each Block's unit, and rank 0's step-0
   adapters travel with the base.
-* Mixed precision is a `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the
-  sharded parameters — the optimizer's master weights — stay fp32, and FSDP casts them to
-  bf16 when it gathers them for compute. bf16 master weights would lose SPIN's lr = 5e-7
-  updates (an update below half a bf16 ulp rounds away). On CPU/gloo the default is fp32.
-* Activation checkpointing wraps each Block's forward in `torch.utils.checkpoint` (non-
-  reentrant) without renaming modules, so state-dict keys stay the HF keys.
-* `compile_train` (`compile_blocks`): each Block is compiled in place (`Module.compile`,
-  which keeps the module and its state-dict keys), after activation checkpointing and
-  BEFORE `fully_shard`: the order FSDP2 supports (torchtitan's), where dynamo leaves
-  FSDP2's all-gather/reduce-scatter hooks to run eagerly around each compiled block. What
-  inductor fuses is the elementwise work inside a block (RMSNorm, RoPE, SwiGLU, residuals)
-  in forward and backward; embeddings, the final norm, lm_head and the loss stay eager.
-  Not fullgraph: a graph break falls back to eager for that piece instead of failing. The
-  sequence length varies between micro-batches, so dynamo's automatic dynamic shapes
-  compile a second, length-generic graph at the second length and reuse it after.
+* Sharding, mixed precision, activation checkpointing, compiled blocks and the
+  collectives are core/fsdp.py's; this module re-exports them for its callers (D.*).
 * Training checkpoints (for resume) never unpickle: run folders get copied and shared, and
   DCP's file format pickles its `.metadata`, and its planner torch.loads non-tensor state
   (param_groups) with weights_only=False, even with DCP's safetensors storage. Each rank
@@ -48,7 +35,6 @@
   checkpoint (`all_finite` is the same check for
   callers). A rank that fails to write or read tells the others, so none waits forever.
   On many nodes the checkpoint folder must be on a filesystem every node sees.
-* `gather_full_state_dict`: the full fp32 weights on rank 0 (CPU), for the HF export.
 """
 from __future__ import annotations
 
@@ -60,18 +46,22 @@ import re
 import shutil
 import struct
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..core.device import compute_dtype, pick_device  # noqa: F401  (re-exported: D.pick_device)
+from ..core.fsdp import (  # noqa: F401  (re-exported: D.barrier, D.all_finite, ...)
+    _any_rank, _first_non_finite, _local_part, all_finite, all_gather_objects, all_reduce_sum,
+    apply_activation_checkpointing, barrier, broadcast_object, build_sharded_model, compile_blocks,
+    device_mesh, gather_full_state_dict, mixed_precision_policy, shard_model)
+from ..core.lora import LoRASettings, initial_adapters
+from ..core.model import Transformer
 from .checkpoint import _ST_DTYPES, check_config_sizes, file_sha256, load_model
-from .errors import UserError, json_loads
 from .config import read_config
-from .device import compute_dtype, pick_device  # noqa: F401  (re-exported: D.pick_device)
-from ..core.lora import LoRASettings, apply_lora, initial_adapters, store_base_in
-from ..core.model import Block, Transformer, build_model
+from .errors import UserError, json_loads
 
 
 @dataclass
@@ -116,53 +106,7 @@ def close_distributed(env: DistEnv):
         dist.destroy_process_group()
 
 
-def barrier():
-    dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_gather_objects(obj: Any) -> List[Any]:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 # ---------------------------------------------------------------------- model sharding
-def mixed_precision_policy(mode: str, device: torch.device):
-    """'bf16' -> MixedPrecisionPolicy(bf16 compute, fp32 reduce); 'fp32' -> None;
-    'auto' -> compute_dtype's rule (bf16 on CUDA, fp32 on CPU)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    if mode == "auto":
-        mode = "bf16" if compute_dtype("auto", device) == torch.bfloat16 else "fp32"
-    if mode == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if mode == "fp32":
-        return None
-    raise ValueError(f"mixed precision must be auto, bf16 or fp32, got {mode!r}")
-
-
-def apply_activation_checkpointing(model: Transformer):
-    """Recompute each Block's activations in backward instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.model.layers:
-        plain = block.forward
-
-        def forward(*args, _plain=plain, **kwargs):
-            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-        block.forward = forward  # instance attribute: module names (state-dict keys) unchanged
-
-
 def check_compile_support(device: torch.device):
     """compile_train's one outside need, checked before a model loads: on the CPU, inductor
     builds C++ and needs a compiler (on CUDA it writes Triton kernels, which ship with torch)."""
@@ -176,59 +120,6 @@ def check_compile_support(device: torch.device):
         raise UserError(f"compile_train (--compile-train) on the CPU needs a C++ compiler for "
                         f"torch.compile's inductor ({why}): install g++ or clang++, or train "
                         f"without --compile-train") from None
-
-
-def compile_blocks(model: Transformer, backend="inductor"):
-    """torch.compile each Block in place (before fully_shard; see the module docstring).
-    backend: "inductor" for training; the tests also pass "eager" (dynamo only)."""
-    for block in model.model.layers:
-        block.compile(backend=backend)
-    return model
-
-
-def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True):
-    """FSDP2: one `fully_shard` unit per transformer Block, then the root (embeddings,
-    final norm, output head). LoRA adapters share their Block's unit: FSDP2 needs one dtype
-    only among a unit's trainable parameters (the fp32 adapters); the frozen base, bf16 or
-    not, is gathered with them and gets no gradient (lora.py's docstring)."""
-    from torch.distributed.fsdp import fully_shard
-    kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
-    if mp_policy is not None:
-        kw["mp_policy"] = mp_policy
-    for module in model.modules():
-        if isinstance(module, Block):
-            fully_shard(module, **kw)
-    fully_shard(model, **kw)
-    return model
-
-
-def device_mesh(env: DistEnv):
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh(env.device.type, (env.world_size,))
-
-
-def build_sharded_model(args, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
-                        activation_checkpointing: bool = False,
-                        lora: Optional[LoRASettings] = None, compile: bool = False) -> Transformer:
-    """The model of `args` (a ModelArgs), with LoRA adapters if asked, sharded over the mesh,
-    its storage allocated on env.device and NOT initialised (load_sharded_model fills it;
-    a bench fills it with random numbers). The base is in `dtype`, adapters in fp32.
-    compile: torch.compile each Block (compile_train; a string names the backend)."""
-    model = build_model(args, device="meta")
-    if lora is not None:
-        apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
-        store_base_in(model, dtype)  # on the meta device: no memory moves
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if compile:
-        if compile in (True, "inductor"):
-            check_compile_support(env.device)
-        compile_blocks(model, "inductor" if compile is True else compile)
-    shard_model(model, mesh, mp_policy)
-    model.to_empty(device=env.device)
-    if dtype != torch.float32 and lora is None:
-        model.to(dtype)
-    return model
 
 
 def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torch.float32,
@@ -245,6 +136,8 @@ def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torc
     full = load_model(path, dtype=dtype, device="cpu").state_dict() if env.is_main else {}
     args = read_config(path)
     check_config_sizes(args, path)  # every rank: none builds what config.json merely claims
+    if compile in (True, "inductor"):
+        check_compile_support(env.device)
     model = build_sharded_model(args, env, mesh, mp_policy, dtype,
                                 activation_checkpointing, lora, compile)
     if lora is not None and env.is_main:
@@ -256,12 +149,6 @@ def load_sharded_model(path: str, env: DistEnv, mesh, mp_policy=None, dtype=torc
         model.requires_grad_(False)
         model.eval()
     return model
-
-
-def gather_full_state_dict(model: nn.Module) -> dict:
-    """Full (unsharded) weights on rank 0's CPU; an empty dict on the other ranks."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ---------------------------------------------------------------------- training checkpoints
@@ -331,43 +218,6 @@ def _train_state(model: nn.Module, optimizer):
                                            f"only tensor state can be checkpointed")
             flat[f"optim/{fqn}/{name}"] = value
     return model_sd, optim_sd, flat
-
-
-def _local_part(t: torch.Tensor):
-    """(this rank's data, its offsets in the global tensor, the global shape)."""
-    from torch.distributed.tensor import DTensor
-    if isinstance(t, DTensor):
-        (chunk,) = t.__create_chunk_list__()
-        return t.to_local(), list(chunk.offsets), list(t.shape)
-    return t, [0] * t.dim(), list(t.shape)
-
-
-def _first_non_finite(tensors: dict) -> Optional[str]:
-    for name, t in tensors.items():
-        local = _local_part(t)[0]
-        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
-            return name
-    return None
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when flag is true on some rank (a collective: every rank calls it)."""
-    if not dist.is_initialized():
-        return flag
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(flag)], device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def all_finite(model: nn.Module, optimizer=None) -> bool:
-    """True on every rank when every weight (and optimizer state tensor) on every rank is finite.
-    A collective: call it on every rank, e.g. before save_checkpoint."""
-    tensors = dict(model.named_parameters())
-    if optimizer is not None:
-        for i, state in enumerate(optimizer.state.values()):
-            tensors.update({f"optim/{i}/{k}": v for k, v in state.items() if torch.is_tensor(v)})
-    return not _any_rank(_first_non_finite(tensors) is not None)
 
 
 def _to_json(value, tensors: dict, key: str):

@@ -10,17 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-
-class UserError(ValueError):
-    """Bad input or settings; the message is complete and fits on one line."""
-
-    exit_code = 2
-
-
-class StoppedError(UserError):
-    """A run that started and had to stop (e.g. a non-finite loss): exit status 1."""
-
-    exit_code = 1
+from ..core.errors import StoppedError, UserError  # noqa: F401  (the base of every error here)
 
 
 class MissingFileError(UserError, FileNotFoundError):

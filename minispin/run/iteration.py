@@ -38,7 +38,9 @@ from .rows import tokenize_pairs, tokenize_sft
 from .pairs import generate_pairs_file
 from .recipe import DEFAULT_RECIPE, Recipe, as_dict
 from .tokenizer import load_tokenizer
-from .trainer import SFTTrainer, Trainer, TrainSettings, items_fingerprint
+from ..core.settings import TrainSettings
+from .rows import items_fingerprint
+from .trainer import SFTTrainer, Trainer
 
 Source = Tuple[str, str]  # (tag "iter<s>", pairs file)
 

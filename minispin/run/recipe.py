@@ -39,6 +39,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..core.settings import NoiseSettings
 from .errors import UserError, redact
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # minispin/
@@ -578,20 +579,6 @@ def check_device(device: str, where: str = "device"):
 
 
 # ---------------------------------------------------------------------- the noise spec
-@dataclass(frozen=True)
-class NoiseSettings:
-    """What the `noise` key / --noise flag says (all off by default)."""
-    ref_sigma: float = 0.0       # σ of the reference-logit noise (0 = off)
-    side: str = "real"           # which answers' reference logits get it: real | generated | both
-    mode: str = "frozen"         # frozen: one draw per answer | fresh: a new draw every step
-    neftune_alpha: float = 0.0   # NEFTune α (0 = off)
-    seed: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.ref_sigma > 0 or self.neftune_alpha > 0
-
-
 NOISE_KEYS = {"ref-logit": "ref_sigma", "ref_logit": "ref_sigma", "sigma": "ref_sigma",
               "side": "side", "mode": "mode", "neftune": "neftune_alpha", "seed": "seed"}
 

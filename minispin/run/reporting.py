@@ -21,9 +21,10 @@ calls before any model loads. Only rank 0 reports (the metrics are global alread
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
 from .errors import UserError, redact, redact_all
 
@@ -114,3 +115,30 @@ def report(reporters: list, rec: dict):
                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
     for r in reporters:
         r.log(scalars, rec["step"])
+
+
+class MetricsLog:
+    """Where each optimizer step's metrics go, on rank 0: a line of metrics.jsonl and the
+    same numbers to each reporter of report_to (TensorBoard, W&B: open_reporters).
+    Every step is flushed, so a crash loses nothing a checkpoint would not replay (JSONL
+    lines past a resumed step are trimmed by the trainer before)."""
+
+    def __init__(self, work_dir: str, report_to: str = "none", resume_step: int = 0, enabled: bool = True,
+                 recipe: Optional[dict] = None):
+        """recipe: the run's resolved recipe as a dict (as_dict), which names and configures
+        a W&B run; the trainer itself never reads it."""
+        self.jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a") if enabled else None
+        label = dict(name=f"{recipe['name']}-{os.path.basename(work_dir)}", group=recipe["name"],
+                     config=recipe) if recipe else {}
+        self.reporters = open_reporters(report_to, work_dir, resume_step, **label) if enabled else []
+
+    def write(self, rec: dict):
+        if self.jsonl:
+            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
+        report(self.reporters, rec)
+
+    def close(self):
+        for f in [self.jsonl] + self.reporters:
+            if f:
+                f.close()

@@ -27,6 +27,8 @@ compare the rows with restatements of the original code, token for token.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -278,3 +280,12 @@ def dump_rows(path: str, items: List[TokenizedPair]):
                 yield {"id": pid, "source": source, "side": side, "input_ids": ids, "labels": labels,
                        "attention_mask": att}
     write_jsonl_atomic(path, records())
+
+
+def items_fingerprint(items: List[TokenizedPair]) -> str:
+    """A hash of the rows a run trains on: pair keys, token ids, swap and noise."""
+    h = hashlib.sha256()
+    for p in items:
+        h.update(json.dumps([p.key, p.prompt, p.real, p.generated, p.swap, p.noise,
+                             p.attention]).encode())
+    return h.hexdigest()[:16]

@@ -791,7 +791,7 @@ def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = l
     fx = recipe.fixes
     template = load_prompt_template(fx.judge_prompt) if fx.judge_prompt else None
     if backend == "local":
-        from ..run.device import compute_dtype, pick_device
+        from ..core.device import compute_dtype, pick_device
         device = device or pick_device(recipe.model.device)
         return LocalJudge(fx.judge_model or recipe.model.path, device=device,
                           dtype=compute_dtype(recipe.model.dtype, device), template=recipe.model.template,

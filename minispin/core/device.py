@@ -1,10 +1,10 @@
-"""THE device and dtype rules, on their own so that code that only runs a model (judge.py,
-evaluation.py, pairs.py) need not import the training machinery (distributed.py, which
-re-exports both names for its callers)."""
+"""THE device and dtype rules: which device a process uses, which dtype it computes in,
+and the names a dtype may be given by. Code that only runs a model (the judge, lm-eval,
+generation) reads them here without the training machinery."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -23,7 +23,23 @@ def pick_device(setting: Optional[str] = "auto") -> torch.device:
 def compute_dtype(setting: Optional[str], device: torch.device) -> torch.dtype:
     """THE dtype rule: "auto" computes in bfloat16 on a GPU and float32 on the CPU (where
     bf16 matmuls are slow and tiny models gain nothing); anything else as named."""
-    from .config import parse_dtype
     if setting in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return parse_dtype(setting)
+
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: Any) -> torch.dtype:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}")
+    return DTYPES[key]
