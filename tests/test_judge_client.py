@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -21,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers import REPO, STORIES
+from helpers import REPO, STORIES, run_cli
 from minispin.study.judge import (SYSTEM_PROMPT, JudgeError, LocalJudge, OpenAIJudge, ScoreCache,
                             format_summary, item_key, judge_pairs, load_prompt_template, redact)
 
@@ -450,7 +451,8 @@ def test_load_prompt_template_errors_name_the_file(tmp_path):
         OpenAIJudge(api_key=KEY, prompt_template="no placeholders")
 
 
-def test_local_judge_takes_the_same_template(tmp_path):
+def test_local_judge_takes_the_same_template_and_needs_no_openai_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)   # `import openai` raises ImportError
     study_prompt = load_prompt_template(STUDY_PROMPT_FILE)
     ours = LocalJudge(STORIES)
     study = LocalJudge(STORIES, prompt_template=study_prompt)
@@ -481,3 +483,30 @@ def test_closed_port_is_an_error_not_a_hang():
     sock.close()
     res = OpenAIJudge(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=1, max_retries=0).score("q", "a")
     assert "error" in res and "Connection" in res["error"]
+
+
+def test_a_url_password_is_never_sent_in_place_of_the_key_and_the_query_is_kept(servers):
+    """httpx turns a URL's user:password@ into Basic auth, which would replace the key's
+    Bearer header; the judge drops it (it is not the endpoint's key) and keeps the query
+    (a gateway's api-version=...) on every request."""
+    server = servers(lambda h, rec, n: send(h, 200, completion("70")))
+    url = server.url.replace("http://", "http://judge-user:hunter2pw@") + "/v1?api-version=2024-06-01"
+    assert OpenAIJudge(base_url=url, api_key=KEY, max_retries=0).score("q", "a")["score"] == 70
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions?api-version=2024-06-01"
+    assert req["headers"]["authorization"] == "Bearer " + KEY
+    assert "hunter2pw" not in json.dumps(req["headers"]) and "anVkZ2Ut" not in json.dumps(req["headers"])
+
+
+def test_an_http_judge_without_the_openai_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openai", None)   # `import openai` raises ImportError
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with pytest.raises(JudgeError, match=r'pip install "minispin\[judge\]"'):
+        OpenAIJudge()
+    os.makedirs(tmp_path / "run" / "iter0")
+    (tmp_path / "run" / "iter0" / "pairs.jsonl").write_text(json.dumps(one_pair()) + "\n")
+    capsys.readouterr()
+    rc = run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "openai")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and 'pip install "minispin[judge]"' in err[0], err
+

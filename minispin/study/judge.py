@@ -341,10 +341,12 @@ class OpenAIJudge:
         self.system_prompt, self.temperature, self.max_tokens = system_prompt, temperature, max_tokens
         self._openai = openai
         # both waits set here, not left to the library's defaults; redirects not followed
-        # (the client's default would follow them, and httpx keeps the key on a same-origin hop)
-        self._client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
-                                     max_retries=max_retries,
-                                     http_client=openai.DefaultHttpxClient(follow_redirects=False))
+        # (the client's default would follow them, and httpx keeps the key on a same-origin
+        # hop). A user:password@ in the URL is dropped: httpx would send it instead of the key
+        self._client = openai.OpenAI(
+            api_key=key, base_url=urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, "", "")),
+            default_query=dict(urllib.parse.parse_qsl(u.query)) or None, timeout=self.timeout,
+            max_retries=max_retries, http_client=openai.DefaultHttpxClient(follow_redirects=False))
         # the endpoint is part of the judge's identity (two local servers may serve different
         # models under one name), except OpenAI's own: its ids stay those of older caches.
         # Without user:password@, which is not an identity and must not reach the cache file.
