@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -162,17 +161,16 @@ def test_redirect_stops_the_run_and_the_key_stays(servers, tmp_path, code):
     assert key_fragments(msg + "\n".join(logs)) == []
 
 
-def test_urllib_would_have_sent_the_key_to_the_redirect_target(servers):
-    """The control for the test above: the same two servers catch the leak that
-    urllib's default redirect handling causes (so the test above can fail)."""
-    target = servers(lambda h, rec, n: send(h, 200, completion("99")))
-    origin = servers(lambda h, rec, n: send(h, 302, b"", [("Location", target.url + "/v1/chat/completions")]))
-    req = urllib.request.Request(origin.url + "/v1/chat/completions", data=b"{}", method="POST",
-                                 headers={"Authorization": "Bearer " + KEY})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert json.loads(resp.read())["choices"][0]["message"]["content"] == "99"
-    assert target.requests[0]["method"] == "GET"
-    assert target.requests[0]["headers"].get("authorization") == "Bearer " + KEY
+def test_the_openai_clients_default_would_have_followed_the_redirect(servers):
+    """The control for the test above: the openai client as it comes (follow_redirects on)
+    posts to the redirect target and hands back its reply, so the test above can fail."""
+    import openai
+    target = servers(lambda h, rec, n: send(h, 200, completion("99"), [("Content-Type", "application/json")]))
+    origin = servers(lambda h, rec, n: send(h, 307, b"", [("Location", target.url + "/v1/chat/completions")]))
+    client = openai.OpenAI(api_key=KEY, base_url=origin.url + "/v1", max_retries=0, timeout=5)
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}])
+    assert reply.choices[0].message.content == "99"
+    assert [r["method"] for r in target.requests] == ["POST"]
 
 
 # ---------------------------------------------------------------- the key in server replies
