@@ -31,11 +31,14 @@ Backends.
   `openai` client (the optional extra: pip install "minispin[judge]") and a thread pool.
   Model default gpt-4o-mini; base URL and key from OPENAI_BASE_URL / OPENAI_API_KEY;
   $HTTPS_PROXY / $HTTP_PROXY / $NO_PROXY honoured by the client's httpx. Waits are the
-  client's, set explicitly: `timeout` on every connect, read and write, and `max_retries`
-  with the client's backoff on 408/409/429 (Retry-After honoured), 5xx, timeouts and
-  connection errors. OPENAI_LOG=info shows its retries. The key stays with its endpoint:
+  client's, set explicitly: `timeout` on every connect, read and write (httpx's: a server
+  trickling bytes, each within it, can hold a request longer), and `max_retries` with the
+  client's backoff on 408/409/429 (Retry-After honoured), 5xx, timeouts and connection
+  errors. OPENAI_LOG=info shows its retries. The key stays with its endpoint:
   - redirects are never followed: a 3xx stops the run (JudgeError naming the endpoint
     and where it pointed), as 401/403/404 do. The client's default follows them;
+  - a user:password@ in the base URL is not sent (httpx would send it as Basic auth in
+    the key's place); the URL's query is kept;
   - only a 2xx reply whose body is a chat completion is ever scored; any other body
     fails the item (not cached: a re-run asks again);
   - every text that may carry bytes from the server (errors, cached replies) is redacted,
@@ -317,12 +320,12 @@ class OpenAIJudge:
         self._secret = lambda: (key,)  # a closure, not an attribute: vars() never shows it
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.endpoint = self.base_url + "/chat/completions"
         try:
             u = urllib.parse.urlsplit(self.base_url)
             u.port  # ValueError if it is not a port number
         except ValueError as e:
             raise JudgeError(self._clean(f"judge base URL {self.base_url!r}: {e}")) from None
+        self.endpoint = urllib.parse.urlunsplit((u.scheme, u.netloc, u.path + "/chat/completions", u.query, ""))
         if u.scheme not in ("http", "https") or not u.hostname:
             raise JudgeError(self._clean(f"judge base URL {self.base_url!r} is not an http(s) URL: "
                                          f"set OPENAI_BASE_URL or --base-url (e.g. {DEFAULT_BASE_URL})"))
