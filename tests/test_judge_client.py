@@ -1,6 +1,7 @@
-"""The OpenAI judge client against hostile local servers on 127.0.0.1 (threads, no
-network): redirects, servers that echo the key, trickled bodies, non-2xx and non-JSON
-replies, proxies; and the study's judge prompt, request and cache keying.
+"""The OpenAI judge (the openai client) against hostile local servers on 127.0.0.1
+(threads, no network): redirects, servers that echo the key, stalled replies, non-2xx and
+non-JSON replies, proxies, a missing openai package; and the study's judge prompt, request
+and cache keying.
 
 The study's prompt below is restated from its source (Joyyang158/self-improvement-of-LLMs,
 utils/gpt_reward.py), not read from our file, so the file is checked against it."""
@@ -12,15 +13,15 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers import REPO, STORIES
+from helpers import REPO, STORIES, run_cli
 from minispin.study.judge import (SYSTEM_PROMPT, JudgeError, LocalJudge, OpenAIJudge, ScoreCache,
                             format_summary, item_key, judge_pairs, load_prompt_template, redact)
 
@@ -76,7 +77,7 @@ class QuietServer(ThreadingHTTPServer):
 
 class Server:
     """An HTTP/1.1 server on 127.0.0.1 that records every request (method, path,
-    headers, body) and answers it with `respond(handler, record, n)`, n counting the
+    headers by lower-case name, body) and answers it with `respond(handler, record, n)`, n counting the
     requests with the same body so far."""
 
     def __init__(self, respond):
@@ -93,7 +94,8 @@ class Server:
 
             def handle_any(self):
                 length = int(self.headers.get("Content-Length") or 0)
-                rec = {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                rec = {"method": self.command, "path": self.path,
+                       "headers": {k.lower(): v for k, v in self.headers.items()},
                        "body": self.rfile.read(length) if length else b""}
                 with server.lock:
                     n = sum(r["body"] == rec["body"] for r in server.requests)
@@ -128,7 +130,7 @@ def servers():
 
 
 def judge_for(url, **kw):
-    kw = dict(dict(api_key=KEY, timeout=2.0, max_retries=2, backoff=0.01, concurrency=1, log=lambda m: None), **kw)
+    kw = dict(dict(api_key=KEY, timeout=2.0, max_retries=2, concurrency=1), **kw)
     return OpenAIJudge(base_url=url + "/v1", **kw)
 
 
@@ -144,7 +146,7 @@ def test_redirect_stops_the_run_and_the_key_stays(servers, tmp_path, code):
     location = target.url + "/v1/chat/completions?echo=" + KEY  # a Location that carries the key
     origin = servers(lambda h, rec, n: send(h, code, completion("97"), [("Location", location)]))
     logs = []
-    judge = judge_for(origin.url, log=logs.append)
+    judge = judge_for(origin.url)
     cache = ScoreCache(str(tmp_path / "c.jsonl"))
     with pytest.raises(JudgeError) as e:
         judge_pairs([one_pair()], judge, cache, log=logs.append)
@@ -159,25 +161,26 @@ def test_redirect_stops_the_run_and_the_key_stays(servers, tmp_path, code):
     assert key_fragments(msg + "\n".join(logs)) == []
 
 
-def test_urllib_would_have_sent_the_key_to_the_redirect_target(servers):
-    """The control for the test above: the same two servers catch the leak that
-    urllib's default redirect handling causes (so the test above can fail)."""
-    target = servers(lambda h, rec, n: send(h, 200, completion("99")))
-    origin = servers(lambda h, rec, n: send(h, 302, b"", [("Location", target.url + "/v1/chat/completions")]))
-    req = urllib.request.Request(origin.url + "/v1/chat/completions", data=b"{}", method="POST",
-                                 headers={"Authorization": "Bearer " + KEY})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert json.loads(resp.read())["choices"][0]["message"]["content"] == "99"
-    assert target.requests[0]["method"] == "GET"
-    assert target.requests[0]["headers"].get("Authorization") == "Bearer " + KEY
+def test_the_openai_clients_default_would_have_followed_the_redirect(servers):
+    """The control for the test above: the openai client as it comes (follow_redirects on)
+    posts to the redirect target and hands back its reply, so the test above can fail."""
+    import openai
+    target = servers(lambda h, rec, n: send(h, 200, completion("99"), [("Content-Type", "application/json")]))
+    origin = servers(lambda h, rec, n: send(h, 307, b"", [("Location", target.url + "/v1/chat/completions")]))
+    client = openai.OpenAI(api_key=KEY, base_url=origin.url + "/v1", max_retries=0, timeout=5)
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}])
+    assert reply.choices[0].message.content == "99"
+    assert [r["method"] for r in target.requests] == ["POST"]
 
 
 # ---------------------------------------------------------------- the key in server replies
 def test_key_echoed_whole_or_in_part_never_leaks(servers, tmp_path):
+    """Each fault is one item's only reply (max_retries=0), so what the server echoed
+    reaches the failure line, and the last reply reaches the cache: none of it carries a
+    fragment of the key."""
     auth = "Bearer " + KEY
-    big = "x" * 40000 + KEY[10:30] + "y" * 25496 + auth + "z" * 5000  # over 64 KiB; the cut falls inside the key
+    big = "x" * 40000 + KEY[10:30] + "y" * 25496 + auth + "z" * 5000  # the key far beyond the 200 shown
     faults = [
-        # the key across the 160th character, where a retry log line is cut
         (500, json.dumps({"error": "a" * 100 + " upstream broke; auth was " + auth}).encode(), None),
         (500, json.dumps({"error": f"partial header: {auth[:27]}"}).encode(), None),
         (502, f"Incorrect API key provided: {KEY[:8]}{'*' * 20}{KEY[-4:]}".encode(), None),  # OpenAI-style mask
@@ -186,32 +189,36 @@ def test_key_echoed_whole_or_in_part_never_leaks(servers, tmp_path):
         (200, f"<html>proxy says {auth}</html>".encode(), None),      # 200, not JSON
         (200, json.dumps({"error": {"message": f"key {KEY}"}}).encode(), None),  # JSON, no choices
         (429, json.dumps({"error": f"slow down {KEY[3:19]}"}).encode(), None),
+        (400, json.dumps({"error": {"message": f"bad request from {auth[:30]}"}}).encode(), None),
     ]
 
     def respond(h, rec, n):
-        if n < len(faults):
-            code, body, reason = faults[n]
-            return send(h, code, body, reason=reason)
+        answer = json.loads(rec["body"])["messages"][-1]["content"].split("Answer:\n")[1].split("\n")[0]
+        if answer.startswith("fault "):
+            code, body, reason = faults[int(answer.split()[1])]
+            return send(h, code, body, [("Content-Type", "application/json")] if body[:1] == b"{" else (),
+                        reason=reason)
         return send(h, 200, completion(f"Score 70. By the way your key is {auth}"))
 
     server = servers(respond)
     logs = []
-    judge = judge_for(server.url, max_retries=len(faults), max_backoff=0.02, log=logs.append)
+    judge = judge_for(server.url, max_retries=0)
     cache_path = str(tmp_path / "cache.jsonl")
     cache = ScoreCache(cache_path)
-    out, summary = judge_pairs([one_pair()], judge, cache, log=logs.append)
+    pairs = [dict(one_pair(0), id=f"p{i}", real=f"fault {i}", generated="fine") for i in range(len(faults))]
+    out, summary = judge_pairs(pairs, judge, cache, log=logs.append)
     cache.close()
-    # every fault was served and retried: the server saw the key, each item made 9 requests
-    assert len(server.requests) == 2 * (len(faults) + 1)
-    assert all(r["headers"]["Authorization"] == auth for r in server.requests)
-    assert sum("retry" in m for m in logs) == 2 * len(faults)
+    # every fault was served once, with the key; each failed its item; "fine" was scored
+    assert len(server.requests) == len(faults) + 1
+    assert all(r["headers"]["authorization"] == auth for r in server.requests)
+    assert summary["items_failed"] == len(faults) and sum("failed:" in m for m in logs) == len(faults)
     recs = [json.loads(line) for line in open(cache_path)]
-    assert len(recs) == 2 and all(r["score"] is None and "***" in r["reply"] for r in recs)
+    assert len(recs) == 1 and recs[0]["score"] is None and "your key is Bearer ***" in recs[0]["reply"]
     written = "\n".join(logs + [open(cache_path).read(), json.dumps(out), json.dumps(summary),
                                 format_summary(summary), repr(judge), repr(vars(judge))])
     assert key_fragments(written) == []
     for echo in ("auth was Bearer ***", "partial header: Bearer ***", "provided: ***", "proxy says Bearer ***",
-                 "key ***", "slow down ***"):
+                 "key ***", "slow down ***", "bad request from Bearer ***"):
         assert echo in written  # the echoes were there, and were redacted
 
     # the run-stopping errors redact too: 401 echoing the header, whole and in part
@@ -219,10 +226,11 @@ def test_key_echoed_whole_or_in_part_never_leaks(servers, tmp_path):
     with pytest.raises(JudgeError) as e:
         judge_for(stop.url).score("q", "a")
     assert "401" in str(e.value) and key_fragments(str(e.value)) == [] and "\n" not in str(e.value)
-    # and the one that gives up
-    dead = servers(lambda h, rec, n: send(h, 500, f"auth was {auth}".encode()))
+    # and the one that fails after the client's retries
+    dead = servers(lambda h, rec, n: send(h, 500, f"auth was {auth}".encode(), [("retry-after-ms", "1")]))
     res = judge_for(dead.url, max_retries=1).score("q", "a")
-    assert "gave up" in res["error"] and key_fragments(res["error"]) == []
+    assert "HTTP 500" in res["error"] and "auth was Bearer ***" in res["error"]
+    assert key_fragments(res["error"]) == [] and len(dead.requests) == 2
 
 
 def test_redact_leaves_no_fragment_and_nothing_else():
@@ -248,39 +256,33 @@ def test_redact_leaves_no_fragment_and_nothing_else():
 
 
 # ---------------------------------------------------------------- timeouts
-def trickler(head_too):
+def staller(head_too):
+    """A server that answers nothing (head_too) or only the status line and headers, and
+    then holds the connection open until the test ends."""
     def respond(h, rec, n):
-        if head_too:  # status line and headers one byte at a time
-            head = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n"
-        else:
+        if not head_too:
             h.send_response(200)
             h.send_header("Content-Length", "200")
             h.end_headers()
             h.wfile.flush()
-            head = b""
-        for b in head + completion("80")[:200]:
-            if h.owner.closing.is_set():
-                return
-            h.wfile.write(bytes([b]))
-            h.wfile.flush()
-            time.sleep(0.3)
+        h.owner.closing.wait(30)
     return respond
 
 
 @pytest.mark.parametrize("head_too", [False, True], ids=["body", "headers"])
-def test_whole_request_timeout_beats_a_trickling_server(servers, head_too):
-    server = servers(trickler(head_too))
+def test_a_stalled_server_costs_one_timeout_per_attempt(servers, head_too):
+    server = servers(staller(head_too))
     judge = judge_for(server.url, timeout=1.0, max_retries=0)
     t0 = time.monotonic()
     res = judge.score("q", "a")
     elapsed = time.monotonic() - t0
-    assert "score" not in res and "timeout" in res["error"], res
-    assert elapsed <= 2 * 1.0, f"a trickled reply held one request {elapsed:.1f} s under timeout=1"
+    assert "score" not in res and "Timeout" in res["error"], res
+    assert 1.0 <= elapsed <= 2 * 1.0, f"a stalled reply held one request {elapsed:.1f} s under timeout=1"
     assert len(server.requests) == 1
 
 
 def test_tls_timeout_and_certificate(servers, tmp_path, monkeypatch):
-    """Under TLS the watchdog still ends a trickled reply, an honest reply is scored, and a
+    """Under TLS a stalled reply still times out, an honest reply is scored, and a
     certificate the client does not trust is an error (no fallback to no verification)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate for 127.0.0.1")
@@ -288,18 +290,18 @@ def test_tls_timeout_and_certificate(servers, tmp_path, monkeypatch):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
-    trickle = trickler(head_too=False)
-    server = servers(lambda h, rec, n: trickle(h, rec, n) if n == 0 else send(h, 200, completion("77")))
+    stall = staller(head_too=False)
+    server = servers(lambda h, rec, n: stall(h, rec, n) if n == 0 else send(h, 200, completion("77")))
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
     server.httpd.socket = tls.wrap_socket(server.httpd.socket, server_side=True)
     url = server.url.replace("http://", "https://")
     untrusting = judge_for(url, max_retries=0)
-    monkeypatch.setenv("SSL_CERT_FILE", cert)  # read when the judge makes its TLS context
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # read when the judge's client makes its TLS context
     judge = judge_for(url, timeout=1.0, max_retries=0)
     t0 = time.monotonic()
     res = judge.score("q", "a")
-    assert "timeout" in res["error"] and time.monotonic() - t0 <= 2 * 1.0
+    assert "Timeout" in res["error"] and time.monotonic() - t0 <= 2 * 1.0
     assert judge.score("q", "a")["score"] == 77
     assert "CERTIFICATE_VERIFY_FAILED" in untrusting.score("q", "a")["error"]
     assert len(server.requests) == 2  # the untrusted handshake never got to send a request
@@ -337,14 +339,15 @@ def test_only_a_2xx_json_completion_is_scored(servers):
     assert judge.score("q", "fine")["score"] == 88  # the same body, from a 2xx, is scored
     per_kind = Counter(json.loads(r["body"])["messages"][-1]["content"].split("Answer:\n")[1].split("\n")[0]
                        for r in server.requests)
-    assert per_kind == {"500": 2, "418": 1, "number": 2, "html": 2, "short": 2, "fine": 1}
+    # the client retries a 5xx and a cut-off body; a 2xx body that is not a completion is not asked again
+    assert per_kind == {"500": 2, "418": 1, "number": 1, "html": 1, "short": 2, "fine": 1}
 
 
 # ---------------------------------------------------------------- proxies
 def test_http_proxy_gets_the_absolute_url(servers, monkeypatch):
     proxy = servers(lambda h, rec, n: send(h, 200, completion("64")))
     monkeypatch.setenv("http_proxy", proxy.url)
-    judge = OpenAIJudge(base_url="http://judge.invalid/v1", api_key=KEY, timeout=2, max_retries=0, log=lambda m: None)
+    judge = OpenAIJudge(base_url="http://judge.invalid/v1", api_key=KEY, timeout=2, max_retries=0)
     assert judge.score("q", "a")["score"] == 64
     assert proxy.requests[0]["path"] == "http://judge.invalid/v1/chat/completions"
 
@@ -352,13 +355,13 @@ def test_http_proxy_gets_the_absolute_url(servers, monkeypatch):
 def test_https_proxy_tunnel_never_sees_the_key(servers, monkeypatch):
     proxy = servers(lambda h, rec, n: send(h, 403, b"no tunnels here"))
     monkeypatch.setenv("https_proxy", "http://user:pw@" + proxy.url.split("://")[1])
-    judge = OpenAIJudge(base_url="https://judge.invalid/v1", api_key=KEY, timeout=2, max_retries=0, log=lambda m: None)
+    judge = OpenAIJudge(base_url="https://judge.invalid/v1", api_key=KEY, timeout=2, max_retries=0)
     res = judge.score("q", "a")
     assert "error" in res and "403" in res["error"]
     connect = proxy.requests[0]
     assert connect["method"] == "CONNECT" and connect["path"] == "judge.invalid:443"
-    assert connect["headers"]["Proxy-Authorization"] == "Basic dXNlcjpwdw=="  # base64("user:pw")
-    assert "Authorization" not in connect["headers"] and key_fragments(json.dumps(connect["headers"])) == []
+    assert connect["headers"]["proxy-authorization"] == "Basic dXNlcjpwdw=="  # base64("user:pw")
+    assert "authorization" not in connect["headers"] and key_fragments(json.dumps(connect["headers"])) == []
 
 
 # ---------------------------------------------------------------- the study's judge
@@ -446,7 +449,8 @@ def test_load_prompt_template_errors_name_the_file(tmp_path):
         OpenAIJudge(api_key=KEY, prompt_template="no placeholders")
 
 
-def test_local_judge_takes_the_same_template(tmp_path):
+def test_local_judge_takes_the_same_template_and_needs_no_openai_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)   # `import openai` raises ImportError
     study_prompt = load_prompt_template(STUDY_PROMPT_FILE)
     ours = LocalJudge(STORIES)
     study = LocalJudge(STORIES, prompt_template=study_prompt)
@@ -475,6 +479,32 @@ def test_closed_port_is_an_error_not_a_hang():
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    res = OpenAIJudge(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=1, max_retries=0,
-                      log=lambda m: None).score("q", "a")
+    res = OpenAIJudge(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=1, max_retries=0).score("q", "a")
     assert "error" in res and "Connection" in res["error"]
+
+
+def test_a_url_password_is_never_sent_in_place_of_the_key_and_the_query_is_kept(servers):
+    """httpx turns a URL's user:password@ into Basic auth, which would replace the key's
+    Bearer header; the judge drops it (it is not the endpoint's key) and keeps the query
+    (a gateway's api-version=...) on every request."""
+    server = servers(lambda h, rec, n: send(h, 200, completion("70")))
+    url = server.url.replace("http://", "http://judge-user:hunter2pw@") + "/v1?api-version=2024-06-01"
+    assert OpenAIJudge(base_url=url, api_key=KEY, max_retries=0).score("q", "a")["score"] == 70
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions?api-version=2024-06-01"
+    assert req["headers"]["authorization"] == "Bearer " + KEY
+    assert "hunter2pw" not in json.dumps(req["headers"]) and "anVkZ2Ut" not in json.dumps(req["headers"])
+
+
+def test_an_http_judge_without_the_openai_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openai", None)   # `import openai` raises ImportError
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with pytest.raises(JudgeError, match=r'pip install "minispin\[judge\]"'):
+        OpenAIJudge()
+    os.makedirs(tmp_path / "run" / "iter0")
+    (tmp_path / "run" / "iter0" / "pairs.jsonl").write_text(json.dumps(one_pair()) + "\n")
+    capsys.readouterr()
+    rc = run_cli("judge.py", "--iter", "0", "--run-dir", tmp_path / "run", "--backend", "openai")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and 'pip install "minispin[judge]"' in err[0], err
+

@@ -474,9 +474,11 @@ def test_a_cache_without_final_newline_keeps_its_last_record(tmp_path):
 
 
 def test_judge_module_does_not_import_the_training_machinery():
-    code = "import sys, minispin.study.judge; print('minispin.run.distributed' in sys.modules, 'minispin.run.trainer' in sys.modules)"
+    # nor the openai package: only the OpenAI-compatible judge needs it (the judge extra)
+    code = ("import sys, minispin.study.judge; print('minispin.run.distributed' in sys.modules, "
+            "'minispin.run.trainer' in sys.modules, 'openai' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.stdout.split() == ["False", "False"], r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "False", "False"], r.stderr[-2000:]
 
 
 def test_a_hugging_face_cache_snapshot_still_loads(tmp_path):

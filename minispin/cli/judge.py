@@ -28,10 +28,10 @@ from minispin.run.layout import judge_cache_path, judged_path, pairs_path
 from minispin.run.lock import RunLock
 
 KEYS = ("judge_model", "judge_threshold", "judge_base_url", "judge_concurrency", "judge_timeout",
-        "judge_max_retries", "judge_backoff", "judge_prompt", "judge_system", "judge_api_defaults",
+        "judge_max_retries", "judge_prompt", "judge_system", "judge_api_defaults",
         "device", "dtype", "cpu_threads")
 FLAGS = {"judge_threshold": "--threshold", "judge_base_url": "--base-url", "judge_concurrency": "--concurrency",
-         "judge_timeout": "--timeout", "judge_max_retries": "--max-retries", "judge_backoff": "--backoff"}
+         "judge_timeout": "--timeout", "judge_max_retries": "--max-retries"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def run(argv=None) -> int:
     cache = args.cache or judge_cache_path(recipe.run_dir)
     try:
         with RunLock(recipe.run_dir):   # one writer per run folder (minispin/run/lock.py)
-            summary = judge_file(recipe, src, out, make_judge(recipe, backend, log=log), cache,
+            summary = judge_file(recipe, src, out, make_judge(recipe, backend), cache,
                                  retry_unparsable=args.retry_unparsable, limit=args.limit, log=log,
                                  progress=args.progress and not args.quiet)
     except KeyboardInterrupt:

@@ -238,9 +238,10 @@ class Fixes:
     judge_base_url: str = key("", "chat-completions base URL (default $OPENAI_BASE_URL, else "
                               "https://api.openai.com/v1)")
     judge_concurrency: int = key(8, "parallel judge requests", lo=1)
-    judge_timeout: float = key(60.0, "seconds per judge request", lo=0, lo_open=True)
-    judge_max_retries: int = key(6, "retries per judge request", lo=0)
-    judge_backoff: float = key(1.0, "seconds before the first retry, doubled at each retry", lo=0)
+    judge_timeout: float = key(60.0, "seconds the judge's client waits to connect, and for each "
+                               "read and write", lo=0, lo_open=True)
+    judge_max_retries: int = key(6, "retries per judge request (the openai client's, with its "
+                                 "backoff)", lo=0)
     judge_prompt: str = key("", "a judge prompt template file with {question} and {answer}, used "
                             "verbatim (the study's: configs/prompts/study-judge.txt); empty = ours")
     judge_system: str = key("ours", "the judge's system message: ours | none (no system message) | "

@@ -27,24 +27,24 @@ study also ran 0). A pair with a missing score (unparsable reply, or a request t
 failed after all retries) keeps its original label and is counted.
 
 Backends.
-* `OpenAIJudge`: any OpenAI-compatible chat-completions endpoint, standard library only
-  (http.client + a thread pool). Model default gpt-4o-mini; base URL and key from
-  OPENAI_BASE_URL / OPENAI_API_KEY; $HTTPS_PROXY / $HTTP_PROXY / $NO_PROXY honoured as
-  urllib does. Bounded concurrency and exponential backoff with jitter on 429
-  (Retry-After honoured), 5xx, timeouts, connection errors and malformed bodies.
-  The key stays with its endpoint:
+* `OpenAIJudge`: any OpenAI-compatible chat-completions endpoint, through the official
+  `openai` client (the optional extra: pip install "minispin[judge]") and a thread pool.
+  Model default gpt-4o-mini; base URL and key from OPENAI_BASE_URL / OPENAI_API_KEY;
+  $HTTPS_PROXY / $HTTP_PROXY / $NO_PROXY honoured by the client's httpx. Waits are the
+  client's, set explicitly: `timeout` on every connect, read and write (httpx's: a server
+  trickling bytes, each within it, can hold a request longer), and `max_retries` with the
+  client's backoff on 408/409/429 (Retry-After honoured), 5xx, timeouts and connection
+  errors. OPENAI_LOG=info shows its retries. The key stays with its endpoint:
   - redirects are never followed: a 3xx stops the run (JudgeError naming the endpoint
-    and where it pointed), as 401/403/404 do. urllib would resend the Authorization
-    header to the new address and turn the POST into a GET whose reply got scored;
-  - `timeout` bounds the WHOLE request — connect, send, headers and body: a watchdog
-    shuts the socket at the deadline. A per-read socket timeout alone lets a server
-    that trickles a byte at a time hold one request for minutes;
-  - only a 2xx reply whose body is a chat completion in JSON is ever scored;
-  - every text that may carry bytes from the server (retry logs, errors, cached
-    replies) is read whole (an error body up to 64 KiB), then redacted, then cut:
-    `redact` removes every run of 4 or more characters that also occurs in the key, so
-    a server that echoes the Authorization header, or a part of it ("sk-…Ga0E"), leaks
-    no fragment. The key is not stored on any attribute (repr/vars never show it).
+    and where it pointed), as 401/403/404 do. The client's default follows them;
+  - a user:password@ in the base URL is not sent (httpx would send it as Basic auth in
+    the key's place); the URL's query is kept;
+  - only a 2xx reply whose body is a chat completion is ever scored; any other body
+    fails the item (not cached: a re-run asks again);
+  - every text that may carry bytes from the server (errors, cached replies) is redacted,
+    then cut: `redact` removes every run of 4 or more characters that also occurs in the
+    key, so a server that echoes the Authorization header, or a part of it ("sk-…Ga0E"),
+    leaks no fragment. repr/vars of the judge never show the key (the client holds it).
 * `LocalJudge`: any Llama/Mistral checkpoint minispin loads, with the same prompt
   templates. It scores by the EXPECTED SCORE over the candidate answers "0".."100",
   not by generating and parsing:
@@ -83,22 +83,15 @@ characters) — never the key, never the texts (the pairs file has them).
 """
 from __future__ import annotations
 
-import base64
-import email.utils
 import hashlib
-import http.client
 import json
 import math
 import os
-import random
 import re
-import socket
-import ssl
 import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -120,8 +113,6 @@ USER_TEMPLATE = (
 )
 PLACEHOLDERS = ("{question}", "{answer}")
 MIN_SECRET_FRAGMENT = 4                 # no run of this many key characters is ever shown
-ERROR_BODY_LIMIT = 64 * 1024            # bytes of an error body read (then redacted, then cut)
-REPLY_BODY_LIMIT = 4 * 1024 * 1024      # a chat completion is a few KiB; more is not a reply
 
 
 class JudgeError(UserError):
@@ -303,36 +294,39 @@ class ScoreCache:
 
 # ---------------------------------------------------------------- backends
 class OpenAIJudge:
-    """Chat-completions client (OpenAI or any compatible server), standard library only.
+    """Chat-completions judge on the official `openai` client (OpenAI or any compatible server).
 
     `score(prompt, answer, stop)` returns {"score": int|None, "reply": str} for a reply,
-    or {"error": str} when every attempt failed; it raises JudgeError on a redirect and
-    on 401/403/404. `prompt_template` None means USER_TEMPLATE; `system_prompt`,
-    `temperature` and `max_tokens` None leave the system message, or the field, out.
+    or {"error": str} when the request failed after the client's retries; it raises
+    JudgeError on a redirect and on 401/403/404. `prompt_template` None means
+    USER_TEMPLATE; `system_prompt`, `temperature` and `max_tokens` None leave the system
+    message, or the field, out.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, base_url: Optional[str] = None,
                  api_key: Optional[str] = None, timeout: float = 60.0, max_retries: int = 6,
-                 backoff: float = 1.0, max_backoff: float = 60.0, max_retry_after: float = 300.0,
-                 concurrency: int = 8, max_tokens: Optional[int] = 8,
-                 log: Callable[[str], None] = print, *, prompt_template: Optional[str] = None,
-                 system_prompt: Optional[str] = SYSTEM_PROMPT, temperature: Optional[float] = 0):
+                 concurrency: int = 8, max_tokens: Optional[int] = 8, *,
+                 prompt_template: Optional[str] = None, system_prompt: Optional[str] = SYSTEM_PROMPT,
+                 temperature: Optional[float] = 0):
+        try:
+            import openai
+        except ImportError:
+            raise JudgeError('the OpenAI-compatible judge needs the openai package: '
+                             'pip install "minispin[judge]" (the local judge needs nothing more)') from None
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not key:
             raise JudgeError("the OpenAI judge needs an API key: set OPENAI_API_KEY "
                              "(for a local server that ignores it, any value works)")
-        # kept in closures, not attributes: repr/vars of this object never show it
-        self._auth = lambda: {"Authorization": "Bearer " + key}
-        self._secret = lambda: (key,)
+        self._secret = lambda: (key,)  # a closure, not an attribute: vars() never shows it
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.endpoint = self.base_url + "/chat/completions"
         try:
-            self._url = urllib.parse.urlsplit(self.endpoint)
-            self._port = self._url.port or (443 if self._url.scheme == "https" else 80)  # ValueError if bad
+            u = urllib.parse.urlsplit(self.base_url)
+            u.port  # ValueError if it is not a port number
         except ValueError as e:
             raise JudgeError(self._clean(f"judge base URL {self.base_url!r}: {e}")) from None
-        if self._url.scheme not in ("http", "https") or not self._url.hostname:
+        self.endpoint = urllib.parse.urlunsplit((u.scheme, u.netloc, u.path + "/chat/completions", u.query, ""))
+        if u.scheme not in ("http", "https") or not u.hostname:
             raise JudgeError(self._clean(f"judge base URL {self.base_url!r} is not an http(s) URL: "
                                          f"set OPENAI_BASE_URL or --base-url (e.g. {DEFAULT_BASE_URL})"))
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -344,17 +338,21 @@ class OpenAIJudge:
             raise JudgeError(f"judge max_tokens must be an integer >= 1 or None, not {max_tokens!r}")
         if prompt_template is not None:
             check_template(prompt_template)
-        self._tls = ssl.create_default_context() if self._url.scheme == "https" else None
         self.timeout, self.max_retries = float(timeout), max_retries
-        self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
         self.concurrency = max(1, int(concurrency))
         self.prompt_template = prompt_template
         self.system_prompt, self.temperature, self.max_tokens = system_prompt, temperature, max_tokens
-        self.log = log
+        self._openai = openai
+        # both waits set here, not left to the library's defaults; redirects not followed
+        # (the client's default would follow them, and httpx keeps the key on a same-origin
+        # hop). A user:password@ in the URL is dropped: httpx would send it instead of the key
+        self._client = openai.OpenAI(
+            api_key=key, base_url=urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, "", "")),
+            default_query=dict(urllib.parse.parse_qsl(u.query)) or None, timeout=self.timeout,
+            max_retries=max_retries, http_client=openai.DefaultHttpxClient(follow_redirects=False))
         # the endpoint is part of the judge's identity (two local servers may serve different
         # models under one name), except OpenAI's own: its ids stay those of older caches.
         # Without user:password@, which is not an identity and must not reach the cache file.
-        u = urllib.parse.urlsplit(self.base_url)
         where = "" if self.base_url == DEFAULT_BASE_URL else \
             f"@{u.scheme}://{u.hostname}{f':{u.port}' if u.port else ''}{u.path}"
         self.judge_id = f"openai:{self.model}{where}"
@@ -362,8 +360,6 @@ class OpenAIJudge:
             {"template": prompt_template or USER_TEMPLATE, "system": system_prompt,
              "temperature": None if temperature is None else float(temperature), "max_tokens": max_tokens},
             {"template": USER_TEMPLATE, "system": SYSTEM_PROMPT, "temperature": 0.0, "max_tokens": 8})
-        self.requests = 0
-        self._count_lock = threading.Lock()
 
     def __repr__(self):
         return self._clean(f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, "
@@ -372,8 +368,14 @@ class OpenAIJudge:
     def _clean(self, text) -> str:
         return redact(text, self._secret())
 
+    def _detail(self, text: str) -> str:
+        """Server text for a message: redacted, on one line, then cut (redacting first, so
+        the cut never keeps part of a secret that the whole text would have shown)."""
+        return " ".join(self._clean(text).split())[:200]
+
     def request_body(self, prompt: str, answer: str) -> dict:
-        """The JSON sent for one item; a setting that is None is left out (API default)."""
+        """The chat-completion arguments for one item; a setting that is None is left out
+        (the API's default)."""
         body = {"model": self.model,
                 "messages": judge_messages(prompt, answer, self.prompt_template, self.system_prompt)}
         if self.temperature is not None:
@@ -382,165 +384,38 @@ class OpenAIJudge:
             body["max_tokens"] = self.max_tokens
         return body
 
-    def _connection(self) -> Tuple[http.client.HTTPConnection, str, dict]:
-        """(unopened connection, request target, extra headers): straight to the endpoint,
-        or through the proxy $HTTPS_PROXY/$HTTP_PROXY names unless $NO_PROXY exempts the
-        host (urllib's rules). https goes through a CONNECT tunnel, so the proxy never
-        sees the Authorization header; plain http hands the proxy the whole request."""
-        u, port = self._url, self._port
-        target = u.path + (f"?{u.query}" if u.query else "")
-        tls = {"context": self._tls} if self._tls else {}
-        cls = http.client.HTTPSConnection if self._tls else http.client.HTTPConnection
-        proxy = urllib.request.getproxies().get(u.scheme)
-        if not proxy or urllib.request.proxy_bypass(u.hostname):
-            return cls(u.hostname, port, timeout=self.timeout, **tls), target, {}
-        p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-        proxy_auth = {}
-        if p.username:
-            cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
-            proxy_auth = {"Proxy-Authorization": "Basic " + base64.b64encode(cred.encode()).decode()}
-        if self._tls:
-            conn = cls(p.hostname, p.port or 80, timeout=self.timeout, **tls)
-            conn.set_tunnel(u.hostname, port, headers=proxy_auth)
-            return conn, target, {}
-        return http.client.HTTPConnection(p.hostname, p.port or 80, timeout=self.timeout), self.endpoint, proxy_auth
-
-    def _post(self, body: bytes) -> Tuple[int, object, bytes]:
-        """One POST, whole within `timeout`: (status, headers, body of at most
-        REPLY_BODY_LIMIT + 1 bytes for 2xx, ERROR_BODY_LIMIT otherwise). Redirects are
-        returned as they are, never followed (http.client follows none)."""
-        conn, target, extra = self._connection()
-        expired = threading.Event()
-
-        def expire():  # unblocks a read that trickles on past the deadline
-            expired.set()  # (while the name resolves there is no socket yet: checked below)
-            sock = conn.sock
-            if sock is not None:
-                try:  # the plain socket's shutdown: safe from another thread, under TLS too
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        watchdog = threading.Timer(self.timeout, expire)
-        watchdog.daemon = True
-        with self._count_lock:
-            self.requests += 1
-        watchdog.start()
-        timed_out = TimeoutError(f"no complete reply within the {self.timeout:g} s timeout")
-        try:
-            conn.request("POST", target, body=body,
-                         headers={"Content-Type": "application/json", "Accept": "application/json",
-                                  **extra, **self._auth()})
-            if expired.is_set():
-                raise timed_out
-            resp = conn.getresponse()
-            limit = REPLY_BODY_LIMIT + 1 if 200 <= resp.status < 300 else ERROR_BODY_LIMIT
-            chunks, size = [], 0
-            while size < limit:
-                chunk = resp.read(min(65536, limit - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            raw = b"".join(chunks)
-            expected = resp.getheader("Content-Length")
-            if (not expired.is_set() and not resp.chunked and size < limit and expected
-                    and expected.isdigit() and int(expected) != size):  # the server hung up early
-                raise http.client.IncompleteRead(raw, int(expected) - size)
-        except (OSError, http.client.HTTPException):
-            if expired.is_set():
-                raise timed_out from None
-            raise
-        finally:
-            watchdog.cancel()
-            conn.close()
-        if expired.is_set():  # whatever arrived in time is incomplete by definition
-            raise timed_out
-        return resp.status, resp.headers, raw
-
-    def _detail(self, raw: bytes) -> str:
-        """A body for a message: decoded, redacted, on one line, then cut (redacting at most
-        ERROR_BODY_LIMIT bytes of it: the cut keeps 200 characters)."""
-        return " ".join(self._clean(raw[:ERROR_BODY_LIMIT].decode("utf-8", "replace")).split())[:200]
-
-    def _completion(self, raw: bytes) -> Tuple[Optional[str], Optional[str]]:
-        """(reply text, None) from a chat-completion body, or (None, what is wrong)."""
-        if len(raw) > REPLY_BODY_LIMIT:
-            return None, f"reply body over {REPLY_BODY_LIMIT} bytes"
-        try:
-            data = json_loads(raw.decode("utf-8"))
-            reply = data["choices"][0]["message"]["content"]
-            if reply is None:
-                reply = ""
-            if not isinstance(reply, str):
-                raise TypeError("content is not text")
-        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
-            return None, f"malformed response body ({type(e).__name__}): {self._detail(raw)[:120]}"
-        return reply, None
-
-    def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
-        d = min(self.max_backoff, self.backoff * (2 ** attempt)) * (0.5 + 0.5 * random.random())
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.max_retry_after))
-        return d
-
-    @staticmethod
-    def _retry_after(headers) -> Optional[float]:
-        val = headers.get("Retry-After") if headers is not None else None
-        if not val:
-            return None
-        try:
-            return max(0.0, float(val))
-        except ValueError:
-            pass
-        try:
-            when = email.utils.parsedate_to_datetime(val)
-            return max(0.0, when.timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
     def score(self, prompt: str, answer: str, stop: Optional[threading.Event] = None) -> dict:
-        stop = stop or threading.Event()
-        body = json.dumps(self.request_body(prompt, answer)).encode("utf-8")
-        last = "no attempt"  # always redacted before it is stored, so cutting it is safe
-        for attempt in range(self.max_retries + 1):
-            if stop.is_set():
-                return {"error": "interrupted"}
-            retry_after = None
-            try:
-                status, headers, raw = self._post(body)
-            except (OSError, http.client.HTTPException) as e:
-                last = self._clean(f"{type(e).__name__}: {e}")
-            else:
-                if 200 <= status < 300:
-                    reply, problem = self._completion(raw)
-                    if problem is None:
-                        return {"score": parse_score(reply), "reply": self._clean(reply[:ERROR_BODY_LIMIT])[:200],
-                                "attempts": attempt + 1}
-                    last = problem
-                elif 300 <= status < 400:
-                    where = " ".join(self._clean(headers.get("Location") or "nowhere (no Location header)").split())
-                    raise JudgeError(self._clean(
-                        f"HTTP {status} from {self.endpoint}: it redirects to {where[:200]}; redirects are "
-                        "not followed (the API key would go with them): set OPENAI_BASE_URL or --base-url "
-                        "to the final address"))
-                elif status in (401, 403, 404):
-                    raise JudgeError(self._clean(
-                        f"HTTP {status} from {self.endpoint}: {self._detail(raw)} "
-                        "(check OPENAI_BASE_URL, OPENAI_API_KEY and --judge-model)"))
-                elif status == 429 or status >= 500:
-                    retry_after = self._retry_after(headers)
-                    last = f"HTTP {status}: {self._detail(raw)}"
-                else:  # another 4xx (or a stray 1xx): this item's request is wrong; asking again won't help
-                    return {"error": self._clean(f"HTTP {status}: {self._detail(raw)}")}
-            if attempt == self.max_retries:
-                break
-            delay = self._delay(attempt, retry_after)
-            self.log(self._clean(f"  judge: retry {attempt + 1}/{self.max_retries} in {delay:.1f}s "
-                                 f"after {last[:160]}"))
-            if stop.wait(delay):
-                return {"error": "interrupted"}
-        return {"error": self._clean(f"gave up after {self.max_retries + 1} attempts: {last}")[:300]}
+        if stop is not None and stop.is_set():
+            return {"error": "interrupted"}
+        openai = self._openai
+        try:
+            raw = self._client.chat.completions.with_raw_response.create(**self.request_body(prompt, answer))
+        except openai.APIStatusError as e:
+            status = e.status_code
+            if 300 <= status < 400:
+                where = e.response.headers.get("location") or "nowhere (no Location header)"
+                raise JudgeError(self._clean(
+                    f"HTTP {status} from {self.endpoint}: it redirects to {self._detail(where)}; redirects are "
+                    "not followed (the API key would go with them): set OPENAI_BASE_URL or --base-url "
+                    "to the final address")) from None
+            if status in (401, 403, 404):
+                raise JudgeError(self._clean(
+                    f"HTTP {status} from {self.endpoint}: {self._detail(e.response.text)} "
+                    "(check OPENAI_BASE_URL, OPENAI_API_KEY and --judge-model)")) from None
+            return {"error": self._detail(f"HTTP {status} (after at most {self.max_retries} retries): "
+                                          f"{e.response.text}")}
+        except openai.APIError as e:  # timeouts and connection errors, after the client's retries
+            cause = f": {e.__cause__}" if e.__cause__ is not None else ""
+            return {"error": self._detail(f"{type(e).__name__} (after at most {self.max_retries} retries): "
+                                          f"{e}{cause}")}
+        try:  # the client parses whatever a 2xx body held: only a chat completion is scored
+            reply = raw.parse().choices[0].message.content
+            if not isinstance(reply, (str, type(None))):
+                raise TypeError("content is not text")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError, openai.APIError) as e:
+            return {"error": self._detail(f"malformed response body ({type(e).__name__}): {raw.http_response.text}")}
+        reply = reply or ""
+        return {"score": parse_score(reply), "reply": self._clean(reply)[:200]}
 
 
 class LocalJudge:
@@ -784,7 +659,7 @@ def log_stderr(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = log_stderr):
+def make_judge(recipe, backend: str, device=None):
     """The judge a recipe names: "local" (a checkpoint; default θ_0, the recipe's SFT model)
     or "openai" (any OpenAI-compatible endpoint; the key comes from OPENAI_API_KEY only),
     with the recipe's prompt template, system message and request settings."""
@@ -801,8 +676,7 @@ def make_judge(recipe, backend: str, device=None, log: Callable[[str], None] = l
         defaults = fx.judge_api_defaults
         return OpenAIJudge(model=fx.judge_model or DEFAULT_MODEL, base_url=fx.judge_base_url or None,
                            timeout=fx.judge_timeout, max_retries=fx.judge_max_retries,
-                           backoff=fx.judge_backoff, concurrency=fx.judge_concurrency, log=log,
-                           prompt_template=template,
+                           concurrency=fx.judge_concurrency, prompt_template=template,
                            system_prompt=system, temperature=None if defaults else 0,
                            max_tokens=None if defaults else 8)
     raise JudgeError(f"unknown judge backend {backend!r} (local or openai)")
