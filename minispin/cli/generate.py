@@ -21,10 +21,12 @@ from minispin.cli import apply_threads, prog
 from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.run.iteration import locked
 from minispin.run.pairs import generate_pairs_file
+from minispin.run.preempt import stoppable
 
 KEYS = ("data", "num_prompts", "shuffle_seed", "shuffle_rows", "max_new_tokens", "temperature", "top_p", "top_k",
         "seed", "gen_batch_size", "max_length", "max_prompt_length", "template", "empty_system",
-        "gen_template", "gen_bos", "decode", "dtype", "device", "compile", "cpu_threads")
+        "gen_template", "gen_bos", "decode", "dtype", "device", "compile", "cpu_threads",
+        "dist_timeout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,12 +62,12 @@ def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
     apply_threads(recipe)
-    env = D.init_distributed(recipe.model.device)
+    env = D.init_distributed(recipe.model.device, recipe.model.dist_timeout)
     changed = R.format_overrides(recipe)   # e.g. the checkpoint's generation_config.json
     if changed and env.is_main:
         print(changed, flush=True)
     try:
-        with locked(recipe.run_dir, env):
+        with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env):
             generate_pairs_file(recipe, args.iter, env, model_dir=args.model, out=args.out,
                                 overwrite=args.overwrite, strict=args.strict, progress=args.progress)
         return 0

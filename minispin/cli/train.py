@@ -23,10 +23,12 @@ from minispin.run import distributed as D
 from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
 from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
-from minispin.run.iteration import locked, run_iteration, run_sft, summarize
+from minispin.run.iteration import locked, run_iteration, run_sft, summarize, summary_missing
+from minispin.run.preempt import stoppable
 from minispin.run.reporting import check_installed
 
-MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads")
+MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads",
+              "dist_timeout")
 DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_prompts", "seed")
 GEN_KEYS = ("generate", "compile", "gen_template", "gen_bos", "decode", "shuffle_seed", "shuffle_rows")
 TRAIN_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "training")
@@ -72,18 +74,21 @@ def run(argv=None) -> int:
         return 0
     check_installed(recipe.training.report_to)   # a missing reporter: one line now, before any model loads
     apply_threads(recipe)
-    env = D.init_distributed(recipe.model.device)
+    env = D.init_distributed(recipe.model.device, recipe.model.dist_timeout)
     log = (lambda *m: print(*m, flush=True)) if env.is_main else (lambda *m: None)
     changed = R.format_overrides(recipe)
     if changed:
         log(changed)
     try:
-        with locked(recipe.run_dir, env):
+        with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env):
             if args.sft:
                 run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
-            elif run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out,
-                               args.force, args.dump_rows, args.progress, log) is not None and env.is_main:
-                print(summarize(recipe, args.iteration, args.out, progress=args.progress), flush=True)
+            else:
+                trained = run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out,
+                                        args.force, args.dump_rows, args.progress, log) is not None
+                # also a finished iteration whose summary a stopped run did not write
+                if env.is_main and not args.dump_rows and (trained or summary_missing(recipe, args.iteration, args.out)):
+                    print(summarize(recipe, args.iteration, args.out, progress=args.progress), flush=True)
         return 0
     finally:
         D.close_distributed(env)

@@ -307,11 +307,12 @@ def _shards(state: Dict[str, torch.Tensor], max_bytes: int) -> Iterable[Dict[str
 
 def save_model(model: Optional[Transformer], out_dir: str, tokenizer_from: Optional[str] = None,
                max_shard_size="5GB", dtype=None, state_dict: Optional[dict] = None,
-               config: Optional[ModelArgs] = None) -> str:
+               config: Optional[ModelArgs] = None, training: Optional[dict] = None) -> str:
     """Write an HF-format folder that transformers, vLLM, lm-eval and load_model read.
 
     state_dict/config let a distributed trainer pass gathered full weights without a
-    local model. dtype casts the saved tensors (default: as they are).
+    local model. dtype casts the saved tensors (default: as they are). training: how the
+    trainer made it (resume.py), kept in the export marker.
     """
     config = config or model.config
     state = state_dict if state_dict is not None else model.state_dict()
@@ -350,7 +351,7 @@ def save_model(model: Optional[Transformer], out_dir: str, tokenizer_from: Optio
             if os.path.isfile(os.path.join(src, name)):
                 # copyfile, not copy: the process umask sets the mode, not the source's
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-    return replace_folder(tmp, out_dir)
+    return replace_folder(tmp, out_dir, training)
 
 
 def file_sha256(path: str) -> str:
@@ -386,7 +387,7 @@ def check_export_target(out_dir: str):
                           "empty that folder yourself")
 
 
-def replace_folder(tmp: str, out_dir: str) -> str:
+def replace_folder(tmp: str, out_dir: str, training: Optional[dict] = None) -> str:
     """Put the finished folder tmp in out_dir's place by renames, so out_dir is at every
     moment either the old complete folder or the new one, never half written. tmp gets the
     export marker (with every file's sha256) first; out_dir is checked by
@@ -400,8 +401,11 @@ def replace_folder(tmp: str, out_dir: str) -> str:
     hashes = {n: file_sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
               if os.path.isfile(os.path.join(tmp, n)) and n != EXPORT_MARKER}
     marker = {"format": EXPORT_FORMAT, "version": 1, "fingerprint": _fingerprint_of(hashes),
-              "files": {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": h}
+              "files": {n: {"size": os.path.getsize(os.path.join(tmp, n)),
+                            "mtime_ns": os.stat(os.path.join(tmp, n)).st_mtime_ns, "sha256": h}
                         for n, h in hashes.items()}}
+    if training is not None:
+        marker["training"] = training
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(marker, f, indent=1)
     os.chmod(tmp, 0o777 & ~umask)
@@ -416,9 +420,17 @@ def replace_folder(tmp: str, out_dir: str) -> str:
 _FP_CACHE: Dict[tuple, str] = {}
 
 
+def _unchanged(path: str, recorded: dict) -> bool:
+    """The file still has the size and modification time the marker recorded: other bytes of
+    the same size copied over it (a new mtime) make the marker's hashes untrusted."""
+    st = os.stat(path)
+    return st.st_size == recorded["size"] and st.st_mtime_ns == recorded["mtime_ns"]
+
+
 def model_fingerprint(model_dir: str, cache_path: Optional[str] = None) -> str:
     """A content fingerprint of a model folder (config.json + weight files): read from its
-    export marker when the listed files are all there with their recorded sizes, else the
+    export marker when the listed files are all there with their recorded sizes and
+    modification times (a marker without them is not trusted), else the
     files are hashed — once per process, and once per run when cache_path (a JSON file in
     the run folder) remembers it for the files' (path, size, mtime): a copied folder gets
     new mtimes and is hashed again, so the cache never vouches for other content."""
@@ -428,7 +440,7 @@ def model_fingerprint(model_dir: str, cache_path: Optional[str] = None) -> str:
             m = load_json_file(marker)
             files = m["files"]
             if (m.get("format") == EXPORT_FORMAT and isinstance(m.get("fingerprint"), str)
-                    and all(os.path.getsize(os.path.join(model_dir, n)) == f["size"] for n, f in files.items())):
+                    and all(_unchanged(os.path.join(model_dir, n), f) for n, f in files.items())):
                 return m["fingerprint"]
         except (UserError, OSError, KeyError, TypeError, AttributeError):
             pass  # unreadable or stale marker: hash the files

@@ -38,6 +38,7 @@
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -78,8 +79,9 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: Optional[str] = "auto") -> DistEnv:
-    """Join (or create) the default process group; pick the device and backend.
+def init_distributed(device: Optional[str] = "auto", timeout_s: Optional[float] = None) -> DistEnv:
+    """Join (or create) the default process group; pick the device and backend. timeout_s
+    (recipe key dist_timeout) bounds each collective's wait for the other ranks.
 
     Under torchrun (RANK/WORLD_SIZE in the environment) this joins the job's group, nccl on
     GPUs and gloo on CPU; started as plain `python`, it makes a group of one, so every code
@@ -93,7 +95,8 @@ def init_distributed(device: Optional[str] = "auto") -> DistEnv:
     owns = False
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+            wait = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, **wait)
         else:  # plain `python train.py`: a group of one, no ports needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True

@@ -26,6 +26,7 @@ import contextlib
 import os
 import shlex
 import sys
+from dataclasses import replace
 from typing import Callable, List, Optional, Tuple
 
 from . import distributed as D
@@ -33,7 +34,7 @@ from .data import read_jsonl, read_pairs, read_sft, write_json_atomic, write_jso
 from .errors import UserError
 from ..study.fixes import apply_recipe_fixes, pair_margin
 from .layout import (export_path, fingerprint_cache_path, iter_dir, judge_cache_path, judged_path, pairs_path,
-                     theta_path)
+                     summary_path, theta_path)
 from .rows import tokenize_pairs, tokenize_sft
 from .pairs import generate_pairs_file
 from .recipe import DEFAULT_RECIPE, Recipe, as_dict
@@ -292,6 +293,7 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
     theta = theta_path(recipe.run_dir, t, recipe.model.path)
     export = out or export_path(recipe.run_dir, t)
     if os.path.isfile(os.path.join(export, "config.json")) and not force and not dump_rows:
+        check_same_settings(recipe, t, env, theta, export, pairs_file, prev_pairs_file)
         log(f"iteration {t} is already trained: {export} exists (pass --force to train it again)")
         return None
     if not os.path.isfile(os.path.join(theta, "config.json")):
@@ -327,6 +329,41 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
     return trainer.run()
 
 
+def check_same_settings(recipe: Recipe, t: int, env, theta: str, export: str,
+                        pairs_file: Optional[str], prev_pairs_file: Optional[str]):
+    """An export of iteration t exists: refuse (exit 2, naming them) if this command's
+    settings, θ_t or pairs differ from those it was trained with (resume.py). The pairs
+    are compared when they are all at hand (never sampled or judged for this); else the
+    settings and θ_t alone."""
+    from ..core.train import resume_settings
+    from .checkpoint import model_fingerprint
+    from .resume import check_trained, trained_record
+    record = trained_record(export)
+    if record is None:   # exported before exports recorded their settings: nothing to compare
+        return
+    quiet = lambda *m: None  # noqa: E731
+    settings = train_settings(recipe)
+    if not os.path.isfile(os.path.join(theta, "config.json")):
+        now = dict(resume_settings(settings, env.device), mode=Trainer.mode, theta=None)
+        return check_trained(record, now, export, theta, {}, keys=set(now))
+    try:
+        if recipe.fixes.judge_backend != "none" and (recipe.fixes.relabel or recipe.fixes.adaptive):
+            raise SetupError("judging is not done to compare settings")
+        sources = ensure_pairs(replace(recipe, generation=replace(recipe.generation, generate=False)),
+                               t, env, pairs_file, prev_pairs_file, False, quiet)
+        if recipe.fixes.relabel or recipe.fixes.adaptive:
+            sources = ensure_judged(recipe, sources, env, tuple(p for p in (pairs_file, prev_pairs_file) if p),
+                                    quiet)
+    except SetupError:   # pairs or judged pairs no longer there: compare the rest
+        fp = model_fingerprint(theta, fingerprint_cache_path(recipe.run_dir)) if env.is_main else None
+        now = dict(resume_settings(settings, env.device), mode=Trainer.mode, theta=D.broadcast_object(fp))
+        return check_trained(record, now, export, theta, {}, keys=set(now))
+    rows, per_source, _ = build_rows(recipe, load_tokenizer(theta, template=recipe.model.template), sources, quiet)
+    info = {"fingerprints": {tag: {"file": v["file"], "sha": v["sha"]} for tag, v in per_source.items()}}
+    trainer = Trainer(settings, env, rows, theta, iter_dir(recipe.run_dir, t), export, 0, info, progress=False)
+    check_trained(record, trainer.resume_key(), export, theta, {tag: v["file"] for tag, v in per_source.items()})
+
+
 def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
             progress: bool = True, log: Callable = print) -> Optional[dict]:
     """Supervised fine-tuning on the recipe's real answers (the SFT baseline, θ_0)."""
@@ -349,6 +386,13 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
             "recipe": as_dict(recipe)}
     return SFTTrainer(train_settings(recipe), env, items, recipe.model.path, work, export, tok.pad_id, info,
                       progress=progress).run()
+
+
+def summary_missing(recipe: Recipe, t: int, export: Optional[str] = None) -> bool:
+    """Iteration t is trained but its summary was not written (a run stopped in its
+    held-out check): the re-run writes it."""
+    return (os.path.isfile(os.path.join(export or export_path(recipe.run_dir, t), "config.json"))
+            and not os.path.isfile(summary_path(recipe.run_dir, t)))
 
 
 def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bool = False) -> str:

@@ -12,6 +12,7 @@ evaluate.py agree on (run_dir defaults to runs/<recipe name>):
         metrics.jsonl      one line per optimizer step
         train_info.json    data sources, truncation counts, settings, world size
         model/             the HF-format export θ_{t+1}
+        summary.json       rewards and the held-out check, written after the export
         eval/              evaluate.py results
       sft/                 train.py --sft: the same files for an SFT run
 
@@ -44,6 +45,10 @@ def theta_path(run_dir: str, t: int, sft_model: str) -> str:
     if t < 0:
         raise ValueError(f"--iter must be >= 0, got {t}")
     return sft_model if t == 0 else export_path(run_dir, t - 1)
+
+
+def summary_path(run_dir: str, t: int) -> str:
+    return os.path.join(iter_dir(run_dir, t), "summary.json")
 
 
 def judge_cache_path(run_dir: str) -> str:

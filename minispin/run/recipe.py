@@ -86,6 +86,10 @@ class Model:
                      choices=("auto", "float32", "bfloat16", "float16"))
     cpu_threads: int = key(0, "torch intra-op threads on CPU (0 = torch's default; tiny models "
                            "run fastest on 1)", lo=0)
+    dist_timeout: float = key(1800.0, "seconds a torchrun process waits in a collective for the "
+                              "others before the run stops, naming the ranks that did not answer "
+                              "(torch's default, 1800); keep it above the longest stage one rank "
+                              "runs alone (rank 0 judges pairs, hashes θ_t)", lo=1, hi=10**7)
 
 
 @dataclass

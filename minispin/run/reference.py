@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Callable, Dict, List
 
 import torch
@@ -26,6 +27,8 @@ from ..core.loss import answer_logps
 from ..core.noise import noised_answer_logps, reference_noise
 from ..core.settings import TrainSettings
 from .data import JsonlAppender, read_jsonl
+from .errors import UserError
+from .resume import HOOKS
 from .rows import TokenizedPair, collate_pairs
 
 
@@ -33,8 +36,9 @@ class Reference:
     """log p_θt of the [real; generated] rows of a run's pairs, stored or recomputed."""
 
     def __init__(self, cfg: TrainSettings, env, items: List[TokenizedPair], theta_fp: str, pad_id: int,
-                 path: str, progress: bool = True, log: Callable = print):
+                 path: str, progress: bool = True, log: Callable = print, theta_path: str = "θ_t"):
         self.cfg, self.env, self.items, self.theta_fp = cfg, env, items, theta_fp
+        self.theta_path = theta_path   # named when θ_t cannot score a pair
         self.pad_id, self.path, self.progress, self.log = pad_id, path, progress, log
         self.noise = cfg.noise
         self.cache: Dict[str, tuple] = {}
@@ -62,7 +66,13 @@ class Reference:
             return noised_answer_logps(model, ids, mask, noise[0], noise[1], self.cfg.fp32_logits, **seen)
 
     def precompute(self, model, step: int = 0):
-        """log p_θt of both answers of every pair, once; cached in ref_logps.jsonl."""
+        """log p_θt of both answers of every pair, once; cached in ref_logps.jsonl.
+
+        The forward batches are fixed slices of ALL pairs (longest first, so each holds
+        similar lengths and little padding), whatever the cache holds: a batch with a pair
+        missing is computed whole, a complete one skipped. So a run killed after any number
+        of records computes each pair in the same batch, with the same padding and rounding,
+        as an uninterrupted one. A non-finite log-prob stops the pass (nothing is written)."""
         env, cfg = self.env, self.cfg
         fps = {p.key: self.fingerprint(p) for p in self.items}
         have = {}
@@ -70,37 +80,54 @@ class Reference:
             if fps.get(rec.get("key")) == rec.get("fp"):
                 have[rec["key"]] = (float(rec["real"]), float(rec["generated"]))
         D.barrier()  # everyone has read the file before rank 0 appends to it
-        todo = [p for p in self.items if p.key not in have]
-        # longest first, so each batch holds similar lengths and little padding
-        todo.sort(key=lambda p: len(p.prompt) + max(len(p.real), len(p.generated)), reverse=True)
+        per = cfg.ref_batch_size or 2 * cfg.micro_batch_size
+        ordered = sorted(self.items, key=lambda p: len(p.prompt) + max(len(p.real), len(p.generated)),
+                         reverse=True)
+        batches = [ordered[i:i + per] for i in range(0, len(ordered), per)]
+        todo = [b for b in batches if any(p.key not in have for p in b)]
         if todo:
-            self.log(f"reference pass: log p_θt for {len(todo)} pairs ({len(have)} cached) -> {self.path}")
-            per = cfg.ref_batch_size or 2 * cfg.micro_batch_size
-            chunk = per * env.world_size
+            n_todo = sum(map(len, todo))
+            self.log(f"reference pass: log p_θt for {n_todo} pairs ({len(self.items) - n_todo} cached) "
+                     f"-> {self.path}")
             model.eval()
             writer = JsonlAppender(self.path, fsync=False) if env.is_main else None
+            written = 0
             from tqdm import tqdm
-            bar = tqdm(total=len(todo), desc="reference", unit="pair", disable=not (env.is_main and self.progress))
-            for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
-                mine = part[env.rank * per:(env.rank + 1) * per]
+            bar = tqdm(total=n_todo, desc="reference", unit="pair", disable=not (env.is_main and self.progress))
+            for start in range(0, len(todo), env.world_size):
+                part = todo[start:start + env.world_size]   # one batch per rank
+                mine = part[env.rank] if env.rank < len(part) else []
                 # every rank must run the forward (FSDP gathers collectively): a rank with
-                # nothing left computes a throwaway pair
-                work = mine or part[:1]
+                # nothing left computes a throwaway batch
+                work = mine or part[0]
                 logps = self.forward(model, collate_pairs(work, self.pad_id), step).cpu().tolist()
                 n = len(work)
                 out = [(p.key, logps[i], logps[n + i]) for i, p in enumerate(work)] if mine else []
-                for results in D.all_gather_objects(out):
-                    for key, real, gen in results:
-                        have[key] = (real, gen)
-                        if writer:
-                            writer.write({"key": key, "real": real, "generated": gen, "fp": fps[key]})
-                bar.update(len(part))
+                gathered = [r for results in D.all_gather_objects(out) for r in results]
+                self.refuse_non_finite(gathered)   # on every rank: all stop together
+                for key, real, gen in gathered:
+                    have[key] = (real, gen)
+                    if writer:
+                        writer.write({"key": key, "real": real, "generated": gen, "fp": fps[key]})
+                        written += 1
+                        for fn in HOOKS["ref_record"]:
+                            fn(self, written)
+                bar.update(sum(map(len, part)))
             bar.close()
             if writer:
                 writer.close()
         D.barrier()
         self.cache = have
+
+    def refuse_non_finite(self, results):
+        """Stop at the first pair whose reference log-prob is NaN or infinite: θ_t cannot
+        score it, and every loss on it would be non-finite too."""
+        for key, real, gen in results:
+            if not (math.isfinite(real) and math.isfinite(gen)):
+                raise UserError(
+                    f"reference pass: θ_t = {self.theta_path} gives pair {key} a non-finite log-prob "
+                    f"(real {real}, generated {gen}); nothing was written for it. Check θ_t's weights "
+                    "(NaN or inf, or values so large the logits overflow) and this pair")
 
     def logps(self, batch: dict, step: int) -> torch.Tensor:
         """(2B,) log p_θt of the batch's [real; generated] rows."""

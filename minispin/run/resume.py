@@ -9,10 +9,16 @@ RNG state, the newest intact checkpoint, and the metric lines past it.
   every difference.
 * `intact_checkpoint`: the newest checkpoint whose files match their checksums (rank 0
   checks, the others follow); each damaged newer one is named on stderr and skipped.
-* Hooks for tests: `add_hook("loss", fn(step, loss) -> loss)` and `add_hook("step_end",
-  fn(trainer, step))` run inside every Trainer of the process; a test installs them (e.g. a
-  NaN at step 5, a SIGKILL after step 5) and removes them with `clear_hooks()`. Nothing in
-  the loop reads the environment.
+* The same key is written into the export marker (minispin_export.json, under "training")
+  when θ_{t+1} is exported (`trained_record`), so a re-run of a finished iteration compares
+  it too (`check_trained`): with other settings it refuses, naming them (`--force` trains
+  again), instead of saying "already trained" about a model other settings made.
+  `key_differences` is the one place that spells a difference, for both.
+* Hooks for tests: `add_hook("loss", fn(step, loss) -> loss)`, `add_hook("step_end",
+  fn(trainer, step))` and `add_hook("ref_record", fn(reference, n))` (rank 0, after the n-th
+  reference record is written) run inside every Trainer of the process; a test installs them
+  (e.g. a NaN at step 5, a SIGKILL after step 5 or after 3 reference records) and removes
+  them with `clear_hooks()`. Nothing in the loop reads the environment.
 """
 from __future__ import annotations
 
@@ -25,9 +31,10 @@ import torch
 from . import distributed as D
 from ..core.train import resume_settings
 from .data import read_jsonl, write_jsonl_atomic
-from .errors import UserError
+from .checkpoint import EXPORT_MARKER
+from .errors import UserError, load_json_file
 
-HOOKS: Dict[str, List[Callable]] = {"loss": [], "step_end": []}
+HOOKS: Dict[str, List[Callable]] = {"loss": [], "step_end": [], "ref_record": []}
 
 
 def add_hook(kind: str, fn: Callable):
@@ -52,26 +59,61 @@ def resume_key(cfg, device, total_steps: int, mode: str, theta_fp: str, info: di
     return key
 
 
+def key_differences(was: dict, now: dict, files: Dict[str, str], theta: str, trained_from: str,
+                    keys: Optional[set] = None) -> List[str]:
+    """What differs between two resume keys, one phrase each; `keys` limits the comparison
+    (None: every key of either). trained_from names what `was` describes."""
+    diff = []
+    for k in sorted(keys if keys is not None else set(now) | set(was)):
+        if k == "data":
+            for tag in sorted(set(now.get(k) or {}) | set(was.get(k) or {})):
+                a, b = (was.get(k) or {}).get(tag), (now.get(k) or {}).get(tag)
+                if a != b:
+                    what = "changed" if a and b else ("added" if b else "removed")
+                    rows = "examples" if tag == "sft" else "pairs"
+                    diff.append(f"the {rows} of {tag} ({files.get(tag, tag)}) {what}")
+        elif k == "theta" and was.get(k) != now.get(k):
+            diff.append(f"θ_t ({theta}) changed: its weights are not those {trained_from} was "
+                        "trained from" if now.get(k) else f"θ_t ({theta}) is not a model folder")
+        elif was.get(k) != now.get(k):
+            diff.append(f"{k}: {was.get(k)!r} -> {now.get(k)!r}")
+    return diff
+
+
 def check_resume_key(path: str, was: dict, now: dict, info: dict, init_model: str, ckpt_root: str):
     """Refuse a checkpoint written with other data or settings, naming each difference."""
     files = {tag: v["file"] for tag, v in info.get("fingerprints", {}).items()}
-    diff = []
-    for k in sorted(set(now) | set(was)):
-        if k == "data":
-            for tag in sorted(set(now[k]) | set(was.get(k) or {})):
-                a, b = (was.get(k) or {}).get(tag), now[k].get(tag)
-                if a != b:
-                    what = "changed" if a and b else ("added" if b else "removed")
-                    diff.append(f"the pairs of {tag} ({files.get(tag, tag)}) {what}")
-        elif k == "theta" and was.get(k) != now.get(k):
-            diff.append(f"θ_t ({init_model}) changed: its weights are not those the "
-                        "checkpoint was trained from")
-        elif was.get(k) != now.get(k):
-            diff.append(f"{k}: {was.get(k)!r} -> {now.get(k)!r}")
+    diff = key_differences(was, now, files, init_model, "the checkpoint")
     if diff:
         raise ResumeError(f"{path} was written by a run with other data or settings "
                           f"({'; '.join(diff)}); resuming would mix two runs. Restore them, or "
                           f"start fresh: delete {ckpt_root} (or use another --run-dir)")
+
+
+class TrainedWithOtherSettings(UserError):
+    """A finished iteration re-run with settings other than those it was trained with."""
+
+
+def trained_record(export_dir: str) -> Optional[dict]:
+    """The training record of an export ({"key", "theta", "files"}), or None when it has none
+    (exported by an older minispin, or not by the trainer)."""
+    try:
+        rec = load_json_file(os.path.join(export_dir, EXPORT_MARKER)).get("training")
+    except (UserError, OSError, AttributeError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("key"), dict) else None
+
+
+def check_trained(record: dict, now: dict, export_dir: str, theta: str, files: Dict[str, str],
+                  keys: Optional[set] = None):
+    """Refuse (exit 2) a re-run whose settings differ from those export_dir was trained with."""
+    diff = key_differences(record["key"], now, files, theta, export_dir, keys)
+    if diff and now.get("theta") != record["key"].get("theta") and record.get("theta") != theta:
+        diff.append(f"it was trained from θ_t = {record.get('theta')}")
+    if diff:
+        raise TrainedWithOtherSettings(
+            f"{export_dir} was trained with other settings than this command's ({'; '.join(diff)}); "
+            "pass --force to train it again with these, or use another --run-dir or --out to keep both")
 
 
 def rng_state(device: torch.device, noise_gen: Optional[torch.Generator]) -> dict:

@@ -12,7 +12,8 @@
    Metrics go to metrics.jsonl (and TensorBoard / W&B: reporting.MetricsLog).
 4. Checkpoints every `checkpoint_every` steps (model, optimizer, scheduler, step, RNG and
    the resume key: run/resume.py); re-running the same command resumes from the newest
-   intact one and refuses one written from other data or settings. A non-finite loss or
+   intact one and refuses one written from other data or settings. SIGTERM / SIGUSR1
+   (run/preempt.py) finish the step in flight, save a checkpoint on every rank and stop. A non-finite loss or
    gradient norm stops the run BEFORE the optimizer step, naming the step, the batch and
    the last good checkpoint, which stays intact.
 5. Export: the full state dict gathered and written as an HF folder (atomically): θ_{t+1}.
@@ -41,6 +42,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import distributed as D
+from . import preempt
 from ..core import lora
 from ..core.device import parse_dtype
 from ..core.noise import add_neftune
@@ -94,7 +96,7 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.reference = Reference(cfg, env, items, self.theta_fp, pad_id,
-                                   os.path.join(work_dir, "ref_logps.jsonl"), progress, self.log)
+                                   os.path.join(work_dir, "ref_logps.jsonl"), progress, self.log, init_model)
         self.policy = None  # set by run(); step_end hooks may look at it
         # LoRA (core/lora.py): adapters on a frozen base; None = every weight trains
         self.lora = (lora.LoRASettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
@@ -128,6 +130,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.mode}", unit="step",
                    disable=not (env.is_main and self.progress), file=sys.stdout)
         last = {}
+        preempt.hold()  # SIGTERM / SIGUSR1 now wait for the optimizer step in flight (run/preempt.py)
         try:
             for step in range(start, self.total_steps):  # 3. the loop
                 self.step = step
@@ -141,9 +144,15 @@ class Trainer:
                     last_ckpt = self.save_checkpoint(policy, opt, sched, done, last_ckpt)  # 4.
                 for fn in HOOKS["step_end"]:
                     fn(self, done)
+                stop = preempt.requested(env)   # a signal on any rank: all save and stop here
+                if stop:
+                    if os.path.basename(last_ckpt or "") != f"step_{done}":
+                        last_ckpt = self.save_checkpoint(policy, opt, sched, done, last_ckpt)
+                    raise preempt.stopped_training(stop, done, self.total_steps, last_ckpt)
         finally:
             bar.close()
             metrics_log.close()
+        preempt.release()
         self.export(policy)                          # 5. θ_{t+1}
         if env.is_main and not cfg.keep_checkpoints_after_export:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
@@ -241,6 +250,11 @@ class Trainer:
     def resume_key(self) -> dict:
         return resume_key(self.cfg, self.env.device, self.total_steps, self.mode, self.theta_fp, self.info)
 
+    def training_record(self) -> dict:
+        """What the export records of how it was made (run/resume.py compares it on a re-run)."""
+        return {"key": self.resume_key(), "theta": self.init_model,
+                "files": {tag: v["file"] for tag, v in self.info.get("fingerprints", {}).items()}}
+
     def resume(self, policy, opt, sched):
         """(first step, newest intact checkpoint): 0 and None on a fresh start."""
         start, last_ckpt = 0, intact_checkpoint(self.ckpt_root, self.env.is_main)
@@ -294,7 +308,8 @@ class Trainer:
                              f"from it by {math.sqrt(stats['bf16_error'] / stats['update']):.2f} x the norm "
                              f"of this iteration's update (rounding; >= 1 means it is mostly lost)")
             save_model(None, self.export_dir, tokenizer_from=self.init_model, state_dict=full,
-                       config=read_config(self.init_model), dtype=parse_dtype(self.cfg.export_dtype))
+                       config=read_config(self.init_model), dtype=parse_dtype(self.cfg.export_dtype),
+                       training=self.training_record())
             self.log(f"exported {self.export_dir} ({time.time() - t0:.1f}s)")
         D.barrier()
 

@@ -27,7 +27,7 @@ from typing import List, Optional
 import torch
 
 from ..run.checkpoint import load_model, model_fingerprint
-from ..run.data import SFTExample, read_jsonl, read_sft
+from ..run.data import SFTExample, read_jsonl, read_sft, write_json_atomic
 from ..run.rows import collate_sft, tokenize_sft
 from ..core.loss import sequence_logps
 from ..core.sampling import generate
@@ -124,8 +124,7 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
         summary["heldout"] = {"data": eval_data, "examples": len(examples),
                               "before": {k: before[k] for k in ("answer_nll", "format_rate", "exact_match")},
                               "after": {k: after[k] for k in ("answer_nll", "format_rate", "exact_match")}}
-    with open(os.path.join(work_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(work_dir, "summary.json"), summary)  # a stopped run leaves none, never half
     return summary
 
 
