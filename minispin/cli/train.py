@@ -13,7 +13,8 @@ iteration is skipped unless --force. The logic is minispin/run/iteration.py (doc
 walks through it); this file only reads the command line.
 
 Settings: built-in defaults < recipe < the recipe's [iterations.<t>] (or [sft]) table < flags.
-Exit status: 0 done, 1 training stopped (e.g. non-finite loss), 2 a setup, data or flag error.
+Exit status: 0 done, 1 training stopped (e.g. non-finite loss), 2 a setup, data or flag error,
+143 / 138 stopped by SIGTERM / SIGUSR1 (checkpoint saved; the same command resumes).
 """
 from __future__ import annotations
 

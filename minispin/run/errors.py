@@ -3,7 +3,8 @@
 Every error class of minispin that means "this input or setting cannot be used" derives
 from `UserError`; its message already names the file (and line or key) and says what to
 do. The CLIs (minispin/cli/args.py's `run_cli`) turn a UserError into one line on stderr
-and its `exit_code`: 2, or 1 for a training run that stopped.
+and its `exit_code`: 2, or 1 for a training run that stopped (128 + the signal number for
+one a scheduler stopped: preempt.py).
 """
 from __future__ import annotations
 
