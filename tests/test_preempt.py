@@ -99,6 +99,7 @@ def signal_self_after_step(add_hook, n, sig):
 
 
 # ---------------------------------------------------------------------- signals, one process
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_stop_signal_during_training_saves_a_checkpoint_and_the_rerun_resumes_bit_identically(
         model, base, tmp_path, capsys, hooks, sig):
@@ -121,6 +122,7 @@ def test_a_stop_signal_during_training_saves_a_checkpoint_and_the_rerun_resumes_
     assert weights_sha(run) == base["weights"]
 
 
+@pytest.mark.slow
 def test_a_stop_signal_during_the_reference_pass_stops_at_once_and_the_rerun_is_bit_identical(
         model, base, tmp_path, capsys, hooks):
     """SIGTERM after 3 reference records (an odd number: the second batch of 2 is half
@@ -151,6 +153,7 @@ def test_a_stop_signal_during_the_reference_pass_stops_at_once_and_the_rerun_is_
             assert (r["real"], r["generated"]) == first[r["key"]]
 
 
+@pytest.mark.slow
 def test_a_stop_signal_during_generation_exits_with_one_line_and_the_rerun_samples_the_same_pairs(
         model, tmp_path, capsys, monkeypatch):
     import minispin.run.pairs as pairs
@@ -212,6 +215,7 @@ def test_a_stop_signal_during_the_held_out_check_is_finished_by_the_rerun(model,
 
 
 # ---------------------------------------------------------------------- a finished iteration re-run
+@pytest.mark.slow
 def test_a_finished_iteration_rerun_with_other_settings_is_refused_naming_them(model, base, tmp_path, capsys):
     run = fresh(base, tmp_path)
     shutil.copytree(os.path.join(base["run"], "iter0", "model"), os.path.join(run, "iter0", "model"))
@@ -239,6 +243,7 @@ def test_a_finished_iteration_rerun_with_other_settings_is_refused_naming_them(m
 
 
 # ---------------------------------------------------------------------- θ_t replaced
+@pytest.mark.slow
 def test_other_weights_of_the_same_size_copied_into_theta_are_noticed(model, base, tmp_path, capsys):
     """iter0/model gets another model's weight file of the same size (a new mtime): the
     fingerprint is computed again, the reference log-probs too, and iteration 1's first loss
@@ -265,8 +270,9 @@ def test_other_weights_of_the_same_size_copied_into_theta_are_noticed(model, bas
 
 
 # ---------------------------------------------------------------------- bad numbers
+@pytest.mark.slow
 def test_a_non_finite_reference_log_prob_stops_the_reference_pass_naming_theta_and_the_pair(
-        model, base, tmp_path, capsys):
+        model, tmp_path, capsys):
     """Finite weights whose logits overflow (a final norm of 3e38): the reference pass stops
     with one line naming θ_0 and the pair, and writes no NaN."""
     from safetensors.torch import load_file, save_file
@@ -276,7 +282,8 @@ def test_a_non_finite_reference_log_prob_stops_the_reference_pass_naming_theta_a
     name = next(k for k in state if k.endswith("norm.weight") and "layers" not in k)
     state[name] = state[name] * 0 + 3e38
     save_file(state, path, metadata={"format": "pt"})
-    run = fresh(base, tmp_path)
+    run = str(tmp_path / "run")
+    write_pairs(os.path.join(run, "iter0", "pairs.jsonl"))
     rc, out, err = cli(capsys, "train.py", *args(big, run))
     assert rc == 2 and len(err) == 1, (rc, err)
     assert f"θ_t = {big} gives pair iter0/p" in err[0] and "non-finite log-prob" in err[0]
