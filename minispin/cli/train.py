@@ -9,7 +9,9 @@
 Iteration t starts from θ_t (the recipe's SFT model for t = 0, else runs/<name>/iter<t-1>/model),
 uses θ_t frozen as the reference, trains on iter<t>/pairs.jsonl (plus iter<t-1>'s for t >= 1)
 and writes θ_{t+1} to iter<t>/model. Re-running the same command resumes; a finished
-iteration is skipped unless --force. The logic is minispin/run/iteration.py (docs/reading.md
+iteration is skipped unless --force (refused if this command's settings differ from those it
+was trained with). SIGTERM / SIGUSR1 stop it after the step in flight, with a checkpoint
+(minispin/run/preempt.py). The logic is minispin/run/iteration.py (docs/reading.md
 walks through it); this file only reads the command line.
 
 Settings: built-in defaults < recipe < the recipe's [iterations.<t>] (or [sft]) table < flags.
