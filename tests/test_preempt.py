@@ -343,3 +343,21 @@ def test_a_rank_that_stops_answering_ends_the_run_within_dist_timeout_naming_it(
 def test_dist_timeout_is_a_checked_recipe_key(capsys):
     rc, out, err = cli(capsys, "train.py", "--dist-timeout", "0")
     assert rc == 2 and len(err) == 1 and "dist_timeout" in err[0], (rc, err)
+
+
+@pytest.mark.slow
+def test_a_finished_sft_run_rerun_with_other_settings_is_refused_naming_them(model, tmp_path, capsys):
+    data = str(tmp_path / "sft.jsonl")
+    with open(data, "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"say {i}", "completion": " ".join(WORDS[i:i + 6])}) + "\n")
+    sft = args(model, str(tmp_path / "run"), "--sft", "--data", data)
+    assert run_cli("train.py", *sft) == 0
+    rc, out, err = cli(capsys, "train.py", *sft)
+    assert rc == 0 and "already trained" in out, err
+    rc, out, err = cli(capsys, "train.py", *sft, "--lr", "1e-2")
+    assert rc == 2 and len(err) == 1 and "lr: 0.001 -> 0.01" in err[0] and "--force" in err[0], (rc, err)
+    with open(data, "a") as f:
+        f.write(json.dumps({"prompt": "say more", "completion": "the cat sat"}) + "\n")
+    rc, out, err = cli(capsys, "train.py", *sft)
+    assert rc == 2 and len(err) == 1 and f"the examples of sft ({data}) changed" in err[0], (rc, err)

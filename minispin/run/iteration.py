@@ -367,25 +367,37 @@ def check_same_settings(recipe: Recipe, t: int, env, theta: str, export: str,
 def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
             progress: bool = True, log: Callable = print) -> Optional[dict]:
     """Supervised fine-tuning on the recipe's real answers (the SFT baseline, θ_0)."""
+    from .resume import check_trained, trained_record
     work = os.path.join(recipe.run_dir, "sft")
     export = out or os.path.join(work, "model")
-    if os.path.isfile(os.path.join(export, "config.json")) and not force:
+    trained = os.path.isfile(os.path.join(export, "config.json")) and not force
+    record = trained_record(export) if trained else None
+    if trained and record is None:   # exported before exports recorded their settings
         log(f"SFT model already trained: {export} exists (pass --force to train it again)")
         return None
     if not os.path.isfile(os.path.join(recipe.model.path, "config.json")):
+        if trained:
+            now = dict(train_settings(recipe).resume_settings(env.device), mode=SFTTrainer.mode, theta=None)
+            check_trained(record, now, export, recipe.model.path, {}, keys=set(now))
         raise SetupError(f"model {recipe.model.path} is not a model folder")
     tok = load_tokenizer(recipe.model.path, template=recipe.model.template)
     examples, rstats = read_sft(recipe.data.path, limit=recipe.training.sft_limit or None)
     items, stats = tokenize_sft(tok, examples, recipe.data.max_length, recipe.data.max_prompt_length,
                                 empty_system=recipe.model.empty_system)
-    log(f"SFT: {len(items)} examples from {recipe.data.path} (skipped: {rstats.skipped or 'none'}); "
-        f"truncated {stats.prompts} prompts and {stats.real} answers")
+    if not trained:
+        log(f"SFT: {len(items)} examples from {recipe.data.path} (skipped: {rstats.skipped or 'none'}); "
+            f"truncated {stats.prompts} prompts and {stats.real} answers")
     info = {"data": recipe.data.path, "read": {"records": rstats.records, "skipped": rstats.skipped},
             "truncation": stats.as_dict(),
             "fingerprints": {"sft": {"file": recipe.data.path, "sha": items_fingerprint(items)}},
             "recipe": as_dict(recipe)}
-    return SFTTrainer(train_settings(recipe), env, items, recipe.model.path, work, export, tok.pad_id, info,
-                      progress=progress).run()
+    trainer = SFTTrainer(train_settings(recipe), env, items, recipe.model.path, work, export, tok.pad_id, info,
+                         progress=progress)
+    if trained:   # refused if trained with other settings, data or θ_0
+        check_trained(record, trainer.resume_key(), export, recipe.model.path, {"sft": recipe.data.path})
+        log(f"SFT model already trained: {export} exists (pass --force to train it again)")
+        return None
+    return trainer.run()
 
 
 def summary_missing(recipe: Recipe, t: int, export: Optional[str] = None) -> bool:
