@@ -337,6 +337,7 @@ def test_a_rank_that_stops_answering_ends_the_run_within_dist_timeout_naming_it(
     lines = [x for x in r.stderr.splitlines() if "stopped answering" in x]
     assert len(lines) == 1, r.stderr[-3000:]
     assert "rank 0: rank 1 of 2 stopped answering" in lines[0] and "dist_timeout = 5 s" in lines[0]
+    assert "exitcode  : 1 (pid" in r.stderr   # torchrun's report of rank 0: a stopped run's status
     assert took < 120, took
 
 
