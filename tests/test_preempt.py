@@ -235,6 +235,13 @@ def test_a_finished_iteration_rerun_with_other_settings_is_refused_naming_them(m
     rc, out, err = cli(capsys, "train.py", *args(model, run, "--lr", "1e-2"))
     assert rc == 2 and len(err) == 1 and "lr: 0.001 -> 0.01" in err[0], (rc, err)
     shutil.copy(os.path.join(base["run"], "iter0", "pairs.jsonl"), pairs)
+    marker = os.path.join(run, "iter0", "model", "minispin_export.json")
+    with open(marker) as f:
+        recorded = json.load(f)
+    with open(marker, "w") as f:   # an export of an older minispin: no record, nothing to compare
+        json.dump({k: v for k, v in recorded.items() if k != "training"}, f)
+    rc, out, err = cli(capsys, "train.py", *args(model, run, "--lr", "1e-2"))
+    assert rc == 0 and "already trained" in out, err
     rc, out, err = cli(capsys, "train.py", *args(model, run, "--lr", "1e-2", "--force"))
     assert rc == 0, err
     assert losses(run) != base["losses"]   # --force trained it again, with the new lr
