@@ -367,6 +367,7 @@ def check_same_settings(recipe: Recipe, t: int, env, theta: str, export: str,
 def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
             progress: bool = True, log: Callable = print) -> Optional[dict]:
     """Supervised fine-tuning on the recipe's real answers (the SFT baseline, θ_0)."""
+    from ..core.train import resume_settings
     from .resume import check_trained, trained_record
     work = os.path.join(recipe.run_dir, "sft")
     export = out or os.path.join(work, "model")
@@ -377,7 +378,7 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
         return None
     if not os.path.isfile(os.path.join(recipe.model.path, "config.json")):
         if trained:
-            now = dict(train_settings(recipe).resume_settings(env.device), mode=SFTTrainer.mode, theta=None)
+            now = dict(resume_settings(train_settings(recipe), env.device), mode=SFTTrainer.mode, theta=None)
             check_trained(record, now, export, recipe.model.path, {}, keys=set(now))
         raise SetupError(f"model {recipe.model.path} is not a model folder")
     tok = load_tokenizer(recipe.model.path, template=recipe.model.template)
