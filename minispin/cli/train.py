@@ -90,7 +90,8 @@ def run(argv=None) -> int:
                 trained = run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out,
                                         args.force, args.dump_rows, args.progress, log) is not None
                 # also a finished iteration whose summary a stopped run did not write
-                if env.is_main and not args.dump_rows and (trained or summary_missing(recipe, args.iteration, args.out)):
+                finish = trained or summary_missing(recipe, args.iteration, args.out)
+                if env.is_main and not args.dump_rows and finish:
                     print(summarize(recipe, args.iteration, args.out, progress=args.progress), flush=True)
         return 0
     finally:

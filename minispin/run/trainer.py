@@ -12,10 +12,10 @@
    Metrics go to metrics.jsonl (and TensorBoard / W&B: reporting.MetricsLog).
 4. Checkpoints every `checkpoint_every` steps (model, optimizer, scheduler, step, RNG and
    the resume key: run/resume.py); re-running the same command resumes from the newest
-   intact one and refuses one written from other data or settings. SIGTERM / SIGUSR1
-   (run/preempt.py) finish the step in flight, save a checkpoint on every rank and stop. A non-finite loss or
+   intact one and refuses one written from other data or settings. A non-finite loss or
    gradient norm stops the run BEFORE the optimizer step, naming the step, the batch and
-   the last good checkpoint, which stays intact.
+   the last good checkpoint, which stays intact. SIGTERM / SIGUSR1 (run/preempt.py) finish
+   the step in flight, save a checkpoint on every rank and stop.
 5. Export: the full state dict gathered and written as an HF folder (atomically): θ_{t+1}.
 
 LoRA (`lora_rank > 0`, core/lora.py): θ_t is loaded frozen (in the compute dtype unless
@@ -144,11 +144,7 @@ class Trainer:
                     last_ckpt = self.save_checkpoint(policy, opt, sched, done, last_ckpt)  # 4.
                 for fn in HOOKS["step_end"]:
                     fn(self, done)
-                stop = preempt.requested(env)   # a signal on any rank: all save and stop here
-                if stop:
-                    if os.path.basename(last_ckpt or "") != f"step_{done}":
-                        last_ckpt = self.save_checkpoint(policy, opt, sched, done, last_ckpt)
-                    raise preempt.stopped_training(stop, done, self.total_steps, last_ckpt)
+                self.stop_if_signalled(policy, opt, sched, done, last_ckpt)
         finally:
             bar.close()
             metrics_log.close()
@@ -281,6 +277,15 @@ class Trainer:
                                               "rng": rng_state(self.env.device, self.noise_gen)},
                           self.env, keep=self.cfg.keep_checkpoints)
         return path
+
+    def stop_if_signalled(self, policy, opt, sched, done: int, last_ckpt: Optional[str]):
+        """SIGTERM / SIGUSR1 reached any rank (run/preempt.py): every rank saves the state
+        after step `done` (unless just saved) and the run stops, saying how to resume."""
+        stop = preempt.requested(self.env)   # collective: all ranks stop after the same step
+        if stop:
+            if os.path.basename(last_ckpt or "") != f"step_{done}":
+                last_ckpt = self.save_checkpoint(policy, opt, sched, done, last_ckpt)
+            raise preempt.stopped_training(stop, done, self.total_steps, last_ckpt)
 
     def write_info(self):
         if self.env.is_main:
