@@ -129,7 +129,7 @@ def test_a_stop_signal_during_the_reference_pass_stops_at_once_and_the_rerun_is_
     cached): one line, exit 143; the re-run computes that batch whole, so its pairs get the
     padding and rounding of the uninterrupted run: the first loss and the weights are equal."""
     run = fresh(base, tmp_path)
-    hooks("ref_record", lambda trainer, n: os.kill(os.getpid(), signal.SIGTERM) if n == 3 else None)
+    hooks("ref_record", lambda reference, n: os.kill(os.getpid(), signal.SIGTERM) if n == 3 else None)
     rc, out, err = cli(capsys, "train.py", *args(model, run))
     from minispin.run.resume import clear_hooks
     clear_hooks()
