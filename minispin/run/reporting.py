@@ -142,3 +142,27 @@ class MetricsLog:
         for f in [self.jsonl] + self.reporters:
             if f:
                 f.close()
+
+
+def summary_scalars(summary: dict) -> dict:
+    """An iteration's summary.json as reporter scalars: "diagnostics/<key>" and
+    "heldout/<metric>" (θ_{t+1}'s; "heldout/<metric>_before" is θ_t's)."""
+    out = {f"diagnostics/{k}": v for k, v in (summary.get("diagnostics") or {}).items()}
+    h = summary.get("heldout") or {}
+    for side, suffix in (("after", ""), ("before", "_before")):
+        out.update({f"heldout/{k}{suffix}": v for k, v in (h.get(side) or {}).items()})
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def report_summary(report_to: str, work_dir: str, summary: dict, name: str = "", group: str = "", config=None):
+    """After the export: an iteration's diagnostics and held-out metrics to each reporter of
+    report_to, at step = the iteration's last optimizer step (W&B: one more run of the
+    iteration's name, as a resumed run is)."""
+    step = summary.get("steps") or 0
+    reporters = open_reporters(report_to, work_dir, step, name=name, group=group, config=config)
+    try:
+        for r in reporters:
+            r.log(summary_scalars(summary), step)
+    finally:
+        for r in reporters:
+            r.close()
