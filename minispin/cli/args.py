@@ -97,6 +97,26 @@ def iteration_arg(value: str) -> int:
     return t
 
 
+def iteration_range(value: str) -> List[int]:
+    """argparse type of train.py's --iter: "T" or "A-B" (A <= B), iterations from 0."""
+    first, sep, last = value.partition("-")
+    try:
+        a, b = int(first), int(last) if sep else int(first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an iteration T or a range A-B such as 0-3, got {value!r}") from None
+    if a < 0 or b < a:
+        raise argparse.ArgumentTypeError(f"must be >= 0, and a range A-B needs A <= B, got {value!r}")
+    return list(range(a, b + 1))
+
+
+def metric_arg(value: str) -> str:
+    """argparse type of --stop-when-worse: a metric the stop rule knows (run/chain.py METRICS)."""
+    from minispin.run.chain import METRICS
+    if value not in METRICS:
+        raise argparse.ArgumentTypeError(f"unknown metric {value!r}; one of {', '.join(METRICS)}")
+    return value
+
+
 def run_cli(main: Callable[[Optional[List[str]]], int], prog: str, argv: Optional[List[str]] = None) -> int:
     """main(argv) -> exit status, with our errors turned into `prog: error: message`."""
     argv = sys.argv[1:] if argv is None else argv

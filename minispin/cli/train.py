@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 8 train.py --iter 1      # 8 processes (GPUs, or CPU/gloo)
     torchrun --nproc_per_node 8 train.py --config zephyr-7b-sft-full --iter 0 --generate
     python train.py --sft                              # SFT on the recipe's real answers
+    python train.py --iter 0-3 --stop-when-worse answer_nll   # iterations 0..3, stopped when one hurts
 
 Iteration t starts from θ_t (the recipe's SFT model for t = 0, else runs/<name>/iter<t-1>/model),
 uses θ_t frozen as the reference, trains on iter<t>/pairs.jsonl (plus iter<t-1>'s for t >= 1)
@@ -25,7 +26,9 @@ import argparse
 from minispin.run import distributed as D
 from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
-from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
+from minispin.cli.args import ArgumentParser, iteration_range, metric_arg, run_cli, path_arg
+from minispin.run.chain import run_chain
+from minispin.run.errors import UserError
 from minispin.run.iteration import locked, run_iteration, run_sft, summarize, summary_missing
 from minispin.run.preempt import stoppable
 from minispin.run.reporting import check_installed
@@ -45,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Run with python for one process or torchrun for many; flags override the recipe.")
     ap.add_argument("--config", type=path_arg, default=None, help="recipe: a TOML path or a name in configs/ "
                     "(default: tiny, the CPU recipe)")
-    ap.add_argument("--iter", type=iteration_arg, default=0, dest="iteration",
-                    help="SPIN iteration t: start from θ_t, reference θ_t, train on iter<t> pairs (default 0)")
+    ap.add_argument("--iter", type=iteration_range, default="0", dest="iterations", metavar="T|A-B",
+                    help="SPIN iteration t: start from θ_t, reference θ_t, train on iter<t> pairs (default 0); "
+                    "a range A-B runs iterations A to B one after the other")
+    ap.add_argument("--stop-when-worse", type=metric_arg, default=None, metavar="METRIC",
+                    help="with a range: stop after the first iteration that makes METRIC worse (a held-out "
+                    "metric such as answer_nll, or a diagnostic; docs/diagnostics.md) and keep the model before it")
     ap.add_argument("--sft", action="store_true", help="supervised fine-tuning (cross-entropy on the "
                     "real answers of the recipe's data) instead of SPIN; writes run_dir/sft/model")
     ap.add_argument("--run-dir", type=path_arg, default=None, help="where iterations live (default runs/<recipe name>)")
@@ -71,10 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = R.given_flags(args, MODEL_KEYS + DATA_KEYS + GEN_KEYS + TRAIN_KEYS + FIX_KEYS + EVAL_KEYS)
-    recipe = R.resolve(args.config, flags, iteration=args.iteration, sft=args.sft)
+    its, chain = args.iterations, len(args.iterations) > 1 or args.stop_when_worse is not None
+    recipe = R.resolve(args.config, flags, iteration=its[0], sft=args.sft)
     if args.print_config:
         print(R.to_toml(recipe), end="")
         return 0
+    one_only = [f for f, v in (("--sft", args.sft), ("--pairs", args.pairs), ("--prev-pairs", args.prev_pairs),
+                               ("--out", args.out), ("--dump-rows", args.dump_rows)) if v]
+    if chain and one_only:
+        raise UserError(f"{one_only[0]} is for one iteration; give --iter one iteration T, not a range or "
+                        "--stop-when-worse, with it")
     check_installed(recipe.training.report_to)   # a missing reporter: one line now, before any model loads
     apply_threads(recipe)
     env = D.init_distributed(recipe.model.device, recipe.model.dist_timeout)
@@ -86,13 +99,16 @@ def run(argv=None) -> int:
         with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env):
             if args.sft:
                 run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
+            elif chain:
+                run_chain(lambda t: R.resolve(args.config, flags, iteration=t), its, env, args.stop_when_worse,
+                          args.force, args.progress, log)
             else:
-                trained = run_iteration(recipe, args.iteration, env, args.pairs, args.prev_pairs, args.out,
+                trained = run_iteration(recipe, its[0], env, args.pairs, args.prev_pairs, args.out,
                                         args.force, args.dump_rows, args.progress, log) is not None
                 # also a finished iteration whose summary a stopped run did not write
-                finish = trained or summary_missing(recipe, args.iteration, args.out)
+                finish = trained or summary_missing(recipe, its[0], args.out)
                 if env.is_main and not args.dump_rows and finish:
-                    print(summarize(recipe, args.iteration, args.out, progress=args.progress), flush=True)
+                    print(summarize(recipe, its[0], args.out, progress=args.progress), flush=True)
         return 0
     finally:
         D.close_distributed(env)
