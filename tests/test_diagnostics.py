@@ -1,6 +1,7 @@
-"""Per-iteration diagnostics (minispin/diagnostics.py), recomputed independently: the
+"""Per-iteration diagnostics (minispin/study/diagnostics.py), recomputed independently: the
 log-probs with transformers' own forward and a hand-written log-softmax, the text numbers
 with code written here, from the files a tiny-model run leaves."""
+import glob
 import json
 import math
 import os
@@ -152,3 +153,54 @@ def test_judge_keys_come_from_the_judged_file_and_noised_pairs_are_not_read_as_l
     for key in ("logp_real_before", "logp_generated_before", "logp_real_after", "kl_heldout"):
         assert diag[key] == pytest.approx(plain[key], abs=1e-5)
     assert not math.isnan(diag["judge_margin_mean"])
+
+
+def test_diagnostics_and_sample_pairs_reach_tensorboard_as_scalars_and_text_and_wandb_as_a_table(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from test_tensorboard import read_events, wandb_records, write_pairs
+
+    from helpers import make_hf_model
+    for k in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in (("WANDB_MODE", "offline"), ("WANDB_CONSOLE", "off"), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(k, v)
+    for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(k, str(tmp_path / k.lower()))
+    model, run_dir = str(tmp_path / "model"), str(tmp_path / "run")
+    make_hf_model(model, "llama")
+    write_pairs(os.path.join(run_dir, "iter0", "pairs.jsonl"))
+    assert run_cli("train.py", "--model", model, "--run-dir", run_dir, "--batch-size", "4", "--micro-batch-size", "2",
+                   "--max-length", "80", "--max-prompt-length", "48", "--lr", "1e-3", "--epochs", "1",
+                   "--heldout-examples", "2", "--device", "cpu", "--no-progress",
+                   "--report-to", "tensorboard,wandb") == 0
+    work = os.path.join(run_dir, "iter0")
+    summary = json.load(open(os.path.join(work, "summary.json")))
+    diag, steps = summary["diagnostics"], summary["steps"]
+    assert {"logp_real_after", "kl_heldout", "generated_distinct_2"} <= set(diag)
+    pairs = [json.loads(line) for line in open(os.path.join(work, "pairs.jsonl"))][:3]
+    logps = {r["key"]: r for r in map(json.loads, open(os.path.join(work, "pair_logps.jsonl")))}
+    rewards = [(0.1 * (logps[f"iter0/{p['id']}"]["real_after"] - logps[f"iter0/{p['id']}"]["real_before"]))
+               for p in pairs]
+
+    acc = read_events(work)
+    for key, value in diag.items():
+        got = acc.Scalars(f"diagnostics/{key}")
+        assert [e.step for e in got] == [steps] and got[0].value == pytest.approx(value, rel=1e-6), key
+    assert acc.Scalars("heldout/answer_nll")[0].value == pytest.approx(summary["heldout"]["after"]["answer_nll"], rel=1e-6)
+    text = acc.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    for p, r in zip(pairs, rewards):
+        assert f"| {p['id']} | {p['prompt'][0]['content']} | {p['real']} | {p['generated']} |" in text
+        assert f"{r:.4g}" in text
+
+    files = glob.glob(os.path.join(work, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(files) == 2
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+               for f in files for rec in wandb_records(f) if rec.WhichOneof("record_type") == "history"]
+    after = [h for h in history if "samples/path" in h]
+    assert len(after) == 1 and after[0]["_step"] == steps
+    assert any(h.get("diagnostics/kl_heldout") == pytest.approx(diag["kl_heldout"]) for h in history)
+    table_path = glob.glob(os.path.join(work, "wandb", "offline-run-*", "files", after[0]["samples/path"]))
+    table = json.load(open(table_path[0]))
+    assert table["columns"][:4] == ["id", "prompt", "real", "generated"]
+    assert [row[0] for row in table["data"]] == [p["id"] for p in pairs]
+    assert [row[table["columns"].index("reward_real")] for row in table["data"]] == pytest.approx(rewards)

@@ -80,7 +80,7 @@ def test_event_files_equal_metrics_jsonl_and_resume_writes_each_step_once(tmp_pa
     recs = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
     assert [r["step"] for r in recs] == list(range(1, 9))
     events = [f for f in os.listdir(work) if f.startswith("events.out.tfevents.")]
-    assert len(events) == 2                                         # one per process that trained
+    assert len(events) == 3          # one per process that trained, one for the diagnostics after the export
     acc = read_events(work)
     assert EXPECTED_TAGS <= set(acc.Tags()["scalars"])
     for key in recs[0]:
@@ -160,7 +160,13 @@ def test_wandb_offline_run_holds_metrics_jsonl_beside_tensorboard(tmp_path, monk
     recs = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert EXPECTED_TAGS <= set(read_events(work).Tags()["scalars"])   # TensorBoard as well
-    run_file, = glob.glob(os.path.join(work, "wandb", "offline-run-*", "run-*.wandb"))
+    # two W&B runs of the iteration: training, then the diagnostics after the export
+    files = glob.glob(os.path.join(work, "wandb", "offline-run-*", "run-*.wandb"))
+    run_file, = [f for f in files if any(r.WhichOneof("record_type") == "history" and
+                                         any((i.key or "/".join(i.nested_key)) == "train/loss"
+                                             for i in r.history.item)
+                                         for r in wandb_records(f))]
+    assert len(files) == 2
     history, names = [], []
     for rec in wandb_records(run_file):
         kind = rec.WhichOneof("record_type")

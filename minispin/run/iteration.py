@@ -420,11 +420,12 @@ def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bo
         max_length=recipe.data.max_length, max_prompt_length=recipe.data.max_prompt_length,
         max_new_tokens=ev.heldout_max_new_tokens, progress=progress)
     if os.path.isfile(pairs_path(recipe.run_dir, t)):   # the diagnostics (diagnostics.py), after the export
-        from ..study.diagnostics import format_diagnostics, iteration_diagnostics
+        from ..study.diagnostics import format_diagnostics, iteration_diagnostics, sample_pairs
         from .reporting import report_summary
         summary["diagnostics"] = iteration_diagnostics(recipe, t, export)
         write_json_atomic(os.path.join(iter_dir(recipe.run_dir, t), "summary.json"), summary)
         report_summary(recipe.training.report_to, iter_dir(recipe.run_dir, t), summary, name=f"{recipe.name}-iter{t}",
-                       group=recipe.name, config=as_dict(recipe))
+                       group=recipe.name, config=as_dict(recipe),
+                       samples=sample_pairs(recipe.run_dir, t, recipe.training.beta))
         return format_summary(summary, t) + "\n" + format_diagnostics(summary["diagnostics"])
     return format_summary(summary, t)

@@ -77,6 +77,12 @@ class TensorBoard:
             self.writer.add_scalar(k, v, global_step=step)
         self.writer.flush()
 
+    def samples(self, rows: List[dict], step: int):
+        """Sample pairs as one markdown table under the text tag "samples"."""
+        if rows:
+            self.writer.add_text("samples", samples_markdown(rows), global_step=step)
+            self.writer.flush()
+
     def close(self):
         self.writer.close()
 
@@ -95,6 +101,14 @@ class WandB:
 
     def log(self, scalars: dict, step: int):
         self.run.log(scalars, step=step)
+
+    def samples(self, rows: List[dict], step: int):
+        """Sample pairs as a W&B table named "samples"."""
+        if rows:
+            wandb = _import("wandb")
+            columns = list(rows[0])
+            self.run.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                         step=step)
 
     def close(self):   # called from the trainer's `finally`: a run stopped by an error is marked failed
         self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
@@ -154,15 +168,26 @@ def summary_scalars(summary: dict) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def report_summary(report_to: str, work_dir: str, summary: dict, name: str = "", group: str = "", config=None):
-    """After the export: an iteration's diagnostics and held-out metrics to each reporter of
-    report_to, at step = the iteration's last optimizer step (W&B: one more run of the
-    iteration's name, as a resumed run is)."""
+def samples_markdown(rows: List[dict]) -> str:
+    """Rows of dicts (same keys) as a markdown table, cells on one line."""
+    cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
+
+
+def report_summary(report_to: str, work_dir: str, summary: dict, name: str = "", group: str = "", config=None,
+                   samples: Optional[List[dict]] = None):
+    """After the export: an iteration's diagnostics and held-out metrics (summary_scalars) and
+    a few sample pairs to each reporter of report_to, at step = the iteration's last
+    optimizer step. W&B: a second run of the iteration's name (as a resumed run is); the
+    sample pairs go to TensorBoard as text, to W&B as a table."""
     step = summary.get("steps") or 0
     reporters = open_reporters(report_to, work_dir, step, name=name, group=group, config=config)
     try:
         for r in reporters:
             r.log(summary_scalars(summary), step)
+            r.samples(samples or [], step)
     finally:
         for r in reporters:
             r.close()

@@ -219,6 +219,41 @@ def iteration_diagnostics(recipe, t: int, export: Optional[str] = None) -> dict:
     return {k: out[k] for k in KEYS if k in out}
 
 
+def prompt_text(prompt) -> str:
+    """A pairs record's prompt as text: its last user turn (or the string itself)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def sample_pairs(run_dir: str, t: int, beta: float, n: int = 3) -> List[dict]:
+    """The first n pairs of iteration t for a person to read: prompt, y, y', the judge's
+    scores (None when not judged) and each answer's implicit reward β·(log p_θt+1 − log p_θt)
+    from pair_logps.jsonl (None when the models were not scored)."""
+    work = iter_dir(run_dir, t)
+    path = pairs_path(run_dir, t)
+    if not os.path.isfile(path):
+        return []
+    pairs = read_pairs(path)[:n]
+    scores = {}
+    judged = judged_path(run_dir, t)
+    if os.path.isfile(judged):
+        scores = {p["id"]: p.get("scores") or {} for p in read_pairs(judged)}
+    logps = {}
+    lp_path = os.path.join(work, "pair_logps.jsonl")
+    if os.path.isfile(lp_path):
+        logps = {r["key"].split("/", 1)[1]: r for r in read_jsonl(lp_path) if isinstance(r, dict) and "key" in r}
+    out = []
+    for p in pairs:
+        sc, lp = scores.get(p["id"], {}), logps.get(p["id"])
+        reward = (lambda side: beta * (lp[f"{side}_after"] - lp[f"{side}_before"])) if lp else (lambda side: None)
+        out.append({"id": p["id"], "prompt": prompt_text(p["prompt"]), "real": p["real"],
+                    "generated": p["generated"], "score_real": sc.get("real"), "score_generated": sc.get("generated"),
+                    "reward_real": reward("real"), "reward_generated": reward("generated")})
+    return out
+
+
 def format_diagnostics(diag: dict) -> str:
     """The printed summary's diagnostics block."""
     if not diag:
