@@ -13,7 +13,8 @@ Runs live under --root (default runs/experiments):
   relabel|noise|adaptive/iter1  iteration 1 again from the same θ_1 and the same pairs
                                 (iteration 0 is copied, so only the fix differs)
 The table rows read each iteration's summary.json (minispin/study/heldout.py): the held-out
-metrics of the model it produced, and the training rewards.
+metrics of the model it produced, and the training rewards; the diagnostics table reads its
+"diagnostics" (minispin/study/diagnostics.py, docs/diagnostics.md).
 """
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ from minispin.run.recipe import write_variant as write_recipe_variant  # noqa: E
 
 DOC = os.path.join(REPO, "docs", "experiments.md")
 START, END = "<!-- table:start -->", "<!-- table:end -->"
+DIAG_START, DIAG_END = "<!-- diagnostics:start -->", "<!-- diagnostics:end -->"
+DIAG_COLUMNS = [("logp_real_before", "log p/tok y, θ_t"), ("logp_real_after", "log p/tok y, θ_t+1"),
+                ("logp_generated_before", "log p/tok y', θ_t"), ("logp_generated_after", "log p/tok y', θ_t+1"),
+                ("reward_accuracy_heldout", "held-out reward acc."), ("reward_margin_heldout", "held-out reward margin"),
+                ("kl_heldout", "KL/tok"), ("generated_length_mean", "y' tokens"),
+                ("generated_distinct_2", "y' distinct-2"), ("judge_prefers_generated", "judge prefers y'"),
+                ("judge_margin_mean", "judge margin")]
 
 # the tiny recipe, scaled up for a less noisy comparison (still minutes per iteration)
 OVERRIDES = {"num_prompts": 256, "heldout_examples": 200}
@@ -94,6 +102,32 @@ def table(root: str) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(root: str) -> str:
+    """Every iteration's diagnostics, one row per trained iteration ("-" where a key is absent:
+    the judge keys without judging)."""
+    runs = [(f"SPIN iter{t}", os.path.join(root, "spin"), t) for t in range(3)]
+    runs += [(f"{name} iter1", os.path.join(root, name), 1) for name in FIXES]
+    lines = ["| iteration | " + " | ".join(h for _, h in DIAG_COLUMNS) + " |",
+             "|---|" + "---:|" * len(DIAG_COLUMNS)]
+    for label, run, t in runs:
+        d = summary(run, t).get("diagnostics") or {}
+        lines.append(f"| {label} | " + " | ".join(f"{d[k]:.4f}" if k in d else "-" for k, _ in DIAG_COLUMNS) + " |")
+    lines.append("")
+    lines.append("Per-token log-probs of this iteration's own pairs (iter<t>/pairs.jsonl); held-out columns on the "
+                 "same held-out problems as above; definitions in docs/diagnostics.md.")
+    return "\n".join(lines)
+
+
+def section(doc: str, start: str, end: str) -> str:
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{DOC} lacks the {start} / {end} markers")
+    return doc[doc.index(start) + len(start):doc.index(end)].strip("\n")
+
+
+def replace_section(doc: str, start: str, end: str, new: str) -> str:
+    return doc[:doc.index(start) + len(start)] + "\n" + new + "\n" + doc[doc.index(end):]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.join(REPO, "runs", "experiments"),
@@ -117,22 +151,21 @@ def main(argv=None) -> int:
             os.makedirs(os.path.join(run, "iter1"), exist_ok=True)
             shutil.copy(os.path.join(spin, "iter1", "pairs.jsonl"), os.path.join(run, "iter1", "pairs.jsonl"))
         train(cfg, run, 1, flags)
-    new = table(args.root)
+    new, new_diag = table(args.root), diagnostics_table(args.root)
     print(new)
+    print(new_diag)
     with open(DOC) as f:
         doc = f.read()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{DOC} lacks the {START} / {END} markers")
-    old = doc[doc.index(START) + len(START):doc.index(END)].strip("\n")
+    old, old_diag = section(doc, START, END), section(doc, DIAG_START, DIAG_END)
     if args.check:
-        if old != new:
-            print("docs/experiments.md's table differs from this run", file=sys.stderr)
+        if old != new or old_diag != new_diag:
+            print("docs/experiments.md's tables differ from this run", file=sys.stderr)
             return 1
-        print("docs/experiments.md's table reproduced exactly")
+        print("docs/experiments.md's tables reproduced exactly")
         return 0
     with open(DOC, "w") as f:
-        f.write(doc[:doc.index(START) + len(START)] + "\n" + new + "\n" + doc[doc.index(END):])
-    print(f"wrote the table into {DOC}")
+        f.write(replace_section(replace_section(doc, START, END, new), DIAG_START, DIAG_END, new_diag))
+    print(f"wrote the tables into {DOC}")
     return 0
 
 

@@ -115,3 +115,21 @@ def test_plot_of_a_missing_run_folder_is_one_line(tmp_path, capsys):
     assert run_cli("plot.py", str(tmp_path / "nope")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a folder" in err[0]
+
+
+def test_experiments_diagnostics_table_has_a_row_per_iteration_and_a_dash_where_a_key_is_absent(tmp_path):
+    from helpers import load_script
+    X = load_script("experiments")
+    for run, t in [("spin", 0), ("spin", 1), ("spin", 2), ("relabel", 1), ("noise", 1), ("adaptive", 1)]:
+        os.makedirs(tmp_path / run / f"iter{t}", exist_ok=True)
+        diag = {"kl_heldout": 0.001 * (t + 1), "generated_distinct_2": 0.5}
+        if run == "relabel":
+            diag["judge_prefers_generated"] = 0.25
+        json.dump({"diagnostics": diag}, open(tmp_path / run / f"iter{t}" / "summary.json", "w"))
+    lines = X.diagnostics_table(str(tmp_path)).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in lines[2:8]}
+    assert list(rows) == ["SPIN iter0", "SPIN iter1", "SPIN iter2", "relabel iter1", "noise iter1", "adaptive iter1"]
+    assert rows["SPIN iter2"][header.index("KL/tok")] == "0.0030"
+    assert rows["relabel iter1"][header.index("judge prefers y'")] == "0.2500"
+    assert rows["noise iter1"][header.index("judge prefers y'")] == "-"
