@@ -122,9 +122,10 @@ def test_every_diagnostic_equals_its_recomputation_from_the_run_files_and_transf
 
 
 @pytest.mark.slow
-def test_judge_keys_come_from_the_judged_file_and_noised_pairs_are_not_read_as_log_p_theta(run, capsys):
-    """A judged file of this iteration's pairs gives the judge keys; with reference noise the
-    stored reference values are not log p_θt, so they are recomputed (here: made garbage)."""
+def test_judge_keys_come_from_the_judged_file_and_noised_or_bf16_reference_values_are_recomputed(run, capsys):
+    """A judged file of this iteration's pairs gives the judge keys; with reference noise, or
+    from a bf16 pass, the stored reference values are not fp32 log p_θt, so they are
+    recomputed (here they are made garbage first)."""
     from minispin.run import recipe as R
     from minispin.study.diagnostics import iteration_diagnostics
     run_dir = str(run["root"] / "noised")
@@ -153,6 +154,10 @@ def test_judge_keys_come_from_the_judged_file_and_noised_pairs_are_not_read_as_l
     for key in ("logp_real_before", "logp_generated_before", "logp_real_after", "kl_heldout"):
         assert diag[key] == pytest.approx(plain[key], abs=1e-5)
     assert not math.isnan(diag["judge_margin_mean"])
+    # a bf16 training pass's stored values are not the fp32 log p_θt either: recomputed too
+    recipe = R.resolve(run["recipe"], {"run_dir": run_dir, "mixed_precision": "bf16"}, iteration=0)
+    assert iteration_diagnostics(recipe, 0)["logp_generated_before"] == pytest.approx(plain["logp_generated_before"],
+                                                                                      abs=1e-5)
 
 
 def test_diagnostics_and_sample_pairs_reach_tensorboard_as_scalars_and_text_and_wandb_as_a_table(tmp_path, monkeypatch):

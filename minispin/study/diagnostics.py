@@ -38,6 +38,7 @@ import torch
 from ..core.loss import answer_logps
 from ..core.sampling import generate, row_seed
 from ..run.checkpoint import load_model
+from ..core.device import pick_device
 from ..run.data import read_jsonl, read_pairs, read_sft, write_jsonl_atomic
 from ..run.layout import export_path, iter_dir, judged_path, pairs_path, theta_path
 from ..run.pairs import decode_answer
@@ -195,9 +196,14 @@ def iteration_diagnostics(recipe, t: int, export: Optional[str] = None) -> dict:
     if not (ev.eval_data and ev.heldout_examples > 0):
         return {k: out[k] for k in KEYS if k in out}
     theta, theta_next = load_model(theta_dir), load_model(next_dir)
-    # before: the reference pass's values, except where it added noise (not log p_θt then) or has none
+    # before: the reference pass's values where they are fp32 log p_θt — not where it added
+    # noise, nor from a bf16 pass (a GPU's), which would differ from the fp32 "after" by rounding
     noised = {p["id"] for p in apply_recipe_fixes(trained, recipe)[0] if p.get("noise")}
-    stored = stored_reference(os.path.join(work, "ref_logps.jsonl"))
+    tr = recipe.training
+    fp32 = ((tr.mixed_precision == "fp32" or (tr.mixed_precision == "auto" and
+                                               pick_device(recipe.model.device).type == "cpu"))
+            and not (tr.lora_rank > 0 and tr.lora_base_dtype == "bfloat16"))
+    stored = stored_reference(os.path.join(work, "ref_logps.jsonl")) if fp32 else {}
     before = {k: v for k, v in stored.items() if k.split("/", 1)[1] not in noised}
     missing = [p for p in items if p.key not in before]
     before.update(pair_logps(theta, missing, tok.pad_id) if missing else {})
