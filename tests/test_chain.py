@@ -62,3 +62,29 @@ def test_a_chain_stops_after_the_first_iteration_that_worsens_heldout_nll_and_a_
     out = capsys.readouterr().out
     assert "iteration 0 is already trained" in out and "iteration 1 is already trained" in out
     assert json.load(open(os.path.join(run_dir, "chain.json"))) == chain
+
+
+def test_a_range_starting_after_0_compares_a_diagnostic_with_the_iteration_before_it(tmp_path, monkeypatch):
+    """--iter 1-2 --stop-when-worse kl_heldout: iteration 1 is judged against iteration 0's
+    summary, left by an earlier command (training and summaries replaced by stand-ins)."""
+    from types import SimpleNamespace
+
+    from minispin.run import chain
+    kl = {0: 0.1, 1: 0.3, 2: 0.2}
+    for t in (0,):
+        os.makedirs(tmp_path / f"iter{t}")
+        json.dump({"diagnostics": {"kl_heldout": kl[t]}}, open(tmp_path / f"iter{t}" / "summary.json", "w"))
+    trained = []
+
+    def summarize(recipe, t, progress=False):
+        json.dump({"diagnostics": {"kl_heldout": kl[t]}}, open(tmp_path / f"iter{t}" / "summary.json", "w"))
+        return f"summary {t}"
+    monkeypatch.setattr(chain, "run_iteration", lambda recipe, t, env, **kw: trained.append(t) or
+                        os.makedirs(tmp_path / f"iter{t}", exist_ok=True) or {"loss": 0.5})
+    monkeypatch.setattr(chain, "summarize", summarize)
+    monkeypatch.setattr(chain.D, "broadcast_object", lambda obj: obj)
+    recipe = SimpleNamespace(run_dir=str(tmp_path), model=SimpleNamespace(path="sft"),
+                             eval=SimpleNamespace(eval_data="x", heldout_examples=1))
+    out = chain.run_chain(lambda t: recipe, [1, 2], SimpleNamespace(is_main=True), "kl_heldout", log=lambda *a: None)
+    assert trained == [1] and out["stopped_after"] == 1 and out["kept"] == "θ_1"
+    assert out["reason"] == "iteration 1 made kl_heldout worse (0.1000 -> 0.3000; lower is better)"

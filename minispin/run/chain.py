@@ -8,7 +8,7 @@ done and reads the summaries of finished iterations. After iteration t, the metr
 * a held-out metric (answer_nll, format_rate, exact_match): iteration t made it worse when
   θ_{t+1}'s value is worse than θ_t's (summary.json "heldout" after vs before);
 * a diagnostic (docs/diagnostics.md): when iteration t's value is worse than iteration t−1's
-  (no verdict for the first iteration of the range).
+  (no verdict for an iteration 0, or one whose predecessor has no summary).
 
 "Worse" is strict, in the metric's direction (METRICS). The chain then ends and keeps θ_t,
 the model iteration t started from; run_dir/chain.json and iteration t's summary.json
@@ -91,6 +91,10 @@ def run_chain(resolve, iterations: List[int], env, metric: Optional[str] = None,
     iteration t's recipe. With a metric, stop after the first iteration that makes it worse
     (module docstring). Returns the chain record (rank 0, with a metric), else None."""
     previous, per_iter, stopped, recipe = None, {}, None, None
+    before_first = os.path.join(iter_dir(resolve(iterations[0]).run_dir, iterations[0] - 1), "summary.json")
+    if iterations[0] > 0 and os.path.isfile(before_first):   # the iteration before the range, if it ran
+        with open(before_first) as f:
+            previous = json.load(f)
     for t in iterations:
         recipe = resolve(t)
         if metric:

@@ -16,6 +16,11 @@ train/logps/rejected, train/grad_norm, train/epoch, ... — so runs of either ov
   to disk only (`wandb sync` uploads it later). A resumed run is a second W&B run of the
   same name that starts at step n + 1.
 
+After the export, `report_summary` sends the iteration's diagnostics and held-out metrics
+(summary.json: "diagnostics/<key>", "heldout/<metric>") at the last step, and a few sample
+pairs: TensorBoard gets them as a text table beside the scalars, W&B as a table, in a second
+W&B run of the iteration's name.
+
 A reporter whose package is missing is a one-line error (`check_installed`), which train.py
 calls before any model loads. Only rank 0 reports (the metrics are global already).
 """
