@@ -23,7 +23,9 @@ reward β·log p_θt+1/p_θt, learned on the model's own samples). After θ_{t+1
                                             per token: y ~ θ_t+1 at temperature 1, no top-k/p,
                                             Σ (log p_θt+1(y) − log p_θt(y)) / Σ tokens
 
-The numbers come from the pure functions below over log-probs and texts; every log-prob
+The log-prob and held-out keys are measured when the recipe runs the held-out check (they
+load θ_t and θ_{t+1}); the others always. The numbers come from the pure functions below
+over log-probs and texts; every log-prob
 comes from loss.answer_logps, the training forward. iter<t>/pair_logps.jsonl keeps each
 pair's four log-probs and token counts, for the report's implicit rewards.
 """
@@ -50,7 +52,7 @@ KEYS = ("reward_accuracy_heldout", "reward_margin_heldout", "logp_real_before", 
         "logp_generated_before", "logp_generated_after", "kl_heldout", "generated_length_mean",
         "generated_distinct_2", "judge_prefers_generated", "judge_margin_mean")
 
-# which way is better, for the stop rule (None: neither; it only describes the data)
+# which way is better, for the stop rule; a key not listed has no direction (it describes the data)
 HIGHER_IS_BETTER = {"reward_accuracy_heldout": True, "reward_margin_heldout": True,
                     "logp_real_after": True, "generated_distinct_2": True, "judge_prefers_generated": False,
                     "judge_margin_mean": False, "kl_heldout": False}
