@@ -160,6 +160,7 @@ def test_judge_keys_come_from_the_judged_file_and_noised_or_bf16_reference_value
                                                                                       abs=1e-5)
 
 
+@pytest.mark.slow
 def test_diagnostics_and_sample_pairs_reach_tensorboard_as_scalars_and_text_and_wandb_as_a_table(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from test_tensorboard import read_events, wandb_records, write_pairs

@@ -76,6 +76,7 @@ class Page(HTMLParser):
             self._cell += data
 
 
+@pytest.mark.slow
 def test_report_html_holds_every_chart_table_and_sample_pair_of_two_overlaid_runs(tmp_path, capsys):
     plain = fake_run(str(tmp_path), "plain", [1.5, 1.4, 1.45], {"kl_heldout": 0.01, "generated_distinct_2": 0.9})
     noise = fake_run(str(tmp_path), "noise", [1.5, 1.3, 1.35], {"kl_heldout": 0.02, "generated_distinct_2": 0.8},
