@@ -28,7 +28,7 @@ setup(
     },
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "sentencepiece", "protobuf", "safetensors", "numpy", "tqdm",
-                      "tokenizers", "jinja2>=3.1.6", "tomli; python_version < '3.11'"],
+                      "tokenizers", "jinja2>=3.1.6", "huggingface_hub>=0.34", "tomli; python_version < '3.11'"],
     extras_require={
         "eval": ["lm-eval>=0.4.5"],
         "tensorboard": ["tensorboard"],

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
+    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter, fetch=True)
     apply_threads(recipe)
     env = D.init_distributed(recipe.model.device, recipe.model.dist_timeout)
     changed = R.format_overrides(recipe)   # e.g. the checkpoint's generation_config.json

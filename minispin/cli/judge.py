@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter)
+    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter, fetch=True)
     apply_threads(recipe)
     backend = args.backend or (recipe.fixes.judge_backend if recipe.fixes.judge_backend != "none" else "openai")
     log = (lambda msg: None) if args.quiet else log_stderr

@@ -79,7 +79,7 @@ def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = R.given_flags(args, MODEL_KEYS + DATA_KEYS + GEN_KEYS + TRAIN_KEYS + FIX_KEYS + EVAL_KEYS)
     its, chain = args.iterations, len(args.iterations) > 1 or args.stop_when_worse is not None
-    recipe = R.resolve(args.config, flags, iteration=its[0], sft=args.sft)
+    recipe = R.resolve(args.config, flags, iteration=its[0], sft=args.sft, fetch=not args.print_config)
     if args.print_config:
         print(R.to_toml(recipe), end="")
         return 0

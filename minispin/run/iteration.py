@@ -136,6 +136,15 @@ def locked(run_dir: str, env):
             lock.__exit__(None, None, None)
 
 
+def model_problem(recipe: Recipe, path: str) -> str:
+    """Why θ_0 cannot be loaded, naming the flag or recipe key that gave it."""
+    from .hub import missing, source_of
+    where = recipe.where.get("model", recipe.source)
+    if not os.path.exists(path):
+        return f"θ_0 = {missing('model', path, where)}"
+    return f"θ_0 = {path} ({source_of('model', where)}) is not a model folder (no config.json in it)"
+
+
 # ---------------------------------------------------------------------- 1. pairs
 def ensure_pairs(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
                  prev_pairs_file: Optional[str] = None, progress: bool = True,
@@ -298,7 +307,7 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
         return None
     if not os.path.isfile(os.path.join(theta, "config.json")):
         if t == 0:
-            raise SetupError(f"θ_0 = {theta} (the recipe's 'model') is not a model folder")
+            raise SetupError(model_problem(recipe, theta))
         raise SetupError(f"θ_{t} = {theta} does not exist: train iteration {t - 1} first "
                          f"(`{command(recipe, 'train.py', t - 1)}`)")
     from .checkpoint import check_export_target
@@ -380,7 +389,7 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
         if trained:
             now = dict(resume_settings(train_settings(recipe), env.device), mode=SFTTrainer.mode, theta=None)
             check_trained(record, now, export, recipe.model.path, {}, keys=set(now))
-        raise SetupError(f"model {recipe.model.path} is not a model folder")
+        raise SetupError(model_problem(recipe, recipe.model.path))
     tok = load_tokenizer(recipe.model.path, template=recipe.model.template)
     examples, rstats = read_sft(recipe.data.path, limit=recipe.training.sft_limit or None)
     items, stats = tokenize_sft(tok, examples, recipe.data.max_length, recipe.data.max_prompt_length,

@@ -179,6 +179,9 @@ def generate_pairs_file(recipe: Recipe, t: int, env, model_dir: Optional[str] = 
         raise GenerateError(f"model folder '{model_dir}' does not exist{hint}")
     if not recipe.data.path:
         raise GenerateError("no SFT data: give --data or a recipe with 'data'")
+    if not os.path.exists(recipe.data.path):
+        from .hub import missing
+        raise GenerateError(missing("data", recipe.data.path, recipe.where.get("data", recipe.source)))
     device = env.device
     dtype = D.compute_dtype(recipe.model.dtype, device)
     tok = load_tokenizer(model_dir, template=recipe.generation.gen_template or recipe.model.template)

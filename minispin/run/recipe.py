@@ -286,6 +286,7 @@ class Recipe:
     given: frozenset = frozenset()     # keys set by a command-line flag
     sampling_from: str = ""            # generation_config.json, where it set sampling keys
     where: Dict[str, str] = field(default_factory=dict)  # key -> what set it: the file, a table, a flag
+    named: Dict[str, str] = field(default_factory=dict)  # key -> the Hub id it was given as (hub.py)
 
     def noise_settings(self) -> "NoiseSettings":
         return parse_noise(self.fixes.noise, self.seed)
@@ -419,10 +420,14 @@ def _resolve_path(value: str) -> str:
 
 
 def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
-            iteration: Optional[int] = None, sft: bool = False) -> Recipe:
+            iteration: Optional[int] = None, sft: bool = False, fetch: bool = False) -> Recipe:
     """THE precedence rule: defaults < recipe < [iterations.<t>] / [sft] table < flags.
 
     flags: {recipe key: value} of the flags actually given (None values are ignored).
+    A Hub id in model, data or eval_data becomes its local path in huggingface_hub's cache
+    (hub.py): fetched first with fetch=True (train.py, generate.py, judge.py); else only found
+    when already cached, and left as the id when not (--print-config and library use never
+    download).
     """
     path = find_recipe(config)
     raw = read_toml(path)
@@ -468,9 +473,12 @@ def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None
     for k in PATH_KEYS:
         if k in values and where_of.get(k) != KEYS[k].flag:
             values[k] = _resolve_path(values[k])
+    from .hub import resolve_values
+    named = resolve_values(values, where_of, local_only=not fetch)
     sampling_from = take_checkpoint_sampling(values, where_of)
 
-    recipe = Recipe(source=path, given=frozenset(given), sampling_from=sampling_from, where=dict(where_of))
+    recipe = Recipe(source=path, given=frozenset(given), sampling_from=sampling_from, where=dict(where_of),
+                    named=named)
     recipe.name = values.get("name", os.path.splitext(os.path.basename(path))[0])
     recipe.run_dir = values.get("run_dir") or os.path.join("runs", recipe.name)
     recipe.seed = values.get("seed", 42)
@@ -690,15 +698,17 @@ def to_toml(recipe: Recipe) -> str:
     user:password and key are redacted, as everywhere that prints (errors.redact)."""
     head = [f"# resolved from {recipe.source}" + (f" and {', '.join(sorted(set(recipe.where.values()) - {recipe.source}))}"
                                                  if set(recipe.where.values()) - {recipe.source} else "")]
-    return redact("\n".join(head + [f"{k} = {toml_value(v)}" for k, v in as_dict(recipe).items()]) + "\n")
+    values = dict(as_dict(recipe), **recipe.named)   # a Hub id as given, not its place in the cache
+    return redact("\n".join(head + [f"{k} = {toml_value(v)}" for k, v in values.items()]) + "\n")
 
 
 def format_overrides(recipe: Recipe) -> str:
     """The settings that differ from the recipe file's top-level keys — set by its
     [iterations.<t>] / [sft] table, a flag or the checkpoint's generation_config.json —
     as a compact block; "" when there are none."""
-    lines = [f"  {k} = {toml_value(v)}  ({recipe.where[k]})" for k, v in as_dict(recipe).items()
-             if recipe.where.get(k, recipe.source) != recipe.source]
+    lines = [f"  {k} = {toml_value(recipe.named.get(k, v))}  ({recipe.where[k]}"
+             + (f"; fetched to {v})" if k in recipe.named and v != recipe.named[k] else ")")
+             for k, v in as_dict(recipe).items() if recipe.where.get(k, recipe.source) != recipe.source]
     # printed, so through the one redaction rule: a judge URL may carry user:password
     return redact(f"settings beyond {recipe.source}:\n" + "\n".join(lines)) if lines else ""
 
