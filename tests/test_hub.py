@@ -61,6 +61,8 @@ def test_train_py_runs_on_a_model_and_data_named_by_hub_id_from_an_offline_cache
     assert os.path.realpath(info["recipe"]["data"]) == os.path.realpath(
         os.path.join(data, "data", "train-00000-of-00001.jsonl"))
     assert (run / "iter0" / "model" / "config.json").is_file()
+    assert "plan for iteration 0: 1. generate 8 prompts (256 new tokens at most) -> 2. reference pass 8 pairs" \
+        in p.stdout, p.stdout[:2000]
 
 
 @pytest.mark.parametrize("value, fetch", [

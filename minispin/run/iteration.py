@@ -312,6 +312,9 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
                          f"(`{command(recipe, 'train.py', t - 1)}`)")
     from .checkpoint import check_export_target
     check_export_target(export)  # before any work: never after hours of it
+    if not dump_rows:
+        from .plan import activate, make_plan
+        log(activate(make_plan(recipe, t, env.world_size, pairs_file, prev_pairs_file, export)).describe())
     sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
     check_pairs_theta(recipe, sources, env)
     if recipe.fixes.relabel or recipe.fixes.adaptive:

@@ -239,9 +239,9 @@ def generate_pairs_file(recipe: Recipe, t: int, env, model_dir: Optional[str] = 
         model = load_model(model_dir, dtype=dtype, device=device)
         bar = None
         if progress and env.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=len(shard), unit="prompt", desc=f"iter{t} rank 0/{env.world_size}",
-                       dynamic_ncols=True, file=sys.stderr)
+            from .plan import stage_bar   # train.py's stage and whole-iteration ETA, if it runs us
+            bar = stage_bar("generate", len(shard), share=1, unit="prompt", desc=f"iter{t} rank 0/{env.world_size}",
+                            dynamic_ncols=True, file=sys.stderr)
 
         def tick(n_prompts, n_new):
             if bar is not None:

@@ -92,8 +92,9 @@ class Reference:
             model.eval()
             writer = JsonlAppender(self.path, fsync=False) if env.is_main else None
             written = 0
-            from tqdm import tqdm
-            bar = tqdm(total=n_todo, desc="reference", unit="pair", disable=not (env.is_main and self.progress))
+            from .plan import stage_bar   # the stage and the whole iteration's ETA (plan.py)
+            bar = stage_bar("reference", n_todo, desc="reference", unit="pair",
+                            disable=not (env.is_main and self.progress))
             for start in range(0, len(todo), env.world_size):
                 part = todo[start:start + env.world_size]   # one batch per rank
                 mine = part[env.rank] if env.rank < len(part) else []

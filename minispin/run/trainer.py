@@ -126,9 +126,9 @@ class Trainer:
         self.write_info()
         metrics_log = MetricsLog(self.work_dir, cfg.report_to, start, enabled=env.is_main,
                                  recipe=self.info.get("recipe"))
-        from tqdm import tqdm
-        bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.mode}", unit="step",
-                   disable=not (env.is_main and self.progress), file=sys.stdout)
+        from .plan import stage_bar   # the stage and the whole iteration's ETA (plan.py)
+        bar = stage_bar("train", self.total_steps, initial=start, desc=f"train {self.mode}", unit="step",
+                        disable=not (env.is_main and self.progress), file=sys.stdout)
         last = {}
         preempt.hold()  # SIGTERM / SIGUSR1 now wait for the optimizer step in flight (run/preempt.py)
         try:

@@ -1,0 +1,58 @@
+"""The iteration's plan (minispin/plan.py): its stage counts against the recipe's arithmetic,
+and its whole-iteration ETA against hand-computed sums."""
+import json
+import os
+
+from minispin import plan as P
+from minispin.recipe import resolve
+
+
+def write_lines(path, n):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": str(i)}) + "\n")
+
+
+def test_the_tiny_recipes_plan_counts_prompts_pairs_steps_and_heldout_examples(tmp_path):
+    r = resolve(None, {"run_dir": str(tmp_path / "run")})
+    plan = P.make_plan(r, 0, world_size=1)
+    # tiny.toml: 64 prompts, batch 8, 2 epochs (drop the last partial batch), 100 held-out examples
+    assert [(s.name, s.count) for s in plan.stages] == [
+        ("generate", 64), ("reference", 64), ("train", 64 // 8 * 2), ("export", 1), ("heldout", 200)]
+    text = plan.describe()
+    assert text.startswith("plan for iteration 0: 1. generate 64 prompts (256 new tokens at most) -> "
+                           "2. reference pass 64 pairs -> 3. train 16 steps (8 pairs each) -> 4. export "), text
+    assert text.endswith("5. held-out 100 examples x 2 models"), text
+
+
+def test_a_rerun_plans_only_what_is_left_and_iteration_1_counts_the_mixed_in_pairs(tmp_path):
+    run = tmp_path / "run"
+    write_lines(str(run / "iter0" / "pairs.jsonl"), 20)
+    write_lines(str(run / "iter1" / "pairs.jsonl"), 30)
+    (run / "iter1" / "heldout_before.json").write_text("{}")
+    r = resolve(None, {"run_dir": str(run), "max_steps": 5}, iteration=1)
+    plan = P.make_plan(r, 1, world_size=2)
+    assert [(s.name, s.count) for s in plan.stages] == [
+        ("reference", 50), ("train", 5), ("export", 1), ("heldout", 100)]
+    r = resolve(None, {"run_dir": str(run), "mix_previous": False, "ref_mode": "online"}, iteration=1)
+    assert [(s.name, s.count) for s in P.make_plan(r, 1, world_size=1).stages][:1] == [("train", 30 // 8 * 2)]
+
+
+def test_the_eta_adds_this_stages_pace_and_later_stages_at_the_pace_measured_for_their_kind():
+    gen = P.Stage("generate", 10, "prompt", "decode", 100, "g")
+    ref = P.Stage("reference", 40, "pair", "forward", 2, "r", share=2)
+    train = P.Stage("train", 6, "step", "forward", 48, "t")
+    held = P.Stage("heldout", 8, "example", "decode", 50, "h")
+    plan = P.Plan(0, [gen, ref, P.Stage("export", 1, "model", "", 0, "e"), train, held])
+    gen.started, gen.done = 1000.0, 4
+    # generation: 4 prompts in 20 s -> 6 left = 30 s; nothing forward measured yet: a lower bound
+    # that also holds the held-out check at 20 s / (4 x 100 tokens) = 0.05 s per token
+    plan.pace["decode"] = 20 / (4 * 100)
+    assert plan.eta(now=1020.0) == "≥ " + P.format_seconds(30 + 8 * 50 * 0.05)
+    gen.finished = True
+    ref.started, ref.done = 2000.0, 10
+    plan.pace["forward"] = 5 / (10 / 2 * 2)          # 10 pairs shared by 2 processes in 5 s
+    want = 30 / 10 * 5 + 6 * 48 * plan.pace["forward"] + 8 * 50 * 0.05
+    assert plan.eta(now=2005.0) == P.format_seconds(want)
+    assert P.format_seconds(59.6) == "1m00s" and P.format_seconds(3725) == "1h02m"
