@@ -35,7 +35,7 @@ setup(
         "wandb": ["wandb>=0.16"],
         "parquet": ["pyarrow"],
         "plot": ["matplotlib"],
-        "gguf": ["gguf>=0.10"],  # scripts/fetch_smollm2.py: dequantizes the PyPI GGUF of SmolLM2
+        "gguf": ["gguf>=0.10"],  # minispin-fetch-smollm2: dequantizes the PyPI GGUF of SmolLM2
         # the OpenAI-compatible judge (the local judge needs nothing more); test_judge_client.py
         # passes with 1.55.3 (on httpx) and 3.63.0 (on httpx2)
         "judge": ["openai>=1.55.3"],
@@ -54,5 +54,6 @@ setup(
         "minispin-judge = minispin.cli.judge:main",
         "minispin-eval = minispin.cli.evaluate:main",
         "minispin-plot = minispin.cli.plot:main",
+        "minispin-fetch-smollm2 = minispin.fetch_smollm2:main",
     ]},
 )

@@ -36,6 +36,9 @@ MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "mo
                "special_tokens_map.json", "chat_template.jinja"]
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json")
 HUB_KEYS = ("model", "data", "eval_data")   # recipe keys that take a Hub id
+# local folders that a minispin command makes: a missing one is named with that command
+MAKERS = {"SmolLM2-135M-Instruct": "`minispin-fetch-smollm2 --out {path}` (in a checkout: "
+                                   "`python scripts/fetch_smollm2.py --out {path}`)"}
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _REV = r"[^\s:@]+"
@@ -107,6 +110,8 @@ def resolve(value: str, key: str, where: str, local_only: bool = False) -> str:
     except Exception as e:  # ours, or huggingface_hub's own errors, named by their class
         if local_only:
             return value
+        if os.path.basename(value) in MAKERS:
+            raise HubError(missing(key, value, where)) from None
         why = str(e) if isinstance(e, HubError) else _explain(ref, e)
         local = "" if value.startswith("hf://") else "no such local path; as a Hugging Face Hub id: "
         raise HubError(f"{source_of(key, where)}: {value}: {local}{why}") from None
@@ -195,6 +200,9 @@ def _explain(ref: HubRef, e: Exception) -> str:
 
 def missing(key: str, value: str, where: str) -> str:
     """The one-line message for a local model or data path that does not exist."""
+    if os.path.basename(value.rstrip("/")) in MAKERS:
+        maker = MAKERS[os.path.basename(value.rstrip("/"))].format(path=value)
+        return f"{value} ({source_of(key, where)}) does not exist; make it with {maker}"
     what = ("ORG/NAME[@REVISION] (a model repository)" if key == "model" else
             "hf://datasets/ORG/NAME[@REVISION]/FILE or ORG/NAME[@REVISION]:SPLIT (a dataset file)")
     return (f"{value} ({source_of(key, where)}) does not exist; give a local "

@@ -140,3 +140,11 @@ def test_dataset_ids_name_one_file_of_a_split_or_of_the_repository(tmp_path, mon
         hub.resolve("someorg/mix:validation", "data", "--data")
     # --print-config (local_only) leaves an id that is not cached as it is, and raises nothing
     assert hub.resolve("someorg/absent:train", "data", "--data", local_only=True) == "someorg/absent:train"
+
+
+def test_a_missing_smollm2_folder_is_named_with_the_command_that_makes_it():
+    from minispin import hub
+    line = hub.missing("model", "models/SmolLM2-135M-Instruct", "--model")
+    assert line == ("models/SmolLM2-135M-Instruct (--model) does not exist; make it with "
+                    "`minispin-fetch-smollm2 --out models/SmolLM2-135M-Instruct` (in a checkout: "
+                    "`python scripts/fetch_smollm2.py --out models/SmolLM2-135M-Instruct`)")

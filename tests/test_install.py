@@ -94,7 +94,8 @@ def test_import_and_recipes_come_from_the_venv(installed):
 
 def test_console_scripts_run_the_tiny_recipe_from_an_empty_folder(installed):
     work, env, bin_dir = installed["work"], installed["env"], installed["bin"]
-    for tool in ("minispin-train", "minispin-generate", "minispin-judge", "minispin-eval", "minispin-plot"):
+    for tool in ("minispin-train", "minispin-generate", "minispin-judge", "minispin-eval", "minispin-plot",
+                 "minispin-fetch-smollm2"):
         assert f"usage: {tool}" in sh([bin_dir / tool, "--help"], work, env)
     # the installed tiny recipe, shortened (written with its own write_variant, from the venv)
     code = ("from minispin.run.recipe import write_variant; write_variant('short.toml', {'num_prompts': 8, "
