@@ -54,6 +54,6 @@ setup(
         "minispin-judge = minispin.cli.judge:main",
         "minispin-eval = minispin.cli.evaluate:main",
         "minispin-plot = minispin.cli.plot:main",
-        "minispin-fetch-smollm2 = minispin.fetch_smollm2:main",
+        "minispin-fetch-smollm2 = minispin.run.fetch_smollm2:main",
     ]},
 )

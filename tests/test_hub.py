@@ -92,7 +92,7 @@ def test_a_recipe_key_is_named_as_the_source_of_a_missing_id(tmp_path):
 
 
 def test_a_local_path_wins_over_a_hub_id_of_the_same_name(tmp_path, monkeypatch):
-    from minispin import hub
+    from minispin.run import hub
     os.makedirs(tmp_path / "someorg")
     shutil.copytree(TINY_SFT, tmp_path / "someorg" / "tiny-sft")
     monkeypatch.chdir(tmp_path)
@@ -120,7 +120,7 @@ def test_dataset_ids_name_one_file_of_a_split_or_of_the_repository(tmp_path, mon
     HF_HUB_CACHE when imported, so the cache is given to its functions through its constants."""
     from huggingface_hub import constants
 
-    from minispin import hub
+    from minispin.run import hub
     cache = tmp_path / "hub"
     snap = cache_repo(cache, "dataset", "someorg/mix", {
         "data/train-00000-of-00001.jsonl": GSM8K_TRAIN,
@@ -143,7 +143,7 @@ def test_dataset_ids_name_one_file_of_a_split_or_of_the_repository(tmp_path, mon
 
 
 def test_a_missing_smollm2_folder_is_named_with_the_command_that_makes_it():
-    from minispin import hub
+    from minispin.run import hub
     line = hub.missing("model", "models/SmolLM2-135M-Instruct", "--model")
     assert line == ("models/SmolLM2-135M-Instruct (--model) does not exist; make it with "
                     "`minispin-fetch-smollm2 --out models/SmolLM2-135M-Instruct` (in a checkout: "

