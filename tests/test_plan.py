@@ -5,7 +5,6 @@ import os
 
 from minispin.run import plan as P
 from minispin.run.recipe import resolve
-from minispin.run.trainer import epoch_steps
 
 
 def write_lines(path, n):
@@ -17,7 +16,7 @@ def write_lines(path, n):
 
 def test_the_tiny_recipes_plan_counts_prompts_pairs_steps_and_heldout_examples(tmp_path):
     r = resolve(None, {"run_dir": str(tmp_path / "run")})
-    plan = P.make_plan(r, 0, 1, epoch_steps)
+    plan = P.make_plan(r, 0, 1)
     # tiny.toml: 64 prompts, batch 8, 2 epochs (drop the last partial batch), 100 held-out examples
     assert [(s.name, s.count) for s in plan.stages] == [
         ("generate", 64), ("reference", 64), ("train", 64 // 8 * 2), ("export", 1), ("heldout", 200)]
@@ -33,11 +32,11 @@ def test_a_rerun_plans_only_what_is_left_and_iteration_1_counts_the_mixed_in_pai
     write_lines(str(run / "iter1" / "pairs.jsonl"), 30)
     (run / "iter1" / "heldout_before.json").write_text("{}")
     r = resolve(None, {"run_dir": str(run), "max_steps": 5}, iteration=1)
-    plan = P.make_plan(r, 1, 2, epoch_steps)
+    plan = P.make_plan(r, 1, 2)
     assert [(s.name, s.count) for s in plan.stages] == [
         ("reference", 50), ("train", 5), ("export", 1), ("heldout", 100)]
     r = resolve(None, {"run_dir": str(run), "mix_previous": False, "ref_mode": "online"}, iteration=1)
-    assert [(s.name, s.count) for s in P.make_plan(r, 1, 1, epoch_steps).stages][:1] == [("train", 30 // 8 * 2)]
+    assert [(s.name, s.count) for s in P.make_plan(r, 1, 1).stages][:1] == [("train", 30 // 8 * 2)]
 
 
 def test_the_eta_adds_this_stages_pace_and_later_stages_at_the_pace_measured_for_their_kind():

@@ -40,7 +40,6 @@ from .pairs import generate_pairs_file
 from .recipe import DEFAULT_RECIPE, Recipe, as_dict
 from .tokenizer import load_tokenizer
 from ..core.settings import TrainSettings
-from ..core.train import epoch_steps
 from .rows import items_fingerprint
 from .trainer import SFTTrainer, Trainer
 
@@ -315,7 +314,7 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
     check_export_target(export)  # before any work: never after hours of it
     if not dump_rows:
         from .plan import activate, make_plan
-        log(activate(make_plan(recipe, t, env.world_size, epoch_steps, pairs_file, prev_pairs_file, export)).describe())
+        log(activate(make_plan(recipe, t, env.world_size, pairs_file, prev_pairs_file, export)).describe())
     sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
     check_pairs_theta(recipe, sources, env)
     if recipe.fixes.relabel or recipe.fixes.adaptive:

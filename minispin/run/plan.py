@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 _current: Optional["Plan"] = None
 
@@ -133,13 +133,12 @@ def _lines(path: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def make_plan(recipe, t: int, world_size: int, epoch_steps: Callable[[int, int, str], int],
-              pairs_file: Optional[str] = None, prev_pairs_file: Optional[str] = None,
-              export: Optional[str] = None) -> Plan:
+def make_plan(recipe, t: int, world_size: int, pairs_file: Optional[str] = None,
+              prev_pairs_file: Optional[str] = None, export: Optional[str] = None) -> Plan:
     """The stages of iteration t of this recipe, counted from the recipe and the files of
-    its run folder (the pairs files train.py would read, a cached held-out check).
-    epoch_steps is the trainer's rule for an epoch's steps (trainer.epoch_steps; passed in,
-    as the trainer imports this module for its bars)."""
+    its run folder (the pairs files train.py would read, a cached held-out check); the steps
+    by the training loop's own rule (core.train.epoch_steps)."""
+    from ..core.train import epoch_steps
     from .layout import export_path, iter_dir, pairs_path
     g, d, tr, ev = recipe.generation, recipe.data, recipe.training, recipe.eval
     pairs_file = pairs_file or pairs_path(recipe.run_dir, t)
