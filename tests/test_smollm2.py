@@ -195,13 +195,14 @@ def test_the_fetch_ships_in_the_package_and_the_script_only_starts_it():
     assert script.main is fetch_smollm2.main and script.convert is fetch_smollm2.convert
 
 
-QUICK = ["--config", "smollm2-135m", "--num-prompts", "4", "--warmup-ratio", "0", "--heldout-examples", "0"]
+QUICK = ["--config", "smollm2-135m", "--num-prompts", "4", "--max-new-tokens", "64", "--warmup-ratio", "0",
+         "--heldout-examples", "0"]
 
 
 @pytest.mark.slow
 def test_the_readme_quick_command_trains_every_step_at_a_learning_rate_above_zero(smollm2, tmp_path):
     """README's quick SmolLM2 command, as printed there (plus --model and --run-dir): 4 prompts
-    make one global batch of 4, 2 epochs make 2 steps; without warm-up the linear schedule
+    (answers of at most 64 tokens) make one global batch of 4, 2 epochs make 2 steps; without warm-up the linear schedule
     gives them lr 1e-5 and 1e-5 x (1 - 1/2) (the recipe's lr)."""
     assert "python train.py " + " ".join(QUICK) in open(os.path.join(REPO, "README.md")).read()
     run = str(tmp_path / "run")

@@ -36,7 +36,7 @@ from minispin.run.reporting import check_installed
 MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads",
               "dist_timeout")
 DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_prompts", "seed")
-GEN_KEYS = ("generate", "compile", "gen_template", "gen_bos", "decode", "shuffle_seed", "shuffle_rows")
+GEN_KEYS = ("generate", "max_new_tokens", "compile", "gen_template", "gen_bos", "decode", "shuffle_seed", "shuffle_rows")
 TRAIN_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "training")
 FIX_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "fixes")
 EVAL_KEYS = ("heldout_examples",)
