@@ -186,13 +186,15 @@ def exported(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [(), ("--ref-mode", "online"), ("--lora-rank", "4")],
-                         ids=["precompute", "online", "lora"])
+@pytest.mark.parametrize("extra", [(), ("--ref-mode", "online"), ("--lora-rank", "4"),
+                                   ("--compile-train", "--ref-mode", "online")],
+                         ids=["precompute", "online", "lora", "compiled"])
 def test_a_packed_run_trains_the_padded_runs_losses_gradients_and_weights(tmp_path, extra):
     """4 steps of 2 micro-batches of 4 pairs with answers of 1 to 40 words, on a GQA
     Mistral with a window shorter than the rows: --packing gives every step's loss, margin
-    and gradient norm, and the exported weights, of the padded run within 1e-5; both runs
-    record the same padding measure."""
+    and gradient norm, and the exported weights, of the padded run within 1e-5, with the
+    reference precomputed or online, under LoRA, and through compiled blocks (both runs
+    compiled); both runs record the same padding measure."""
     model = str(tmp_path / "model")
     make_hf_model(model, "mistral", num_key_value_heads=2, sliding_window=16, sharpen=1.0)
     run_a, a, info_a = train_run(tmp_path, model, "padded", *extra)

@@ -200,6 +200,21 @@ def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor,
     return allowed
 
 
+_COMPILED_FLEX = None
+
+
+def flex_attention(compiled: bool):
+    """torch's flex_attention; compiled (once, on CUDA) because eager it materializes the
+    whole score matrix instead of running the block-sparse kernel."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if not compiled:
+        return flex
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex)
+    return _COMPILED_FLEX
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -226,8 +241,7 @@ class Attention(nn.Module):
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
         elif not torch.is_tensor(mask):  # a flex_attention BlockMask (packed rows: packing.py)
-            from torch.nn.attention.flex_attention import flex_attention
-            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=n_rep > 1)
+            y = flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=n_rep > 1)
         elif n_rep > 1 and fold_gqa(x.device):
             # query head h uses K/V head h // n_rep: the group's queries become rows of one head
             q = q.reshape(B, a.n_kv_heads, n_rep * T, a.head_dim)
