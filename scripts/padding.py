@@ -88,6 +88,9 @@ def main(argv=None):
     ap.add_argument("--prompt-median", type=float, default=60.0, help="--ultrachat: median prompt tokens")
     ap.add_argument("--answer-median", type=float, default=250.0, help="--ultrachat: median real answer tokens")
     ap.add_argument("--pairs-count", type=int, default=20000, help="--ultrachat: pairs (the study's 20,000)")
+    ap.add_argument("--dump-lengths", metavar="FILE",
+                    help="also write the pairs' [prompt, real, generated] token lengths as JSON "
+                         "(bench/bench_train.py --lengths reads them)")
     args = ap.parse_args(argv)
     if args.ultrachat:
         items = ultrachat_items(args.pairs_count, args.prompt_median, args.answer_median, 256)
@@ -104,6 +107,10 @@ def main(argv=None):
     info = layout_padding(run_batches(items, **batches), max(row_lengths(items)))
     print(what)
     print(json.dumps(info))
+    if args.dump_lengths:
+        with open(args.dump_lengths, "w") as f:
+            json.dump({"source": what, "lengths": [[len(p.prompt), len(p.real), len(p.generated)] for p in items]}, f)
+            f.write("\n")
     return info
 
 
