@@ -217,7 +217,7 @@ def real_length_batches(args) -> list:
     """args.steps + args.warmup padded [real; generated] batches of args.pairs pairs each,
     lengths drawn from the table (seeded: every child gets the same batches), random tokens."""
     import random
-    from minispin.rows import TokenizedPair, collate_pairs
+    from minispin.run.rows import TokenizedPair, collate_pairs
     table = length_table(args.lengths)
     rng = random.Random(1)
     g = torch.Generator().manual_seed(1)
@@ -232,8 +232,8 @@ def real_length_batches(args) -> list:
 
 def run_child_lengths(args, model, env, device, autocast, flops_tok) -> dict:
     """The --lengths step: padded or packed batches of real lengths; tokens/s of real tokens."""
-    from minispin.loss import answer_logps, batch_inputs, sequence_logps, spin_loss
-    from minispin.packing import pack_batch
+    from minispin.core.loss import answer_logps, batch_inputs, sequence_logps, spin_loss
+    from minispin.core.packing import pack_batch
     batches = real_length_batches(args)
     capacity = max(int(b["lengths"].max()) for b in batches)   # the run's longest row, as the trainer packs
     real = [int(b["lengths"].sum()) for b in batches]
@@ -285,7 +285,7 @@ def run_child_lengths(args, model, env, device, autocast, flops_tok) -> dict:
            "loss": logp_sum, "params": sum(p.numel() for p in model.parameters()), "flops_per_token": flops_tok}
     print("RESULT " + json.dumps(out), flush=True)
     if env is not None:
-        from minispin import distributed as D
+        from minispin.run import distributed as D
         D.close_distributed(env)
     return out
 

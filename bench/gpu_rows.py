@@ -918,7 +918,7 @@ def real_length_batches(pairs: int, steps: int, seq: int, vocab: int, seed: int)
     import random
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import padding
-    from minispin.rows import TokenizedPair, collate_pairs
+    from minispin.run.rows import TokenizedPair, collate_pairs
     scale = min(1.0, seq / 1024)
     table = [[max(1, round(scale * len(x))) for x in (p.prompt, p.real, p.generated)]
              for p in padding.ultrachat_items(512, 60.0, 250.0, 256)]
@@ -932,8 +932,8 @@ def real_length_batches(pairs: int, steps: int, seq: int, vocab: int, seed: int)
 def train_ours_lengths(shape, packed: bool) -> dict:
     """Row 4a's step over real-length batches, padded or packed (flex_attention's block
     mask on CUDA, the dense mask on the CPU); tokens/s of real tokens."""
-    from minispin.loss import batch_inputs
-    from minispin.packing import pack_batch
+    from minispin.core.loss import batch_inputs
+    from minispin.core.packing import pack_batch
     model = fsdp_model(shape, False).train()
     opt = rmsprop([p for p in model.parameters() if p.requires_grad], 5e-7, False)
     n = P.warmup_steps + P.timed_steps
