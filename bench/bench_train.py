@@ -28,9 +28,10 @@ CPU: the child's peak RSS, and its growth over what loading the model reached). 
 
 Real lengths (--lengths smollm2 | ultrachat | FILE.json): instead of rows of one fixed
 length, each step takes --pairs pairs drawn (seeded, the same for every child) from a
-length distribution of [prompt, real answer, generated answer] tokens: "smollm2" is the
-SmolLM2 recipe's own pairs (bench/results/lengths-smollm2.json, written by
-`python scripts/padding.py --config smollm2-135m --pairs ... --dump-lengths`), "ultrachat"
+length distribution of [prompt, real answer, generated answer] tokens: "smollm2" is
+bench/results/lengths-smollm2.json, written by `python scripts/padding.py --config
+smollm2-135m --dump-lengths FILE` (the recipe's real answers, generated answers at the
+cap; with `--pairs` it writes a pairs file's own lengths), "ultrachat"
 the study's UltraChat rows under scripts/padding.py's stated length assumption. Four
 children run: ours and transformers, each padded (collate_pairs) and packed (packing.py:
 ours with its block-diagonal mask; transformers with restarting position_ids and no

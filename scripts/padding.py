@@ -3,6 +3,7 @@ study's UltraChat rows under a stated length assumption. No model runs.
 
     python scripts/padding.py --config tiny --pairs runs/tiny/iter0/pairs.jsonl
     python scripts/padding.py --config smollm2-135m --pairs runs/smollm2-135m/iter0/pairs.jsonl
+    python scripts/padding.py --config smollm2-135m       # no pairs: real answers, generated at the cap
     python scripts/padding.py --ultrachat                 # the study's iteration-0 batches, assumed lengths
 
 With --pairs: the pairs are tokenized as train.py does (the recipe's rows, template and
@@ -49,16 +50,28 @@ def run_batches(items, batch_size: int, micro_batch_size: int, epochs: int, last
             yield row_lengths([items[i] for i in idx[j:j + micro_batch_size]])
 
 
-def recipe_items(config: str, pairs: str):
-    from minispin.run.data import read_pairs
+def recipe_items(config: str, pairs: str = None):
+    """The recipe's rows from a pairs file; without one, from its SFT data's first
+    num_prompts records, each generated answer put at the max_new_tokens cap (+ eos), cut
+    to the room the prompt leaves (stated as such where printed)."""
+    from minispin.run.data import read_pairs, read_sft
     from minispin.run.recipe import resolve
     from minispin.run.rows import tokenize_pairs
     from minispin.run.tokenizer import load_tokenizer
     recipe = resolve(config)
     tok = load_tokenizer(recipe.model.path, template=recipe.model.template)
-    items, _ = tokenize_pairs(tok, read_pairs(pairs), "iter0", recipe.data.max_length,
+    if pairs:
+        records = read_pairs(pairs)
+    else:
+        examples, _ = read_sft(recipe.data.path, limit=recipe.data.num_prompts or None)
+        records = [{"id": e.id, "prompt": e.prompt, "real": e.real, "generated": ""} for e in examples]
+    items, _ = tokenize_pairs(tok, records, "iter0", recipe.data.max_length,
                               recipe.data.max_prompt_length, empty_system=recipe.model.empty_system,
                               rows=recipe.data.rows)
+    if not pairs:
+        cap = recipe.generation.max_new_tokens + 1
+        for p in items:
+            p.generated = [tok.eos_id] * min(cap, recipe.data.max_length - len(p.prompt))
     t = recipe.training
     return items, dict(batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, epochs=t.epochs,
                        last_batch=t.last_batch, seed=recipe.seed, max_steps=t.max_steps)
@@ -102,7 +115,9 @@ def main(argv=None):
         items, batches = recipe_items(args.config, args.pairs)
         what = f"recipe {args.config}, {len(items)} pairs from {args.pairs}"
     else:
-        ap.error("give --pairs FILE or --ultrachat")
+        items, batches = recipe_items(args.config)
+        what = (f"recipe {args.config}, {len(items)} real answers of its data, every generated "
+                f"answer ASSUMED at the max_new_tokens cap")
     # packed as the trainer packs: sequences of at most the run's longest row
     info = layout_padding(run_batches(items, **batches), max(row_lengths(items)))
     print(what)
