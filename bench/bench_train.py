@@ -26,6 +26,20 @@ MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6N + 12·layers·heads·
 (N = non-embedding parameters; model.flops_per_token), and peak memory (GPU: max allocated;
 CPU: the child's peak RSS, and its growth over what loading the model reached). Then the ratios ours / transformers.
 
+Real lengths (--lengths smollm2 | ultrachat | FILE.json): instead of rows of one fixed
+length, each step takes --pairs pairs drawn (seeded, the same for every child) from a
+length distribution of [prompt, real answer, generated answer] tokens: "smollm2" is
+bench/results/lengths-smollm2.json, written by `python scripts/padding.py --config
+smollm2-135m --dump-lengths FILE` (the recipe's real answers, generated answers at the
+cap; with `--pairs` it writes a pairs file's own lengths), "ultrachat"
+the study's UltraChat rows under scripts/padding.py's stated length assumption. Four
+children run: ours and transformers, each padded (collate_pairs) and packed (packing.py:
+ours with its block-diagonal mask; transformers with restarting position_ids and no
+attention mask, which its sdpa path turns into the same block-causal mask). tokens/s then
+counts REAL tokens only (padding excluded), summed over the timed steps, so padded and
+packed compare on the work that matters; the ratios are packed / padded per implementation
+and ours / transformers per layout.
+
 Peak FLOP/s: --peak-tflops if given; on a GPU the datasheet's dense bf16 figure for the card
 told apart by name (H100 SXM 989, PCIe 756, NVL 835, H200 989: bench/cards.py), and MFU
 against a measured 8192^3 bf16 matmul as well; a card not in the table uses the measured
@@ -134,6 +148,8 @@ def run_child(args) -> dict:
                 logits = model(input_ids=ids, use_cache=False).logits
             return sequence_logps(logits, ids, mask)
         flops_tok = None
+    if args.lengths:
+        return run_child_lengths(args, model, env, device, autocast, flops_tok)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.RMSprop(params, lr=5e-7, alpha=0.99, eps=1e-8)  # the trainer's defaults
@@ -187,6 +203,144 @@ def run_child(args) -> dict:
     return out
 
 
+def length_table(name: str) -> list:
+    """[[prompt, real, generated], ...] token lengths of the named distribution."""
+    if name == "ultrachat":
+        sys.path.insert(0, os.path.join(REPO, "scripts"))
+        import padding
+        return [[len(p.prompt), len(p.real), len(p.generated)] for p in padding.ultrachat_items(2000, 60.0, 250.0, 256)]
+    path = name if name.endswith(".json") else os.path.join(BENCH, "results", f"lengths-{name}.json")
+    with open(path) as f:
+        return json.load(f)["lengths"]
+
+
+def real_length_batches(args) -> list:
+    """args.steps + args.warmup padded [real; generated] batches of args.pairs pairs each,
+    lengths drawn from the table (seeded: every child gets the same batches), random tokens."""
+    import random
+    from minispin.run.rows import TokenizedPair, collate_pairs
+    table = length_table(args.lengths)
+    rng = random.Random(1)
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, 32000, (n,), generator=g).tolist()  # noqa: E731
+    batches = []
+    for b in range(args.steps + args.warmup):
+        items = [TokenizedPair(f"b/{b}/{i}", ids(p), ids(r), ids(q))
+                 for i, (p, r, q) in enumerate(rng.choices(table, k=args.pairs))]
+        batches.append(collate_pairs(items, 0))
+    return batches
+
+
+def run_child_lengths(args, model, env, device, autocast, flops_tok) -> dict:
+    """The --lengths step: padded or packed batches of real lengths; tokens/s of real tokens."""
+    from minispin.core.loss import answer_logps, batch_inputs, sequence_logps, spin_loss
+    from minispin.core.packing import pack_batch
+    batches = real_length_batches(args)
+    capacity = max(int(b["lengths"].max()) for b in batches)   # the run's longest row, as the trainer packs
+    real = [int(b["lengths"].sum()) for b in batches]
+    if args.layout == "packed":
+        batches = [pack_batch(b, capacity=capacity) for b in batches]
+    batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
+
+    def logps_of(b):
+        model_kw, rows = batch_inputs(b)
+        if args.impl == "ours":
+            return answer_logps(model, b["input_ids"], b["loss_mask"], **rows, **model_kw)
+        with autocast():   # transformers: full logits; packed rows through position_ids alone
+            extra = {"position_ids": b["positions"]} if "positions" in b else {}
+            logits = model(input_ids=b["input_ids"], use_cache=False, **extra).logits
+        return sequence_logps(logits, b["input_ids"], b["loss_mask"], **rows)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.RMSprop(params, lr=5e-7, alpha=0.99, eps=1e-8)
+    B = args.pairs
+
+    def step(b):
+        logps = logps_of(b)
+        ref = logps.detach() - 1.0   # a fixed offset: the loss is the same function of θ for every layout
+        losses, _ = spin_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=0.1)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(logps.detach().sum())
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for b in batches[:args.warmup]:
+        step(b)
+    sync()
+    total_t, logp_sum = 0.0, 0.0
+    for b in batches[args.warmup:]:
+        t = time.perf_counter()
+        logp_sum += step(b)
+        sync()
+        total_t += time.perf_counter() - t
+    tokens = sum(real[args.warmup:])
+    positions = sum(b["input_ids"].numel() for b in batches[args.warmup:])
+    out = {"impl": args.impl, "layout": args.layout, "step_s": total_t / args.steps,
+           "tokens_per_s": tokens / total_t, "real_tokens": tokens, "positions": positions,
+           "loss": logp_sum, "params": sum(p.numel() for p in model.parameters()), "flops_per_token": flops_tok}
+    print("RESULT " + json.dumps(out), flush=True)
+    if env is not None:
+        from minispin.run import distributed as D
+        D.close_distributed(env)
+    return out
+
+
+def main_lengths(args):
+    """--lengths: ours and transformers, padded and packed, in one run (alternating rounds)."""
+    device = torch.device(args.device)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        make_weights(tmp, args.shape, device)
+        for _ in range(args.rounds):
+            for impl in ("ours", "hf"):
+                for layout in ("padded", "packed"):
+                    cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--weights", tmp,
+                           "--device", args.device, "--dtype", args.dtype, "--pairs", str(args.pairs),
+                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
+                           str(args.threads), "--lengths", args.lengths, "--layout", layout]
+                    if args.ac:
+                        cmd.append("--ac")
+                    r = subprocess.run(cmd, capture_output=True, text=True)
+                    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+                    if r.returncode or not lines:
+                        raise SystemExit(f"{impl} {layout} failed:\n{r.stderr[-4000:]}")
+                    r = json.loads(lines[-1][7:])
+                    key = f"{impl}/{layout}"
+                    if key not in results or r["tokens_per_s"] > results[key]["tokens_per_s"]:
+                        results[key] = r
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({args.threads or torch.get_num_threads()} threads)"
+    some = results["ours/padded"]
+    print(f"SPIN training step on real lengths ({args.lengths}) — shape {args.shape} "
+          f"({some['params'] / 1e6:.1f}M params), {args.pairs} pairs per step, {args.steps} timed steps, "
+          f"{args.dtype}, activation checkpointing {'on' if args.ac else 'off'}, {dev}")
+    print(f"real tokens per run {some['real_tokens']}; positions computed: padded "
+          f"{results['ours/padded']['positions']}, packed {results['ours/packed']['positions']}")
+    print(f"{'':24}{'step (s)':>10}{'real tokens/s':>15}{'sum log p':>14}")
+    for key, r in results.items():
+        name = key.replace("ours", "minispin").replace("hf", "transformers")
+        print(f"{name:24}{r['step_s']:>10.4f}{r['tokens_per_s']:>15.0f}{r['loss']:>14.2f}")
+    rate = {k: r["tokens_per_s"] for k, r in results.items()}
+    ratios = {"minispin packed/padded": rate["ours/packed"] / rate["ours/padded"],
+              "transformers packed/padded": rate["hf/packed"] / rate["hf/padded"],
+              "padded minispin/transformers": rate["ours/padded"] / rate["hf/padded"],
+              "packed minispin/transformers": rate["ours/packed"] / rate["hf/packed"]}
+    print("ratios (real tokens/s): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    sums = [r["loss"] for r in results.values()]
+    if max(sums) - min(sums) > 1e-3 * max(1.0, abs(sums[0])):
+        print(f"WARNING: the log-prob sums differ ({sums}): not the same computation")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": dev, "results": results, "ratios": ratios}, f, indent=2)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,11 +358,17 @@ def main(argv=None):
     ap.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--impl", choices=("ours", "hf"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--lengths", default=None,
+                    help="real lengths instead of --seq: smollm2, ultrachat or a lengths JSON file; "
+                         "runs padded and packed, real tokens only (see above)")
+    ap.add_argument("--layout", choices=("padded", "packed"), default="padded", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.impl:
         return run_child(args)
+    if args.lengths:
+        return main_lengths(args)
 
     device = torch.device(args.device)
     peak, peak_desc, measured = peak_flops(device, args.peak_tflops)

@@ -56,6 +56,7 @@ ROWS = [  # (row, group, what)
     ("6c", "6", "FSDP2 step, 4 Mistral-7B blocks"),
     ("7a", "7", "4a with compile_train (compiled blocks)"),
     ("7b", "7", "4d with compile_train, vs transformers+peft"),
+    ("7c", "7", "4a on real lengths: packed vs padded"),
 ]
 ORDER = ["1", "4", "5", "6", "7", "2", "3"]  # cheap and robust first, compile-heavy last
 # a worker gets its own process group, so that it is killed with everything it started

@@ -26,8 +26,8 @@ def settings(**kw):
                 batch_size=4, last_batch="drop", max_grad_norm=10.0, mixed_precision="fp32",
                 fp32_logits=True, lora_rank=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets="all",
                 lora_base_dtype="auto", seed=0, noise=NoiseSettings(), max_steps=0, micro_batch_size=2,
-                ref_batch_size=0, activation_checkpointing=False, compile_train=False, report_to="none",
-                checkpoint_every=0, keep_checkpoints=1, keep_checkpoints_after_export=False,
+                ref_batch_size=0, activation_checkpointing=False, compile_train=False, packing=False,
+                report_to="none", checkpoint_every=0, keep_checkpoints=1, keep_checkpoints_after_export=False,
                 export_dtype="float32")
     base.update(kw)
     return TrainSettings(**base)

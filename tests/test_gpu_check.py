@@ -11,7 +11,7 @@ from helpers import REPO
 # the rows the GPU check promises (bench/README.md), written out here on purpose: a row
 # dropped from the script must fail this test
 ROWS = ["1a", "1b", "1c", "1d", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "4d", "4e", "5", "6a", "6b", "6c",
-        "7a", "7b"]
+        "7a", "7b", "7c"]
 
 pytestmark = pytest.mark.slow  # every test here starts a real model, a wheel or a subprocess run
 

@@ -81,7 +81,17 @@ def answer_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     return at
 
 
+def batch_inputs(batch: dict) -> Tuple[dict, dict]:
+    """What a batch carries beyond input_ids and loss_mask: (model keyword arguments, row
+    ids). SPIN's rows bring attention_mask; a packed batch (packing.py) brings positions,
+    its block-diagonal attn_mask, and row_ids / n_rows for the segment sums."""
+    model_kw = {k: batch[k] for k in ("attention_mask", "positions", "attn_mask") if k in batch}
+    rows = {k: batch[k] for k in ("row_ids", "n_rows") if k in batch}
+    return model_kw, rows
+
+
 def answer_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, fp32_logits: bool = True,
+                 row_ids: Optional[torch.Tensor] = None, n_rows: Optional[int] = None,
                  **model_kw) -> torch.Tensor:
     """(B,) log p of each row's answer tokens: ONE forward that computes lm_head on the
     answer positions only. fp32_logits: lm_head itself runs in fp32 there, so under bf16
@@ -89,7 +99,7 @@ def answer_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, fp32_l
     summed over hundreds of tokens, and over reference and policy passes of other batch
     shapes, that is how step 0 drifts from ln 2). Off = bf16 logits, as uclaml/SPIN ran."""
     return sequence_logps(answer_logits(model, input_ids, loss_mask, fp32_logits, **model_kw),
-                          input_ids, loss_mask)
+                          input_ids, loss_mask, row_ids, n_rows)
 
 
 def answer_logits(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, fp32_logits: bool = True,
@@ -100,16 +110,35 @@ def answer_logits(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, fp32_
                  logits_dtype=torch.float32 if fp32_logits else None, **model_kw)
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                   row_ids: Optional[torch.Tensor] = None, n_rows: Optional[int] = None) -> torch.Tensor:
     """Σ over masked positions of log p(input_ids[t] | input_ids[<t]), fp32, one per row.
-    logits: (B, T, V), or (N, V) already taken at answer_positions(loss_mask)."""
-    B = input_ids.shape[0]
+    logits: (B, T, V), or (N, V) already taken at answer_positions(loss_mask).
+    row_ids (B, T), n_rows: which row each position belongs to, for packed batches
+    (packing.py); default: row b of the tensor is row b."""
+    B = input_ids.shape[0] if row_ids is None else n_rows
     mask = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:][mask]                     # (N,)
-    rows = torch.arange(B, device=logits.device)[:, None].expand_as(mask)[mask]  # (N,)
+    rows = answer_row_ids(loss_mask, row_ids).to(logits.device)   # (N,)
     x = answer_rows(logits, loss_mask)
     token_logps = x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
     return torch.zeros(B, device=logits.device, dtype=x.dtype).index_add(0, rows, token_logps)
+
+
+def answer_row_ids(loss_mask: torch.Tensor, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N,) the row each counted position belongs to, in answer_rows' order: row b of the
+    tensor, or for a packed batch (packing.py) its row_ids there."""
+    if row_ids is None:
+        row_ids = torch.arange(loss_mask.shape[0], device=loss_mask.device)[:, None].expand_as(loss_mask)
+    return row_ids[:, 1:][loss_mask[:, 1:].bool()]
+
+
+def answer_counts(loss_mask: torch.Tensor, row_ids: Optional[torch.Tensor] = None,
+                  n_rows: Optional[int] = None) -> torch.Tensor:
+    """(rows,) how many tokens of each row sequence_logps sums."""
+    if row_ids is None:
+        return loss_mask[:, 1:].bool().sum(1)
+    return torch.bincount(answer_row_ids(loss_mask, row_ids), minlength=n_rows)
 
 
 def answer_rows(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -168,10 +197,10 @@ def spin_step(policy, batch: dict, reference: torch.Tensor, beta: float = 0.1,
     """One SPIN micro-batch. batch: collate_pairs' [real; generated] rows (2B of them);
     reference: (2B,) log p_θt of the same rows. Returns per-pair losses (B,) and stats."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
-    seen = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}  # SPIN's rows
-    logps = answer_logps(policy, ids, mask, fp32_logits, **seen)   # log p_θ of all 2B rows, one forward
+    model_kw, rows = batch_inputs(batch)
+    logps = answer_logps(policy, ids, mask, fp32_logits, **rows, **model_kw)  # all 2B rows, one forward
     if loss_type == "ipo":  # TRL's IPO: log-probs per answer token, the policy's and the reference's
-        n = mask[:, 1:].sum(1).clamp(min=1).to(logps.dtype)
+        n = answer_counts(mask, **rows).clamp(min=1).to(logps.dtype)
         logps, reference = logps / n, reference / n.to(reference.device)
     B = logps.shape[0] // 2
     return spin_loss(logps[:B], logps[B:], reference[:B], reference[B:], beta=beta,

@@ -200,6 +200,21 @@ def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor,
     return allowed
 
 
+_COMPILED_FLEX = None
+
+
+def flex_attention(compiled: bool):
+    """torch's flex_attention; compiled (once, on CUDA) because eager it materializes the
+    whole score matrix instead of running the block-sparse kernel."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if not compiled:
+        return flex
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex)
+    return _COMPILED_FLEX
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -225,6 +240,8 @@ class Attention(nn.Module):
         n_rep = a.n_heads // a.n_kv_heads
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        elif not torch.is_tensor(mask):  # a flex_attention BlockMask (packed rows: packing.py)
+            y = flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=n_rep > 1)
         elif n_rep > 1 and fold_gqa(x.device):
             # query head h uses K/V head h // n_rep: the group's queries become rows of one head
             q = q.reshape(B, a.n_kv_heads, n_rep * T, a.head_dim)
@@ -360,7 +377,8 @@ class Transformer(nn.Module):
 
         positions: (B, T) or (T,) token positions for RoPE (default: cache_pos + arange(T)).
         attn_mask: boolean (B|1, 1, T, keys), True = may attend (see `slot_mask`); default:
-                   causal, with the sliding window if the model has one.
+                   causal, with the sliding window if the model has one. Or a flex_attention
+                   BlockMask (packing.packed_block_mask), which flex_attention applies as is.
         attention_mask: (B, cache_pos + T) of 0/1, transformers' key mask: a key marked 0
                    is hidden from every query (on top of attn_mask or the causal default).
                    It does not move positions (pass `positions` for that). A query that
@@ -385,7 +403,7 @@ class Transformer(nn.Module):
             positions = positions[None].expand(B, T)
         mask = self._mask(attn_mask, attention_mask, B, T, cache_pos, input_ids.device)
         n_rep = args.n_heads // args.n_kv_heads
-        if mask is not None and n_rep > 1 and fold_gqa(input_ids.device):  # tiled once per forward
+        if torch.is_tensor(mask) and n_rep > 1 and fold_gqa(input_ids.device):  # tiled once per forward
             mask = mask.expand(mask.shape[0], 1, T, mask.shape[-1]).repeat(1, 1, n_rep, 1)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, rope_frequencies(args, positions), h.dtype)

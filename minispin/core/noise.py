@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .loss import answer_logits, answer_rows, sequence_logps
+from .loss import answer_counts, answer_logits, answer_row_ids, answer_rows, sequence_logps
 
 SIDES = ("real", "generated", "both")
 
@@ -73,32 +73,39 @@ def reference_noise(keys: Sequence[str], pair_sigma: torch.Tensor, side: str, se
 
 def noised_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                           noise_std: torch.Tensor,
-                          generator: Union[None, torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
+                          generator: Union[None, torch.Generator, Sequence[torch.Generator]],
+                          row_ids: Optional[torch.Tensor] = None, n_rows: Optional[int] = None) -> torch.Tensor:
     """loss.sequence_logps with the study's reference noise: N(0, σ_b²) on row b's fp32
     logits at its answer positions, before the log-softmax, as one (n_b, V) draw from the
     row's own generator (or one shared generator). Rows with σ = 0 draw nothing and equal
-    sequence_logps bit for bit."""
+    sequence_logps bit for bit. row_ids / n_rows: a packed batch's rows (packing.py), whose
+    positions are gathered in their order, so each row gets the same draw as padded."""
     x = answer_rows(logits, loss_mask)
     if x is logits:
         x = x.clone()                                    # the noise is added in place
     std = torch.as_tensor(noise_std, dtype=torch.float32).detach().cpu().tolist()
-    counts = loss_mask[:, 1:].bool().sum(1).tolist()
+    counts = answer_counts(loss_mask, row_ids, n_rows).tolist()
+    # row b's answer positions: the slice [start, start + n), or when packed order[start:start + n]
+    order = None if row_ids is None else torch.argsort(answer_row_ids(loss_mask, row_ids), stable=True)
     start = 0
-    for b, n in enumerate(counts):  # row b's answer positions are the slice [start, start + n)
+    for b, n in enumerate(counts):
         if std[b] > 0 and n:
             g = generator[b] if isinstance(generator, (list, tuple)) else generator
             eps = torch.randn((n, x.shape[1]), generator=g, dtype=torch.float32,
                               device=g.device if g is not None else x.device)
-            x[start:start + n] += eps.to(device=x.device, dtype=x.dtype) * std[b]
+            at = slice(start, start + n) if order is None else order[start:start + n].to(x.device)
+            x[at] += eps.to(device=x.device, dtype=x.dtype) * std[b]
         start += n
-    return sequence_logps(x, input_ids, loss_mask)
+    return sequence_logps(x, input_ids, loss_mask, row_ids, n_rows)
 
 
 def noised_answer_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, noise_std: torch.Tensor,
-                        generator: Sequence[torch.Generator], fp32_logits: bool = True, **model_kw) -> torch.Tensor:
+                        generator: Sequence[torch.Generator], fp32_logits: bool = True,
+                        row_ids: Optional[torch.Tensor] = None, n_rows: Optional[int] = None,
+                        **model_kw) -> torch.Tensor:
     """loss.answer_logps with the reference noise (noised_sequence_logps)."""
     logits = answer_logits(model, input_ids, loss_mask, fp32_logits, **model_kw)
-    return noised_sequence_logps(logits, input_ids, loss_mask, noise_std, generator)
+    return noised_sequence_logps(logits, input_ids, loss_mask, noise_std, generator, row_ids, n_rows)
 
 
 # ---------------------------------------------------------------- 2. NEFTune

@@ -62,6 +62,9 @@ class TrainSettings:
     ref_batch_size: int = _bookkeeping()
     activation_checkpointing: bool = _bookkeeping()
     compile_train: bool = _bookkeeping()  # the same maths compiled: checkpoints move between both
+    # the same sums over the same tokens, laid out without padding (equal to rounding,
+    # tests/test_packing.py): a run may resume packed from a padded checkpoint and back
+    packing: bool = _bookkeeping()
     report_to: str = _bookkeeping()
     checkpoint_every: int = _bookkeeping()
     keep_checkpoints: int = _bookkeeping()

@@ -186,6 +186,10 @@ class Training:
                               "the online reference, and RMSprop's update (fuses the elementwise "
                               "work; the first steps pay the compile); same losses as eager up to "
                               "rounding")
+    packing: bool = key(False, "lay the 2B rows of each micro-batch end to end (own positions, "
+                        "block-diagonal causal mask, per-row segment sums) instead of padding "
+                        "them to the longest: the same losses up to rounding, no padded "
+                        "positions computed (flex_attention on CUDA, SDPA with a mask elsewhere)")
     fp32_logits: bool = key(True, "lm_head in fp32 on the answer positions, so bf16 compute never "
                             "rounds the logits the log-probs come from (uclaml/SPIN: bf16 "
                             "logits; false reproduces that)")
@@ -545,6 +549,9 @@ def check(recipe: Recipe, where_of: Optional[Dict[str, str]] = None):
         parse_report_to(t.report_to)
     except ValueError as e:
         raise RecipeError(f"{where('report_to')}: {e}") from None
+    if t.packing and noise.neftune_alpha > 0:
+        raise RecipeError(f"{where('packing')}: NEFTune scales its noise by the padded row length, "
+                          "which packing changes; drop --packing or the neftune noise")
     if (noise.ref_sigma > 0 or fx.adaptive) and noise.mode == "fresh" and t.ref_mode == "precompute":
         raise RecipeError(f"{where('noise')}: mode=fresh draws new reference noise at every step, "
                           "which needs the reference logits at every step: add --ref-mode online, "

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from . import distributed as D
 from ..core import lora
-from ..core.loss import answer_logps
+from ..core.loss import answer_logps, batch_inputs
 from ..core.noise import noised_answer_logps, reference_noise
 from ..core.settings import TrainSettings
 from .data import JsonlAppender, read_jsonl
@@ -36,8 +36,11 @@ class Reference:
     """log p_θt of the [real; generated] rows of a run's pairs, stored or recomputed."""
 
     def __init__(self, cfg: TrainSettings, env, items: List[TokenizedPair], theta_fp: str, pad_id: int,
-                 path: str, progress: bool = True, log: Callable = print, theta_path: str = "θ_t"):
+                 path: str, progress: bool = True, log: Callable = print, theta_path: str = "θ_t",
+                 collate: Optional[Callable] = None):
+        """collate: pairs -> batch (default collate_pairs; the trainer's packs with `packing`)."""
         self.cfg, self.env, self.items, self.theta_fp = cfg, env, items, theta_fp
+        self.collate = collate or (lambda pairs: collate_pairs(pairs, pad_id))
         self.theta_path = theta_path   # named when θ_t cannot score a pair
         self.pad_id, self.path, self.progress, self.log = pad_id, path, progress, log
         self.noise = cfg.noise
@@ -59,11 +62,13 @@ class Reference:
         ids, mask = batch["input_ids"].to(dev), batch["loss_mask"].to(dev)
         draw = step if self.noise.mode == "fresh" else None
         noise = reference_noise(batch["keys"], batch["noise"], self.noise.side, self.noise.seed, draw)
-        seen = {"attention_mask": batch["attention_mask"].to(dev)} if "attention_mask" in batch else {}
+        seen, rows = (({k: v.to(dev) if torch.is_tensor(v) else v for k, v in d.items()})
+                      for d in batch_inputs(batch))
         with torch.no_grad(), lora.adapters_disabled(model):  # under LoRA, θ_t is the base
             if noise is None:
-                return answer_logps(model, ids, mask, self.cfg.fp32_logits, **seen)
-            return noised_answer_logps(model, ids, mask, noise[0], noise[1], self.cfg.fp32_logits, **seen)
+                return answer_logps(model, ids, mask, self.cfg.fp32_logits, **rows, **seen)
+            return noised_answer_logps(model, ids, mask, noise[0], noise[1], self.cfg.fp32_logits,
+                                       **rows, **seen)
 
     def precompute(self, model, step: int = 0):
         """log p_θt of both answers of every pair, once; cached in ref_logps.jsonl.
@@ -101,7 +106,7 @@ class Reference:
                 # every rank must run the forward (FSDP gathers collectively): a rank with
                 # nothing left computes a throwaway batch
                 work = mine or part[0]
-                logps = self.forward(model, collate_pairs(work, self.pad_id), step).cpu().tolist()
+                logps = self.forward(model, self.collate(work), step).cpu().tolist()
                 n = len(work)
                 out = [(p.key, logps[i], logps[n + i]) for i, p in enumerate(work)] if mine else []
                 gathered = [r for results in D.all_gather_objects(out) for r in results]

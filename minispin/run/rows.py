@@ -228,19 +228,28 @@ def _pad_rows(rows: List[Tuple[List[int], List[int]]], pad_id: int):
     return input_ids, loss_mask
 
 
+def row_lengths(items: List[TokenizedPair]) -> List[int]:
+    """The 2B row lengths of collate_pairs' batch: prompt + real answer for each pair, then
+    prompt + generated answer for each pair."""
+    return ([len(p.prompt) + len(p.real) for p in items] +
+            [len(p.prompt) + len(p.generated) for p in items])
+
+
 def collate_pairs(items: List[TokenizedPair], pad_id: int) -> dict:
     """B pairs -> one [real; generated] batch of 2B right-padded rows.
 
     Rows 0..B-1 are prompt + real answer, rows B..2B-1 prompt + generated answer;
     loss_mask is 1 on answer tokens only. Right padding is safe under the causal mask:
-    no real token attends to a pad. swap (B,) bool and noise (B,) float are the
-    pair-level fields the loss and the reference pass read.
+    no real token attends to a pad. lengths (2B,): each row's tokens before padding. swap
+    (B,) bool and noise (B,) float are the pair-level fields the loss and the reference
+    pass read.
     """
     import torch
     rows = [(p.prompt + p.real, [0] * len(p.prompt) + [1] * len(p.real)) for p in items]
     rows += [(p.prompt + p.generated, [0] * len(p.prompt) + [1] * len(p.generated)) for p in items]
     input_ids, loss_mask = _pad_rows(rows, pad_id)
     batch = {"input_ids": input_ids, "loss_mask": loss_mask, "keys": [p.key for p in items],
+             "lengths": torch.tensor(row_lengths(items), dtype=torch.long),
              "swap": torch.tensor([p.swap for p in items], dtype=torch.bool),
              "noise": torch.tensor([p.noise for p in items], dtype=torch.float32)}
     if any(p.attention is not None for p in items):

@@ -57,7 +57,8 @@ from .layout import fingerprint_cache_path
 from .reference import Reference
 from .reporting import MetricsLog
 from .resume import HOOKS, check_resume_key, intact_checkpoint, resume_key, rng_state, set_rng_state, trim_metrics
-from .rows import TokenizedPair, collate_pairs, collate_sft
+from .rows import TokenizedPair, collate_pairs, collate_sft, row_lengths
+from ..core.packing import layout_padding, pack_batch
 
 
 class TrainingError(StoppedError):
@@ -95,8 +96,11 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.window = read_config(init_model).sliding_window if cfg.packing else None
+        self.pack_capacity = max(self.row_lengths(items), default=1)  # a packed sequence's most tokens
         self.reference = Reference(cfg, env, items, self.theta_fp, pad_id,
-                                   os.path.join(work_dir, "ref_logps.jsonl"), progress, self.log, init_model)
+                                   os.path.join(work_dir, "ref_logps.jsonl"), progress, self.log, init_model,
+                                   self.collate)
         self.policy = None  # set by run(); step_end hooks may look at it
         # LoRA (core/lora.py): adapters on a frozen base; None = every weight trains
         self.lora = (lora.LoRASettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
@@ -175,7 +179,7 @@ class Trainer:
 
     def micro_step(self, policy, items: List[TokenizedPair]) -> Dict[str, float]:
         """Forward + backward of one micro-batch of pairs; returns its metric sums."""
-        batch = collate_pairs(items, self.pad_id)
+        batch = self.collate(items)
         ref = self.reference.logps(batch, self.step)
         batch = {k: (v.to(self.env.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         sums = spin_micro_step(policy, batch, ref, self.cfg, self.env.world_size, self.loss_hook)
@@ -184,6 +188,30 @@ class Trainer:
 
     def step_metrics(self, sums: Dict[str, float]) -> dict:
         return spin_metrics(sums, self.cfg.batch_size)
+
+    def collate(self, items: List[TokenizedPair]) -> dict:
+        """collate_pairs' padded batch, or with `packing` the same rows packed (core/packing.py)
+        in sequences of at most the run's longest row, built on the device: flex_attention's
+        block mask on CUDA, a dense mask elsewhere."""
+        batch = collate_pairs(items, self.pad_id)
+        if not self.cfg.packing:
+            return batch
+        dev = torch.device(self.env.device)
+        return pack_batch(batch, window=self.window, capacity=self.pack_capacity,
+                          block_mask=dev.type == "cuda", device=dev)
+
+    def row_lengths(self, items: List[TokenizedPair]) -> List[int]:
+        return row_lengths(items)
+
+    def padding_info(self) -> dict:
+        """Padded positions / all positions over every policy micro-batch of the run (each
+        micro-batch's rows as collate_pairs pads them, and as packing lays them out); the
+        processes do not change it (their micro-batches are the same chunks of each global
+        batch), and the reference pass is not counted."""
+        m = self.cfg.micro_batch_size
+        batches = (self.row_lengths([self.items[i] for i in idx[j:j + m]])
+                   for idx in map(self.global_batch, range(self.total_steps)) for j in range(0, len(idx), m))
+        return layout_padding(batches, self.pack_capacity)
 
     def loss_hook(self, loss: torch.Tensor) -> torch.Tensor:
         for fn in HOOKS["loss"]:
@@ -291,7 +319,8 @@ class Trainer:
         if self.env.is_main:
             info = dict(self.info, mode=self.mode, world_size=self.env.world_size, accumulation=self.accum,
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                        examples=len(self.items), init_model=self.init_model, theta_fingerprint=self.theta_fp)
+                        examples=len(self.items), init_model=self.init_model, theta_fingerprint=self.theta_fp,
+                        **self.padding_info())
             with open(os.path.join(self.work_dir, "train_info.json"), "w") as f:
                 json.dump(redact_all(json.loads(json.dumps(info, default=str))), f, indent=2)
 
@@ -336,6 +365,9 @@ class SFTTrainer(Trainer):
 
     def step_metrics(self, sums: Dict[str, float]) -> dict:
         return sft_metrics(sums, self.cfg.batch_size)
+
+    def row_lengths(self, items: List[TokenizedPair]) -> List[int]:
+        return [len(p.prompt) + len(p.real) for p in items]   # collate_sft's rows (SFT does not pack)
 
     def prepare_reference(self, policy):
         pass
