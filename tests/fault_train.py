@@ -7,6 +7,8 @@ environment): `python tests/fault_train.py FAULT <train.py args>`, FAULT one of
               python), as a scheduler does, and waits until torchrun has passed it on
     stall@N   after step N, rank 1 stops answering (sleeps; SIGTERM still ends it, so
               torchrun can clean up)
+    pause@N:FILE  after step N, rank 0 creates FILE.paused and waits until FILE exists: a run
+              held mid-training while a test does something beside it
 """
 import os
 import runpy
@@ -20,7 +22,8 @@ from minispin.run.resume import add_hook
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 kind, _, n = sys.argv[1].partition("@")
-assert kind in ("kill", "term", "stall"), sys.argv[1]
+n, _, go = n.partition(":")
+assert kind in ("kill", "term", "stall", "pause"), sys.argv[1]
 
 
 def rank():
@@ -47,6 +50,13 @@ def stall_after(trainer, done):
         time.sleep(3600)
 
 
-add_hook("step_end", {"kill": kill_after, "term": term_after, "stall": stall_after}[kind])
+def pause_after(trainer, done):
+    if done == int(n) and rank() == 0:
+        open(go + ".paused", "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.05)
+
+
+add_hook("step_end", {"kill": kill_after, "term": term_after, "stall": stall_after, "pause": pause_after}[kind])
 sys.argv = [os.path.join(REPO, "train.py")] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")

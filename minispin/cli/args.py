@@ -10,7 +10,7 @@ import sys
 import traceback
 from typing import Callable, List, Optional
 
-from minispin.run.errors import UserError, redact
+from minispin.run.errors import DISK_FIXES, DiskError, UserError, disk_error, redact
 from minispin.run.recipe import FOREIGN_NAMES
 
 
@@ -131,3 +131,10 @@ def run_cli(main: Callable[[Optional[List[str]]], int], prog: str, argv: Optiona
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except OSError as e:  # a disk fault outside every stage(): still one line
+        if e.errno not in DISK_FIXES:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {redact(str(disk_error(e)))}", file=sys.stderr, flush=True)
+        return DiskError.exit_code

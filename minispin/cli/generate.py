@@ -19,9 +19,12 @@ from minispin.run import distributed as D
 from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
 from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
+from minispin.run.errors import stage
 from minispin.run.iteration import locked
+from minispin.run.layout import pairs_path, theta_path
 from minispin.run.pairs import generate_pairs_file
 from minispin.run.preempt import stoppable
+from minispin.run.preflight import generate_preflight
 
 KEYS = ("data", "num_prompts", "shuffle_seed", "shuffle_rows", "max_new_tokens", "temperature", "top_p", "top_k",
         "seed", "gen_batch_size", "max_length", "max_prompt_length", "template", "empty_system",
@@ -67,7 +70,9 @@ def run(argv=None) -> int:
     if changed and env.is_main:
         print(changed, flush=True)
     try:
-        with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env):
+        with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env), stage("generation"):
+            generate_preflight(recipe, env, args.model or theta_path(recipe.run_dir, args.iter, recipe.model.path),
+                               args.out or pairs_path(recipe.run_dir, args.iter), f"θ_{args.iter}")
             generate_pairs_file(recipe, args.iter, env, model_dir=args.model, out=args.out,
                                 overwrite=args.overwrite, strict=args.strict, progress=args.progress)
         return 0

@@ -25,7 +25,9 @@ from minispin.cli.args import ArgumentParser, run_cli, path_arg, iteration_arg
 from minispin.run.iteration import judge_file
 from minispin.study.judge import format_summary, log_stderr, make_judge
 from minispin.run.layout import judge_cache_path, judged_path, pairs_path
+from minispin.run.errors import stage
 from minispin.run.lock import RunLock
+from minispin.run.preflight import judge_preflight
 
 KEYS = ("judge_model", "judge_threshold", "judge_base_url", "judge_concurrency", "judge_timeout",
         "judge_max_retries", "judge_prompt", "judge_system", "judge_api_defaults",
@@ -70,7 +72,8 @@ def run(argv=None) -> int:
     out = args.out or judged_path(recipe.run_dir, args.iter)
     cache = args.cache or judge_cache_path(recipe.run_dir)
     try:
-        with RunLock(recipe.run_dir):   # one writer per run folder (minispin/run/lock.py)
+        with RunLock(recipe.run_dir), stage("judging"):   # one writer per run folder (minispin/run/lock.py)
+            judge_preflight(recipe, backend, src, out, cache, log)
             summary = judge_file(recipe, src, out, make_judge(recipe, backend), cache,
                                  retry_unparsable=args.retry_unparsable, limit=args.limit, log=log,
                                  progress=args.progress and not args.quiet)

@@ -23,6 +23,7 @@ import sys
 
 from minispin.cli import prog
 from minispin.cli.args import ArgumentParser, RawDescriptionHelpFormatter
+from minispin.run.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -52,7 +53,11 @@ def main(argv=None) -> int:
             print(f"{name}: error: no iter<t>/ folders in {run_dir}", file=sys.stderr)
             return 2
     out = args.out or os.path.join(args.run_dirs[0], "plots")
-    runs = [read_run(r, args.samples if args.report else 0) for r in args.run_dirs]
+    try:
+        runs = [read_run(r, args.samples if args.report else 0) for r in args.run_dirs]
+    except UserError as e:   # e.g. a summary.json that is not JSON: one line naming it
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
     charts = draw_charts(plt, runs, out, args.smooth)
     written = list(charts.values())
     if args.report:

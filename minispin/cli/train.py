@@ -31,7 +31,7 @@ from minispin.run.chain import run_chain
 from minispin.run.errors import UserError
 from minispin.run.iteration import locked, run_iteration, run_sft, summarize, summary_missing
 from minispin.run.preempt import stoppable
-from minispin.run.reporting import check_installed
+from minispin.run.preflight import check_reporters, train_preflight
 
 MODEL_KEYS = ("model", "data", "template", "empty_system", "device", "dtype", "cpu_threads",
               "dist_timeout")
@@ -88,7 +88,7 @@ def run(argv=None) -> int:
     if chain and one_only:
         raise UserError(f"{one_only[0]} is for one iteration; give --iter one iteration T, not a range or "
                         "--stop-when-worse, with it")
-    check_installed(recipe.training.report_to)   # a missing reporter: one line now, before any model loads
+    check_reporters(recipe.training.report_to)   # a reporter that cannot start: one line now, before any model loads
     apply_threads(recipe)
     env = D.init_distributed(recipe.model.device, recipe.model.dist_timeout)
     log = (lambda *m: print(*m, flush=True)) if env.is_main else (lambda *m: None)
@@ -96,7 +96,9 @@ def run(argv=None) -> int:
     if changed:
         log(changed)
     try:
-        with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env):
+        with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env), train_preflight(
+                recipe, env, its[0], args.sft, args.out, args.force, args.dump_rows, args.pairs,
+                args.prev_pairs, log):
             if args.sft:
                 run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
             elif chain:

@@ -42,6 +42,8 @@ checked against the tensors' shapes in the headers before the model is built.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -56,7 +58,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .errors import UserError, json_loads, load_json_file
+from .errors import UserError, json_loads, load_json_file, writing
 from ..core.lora import LoRASettings, is_adapter_key
 from ..core.model import ModelArgs
 from .config import hf_config, parse_dtype, read_config
@@ -368,30 +370,74 @@ def save_model(model: Optional[Transformer], out_dir: str, tokenizer_from: Optio
     saved_dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
 
     out_dir = os.path.abspath(out_dir.rstrip("/"))
+    with staging_folder(out_dir) as tmp:
+        shards = list(_shards(tensors, parse_size(max_shard_size)))
+        if len(shards) == 1:
+            save_safetensors(shards[0], os.path.join(tmp, SINGLE))
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_safetensors(shard, os.path.join(tmp, name))
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with writing(os.path.join(tmp, INDEX)), open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with writing(os.path.join(tmp, "config.json")), open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(config, saved_dtype), f, indent=2)
+        if tokenizer_from:
+            src = tokenizer_from if os.path.isdir(tokenizer_from) else os.path.dirname(tokenizer_from)
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(src, name)):
+                    # copyfile, not copy: the process umask sets the mode, not the source's
+                    with writing(os.path.join(tmp, name)):
+                        shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        return replace_folder(tmp, out_dir, training)
+
+
+STAGING_MARKER = ".minispin-staging"
+
+
+@contextlib.contextmanager
+def staging_folder(out_dir: str):
+    """A fresh `<out_dir>.tmp-<pid>` folder to build an export in, marked with STAGING_MARKER
+    so that a later run may recognise it as minispin's and remove it once its process is
+    dead (preflight.clean_stale_staging); removed at once if the body fails (a full disk
+    never leaves half an export behind)."""
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    shards = list(_shards(tensors, parse_size(max_shard_size)))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, SINGLE), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(tmp, INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config(config, saved_dtype), f, indent=2)
-    if tokenizer_from:
-        src = tokenizer_from if os.path.isdir(tokenizer_from) else os.path.dirname(tokenizer_from)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src, name)):
-                # copyfile, not copy: the process umask sets the mode, not the source's
-                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-    return replace_folder(tmp, out_dir, training)
+    with writing(tmp):
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, STAGING_MARKER), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# an io::Error inside safetensors' message: Rust's Debug form (`Os { code: 28, ...`) or its
+# Display form (`... (os error 28)`)
+_OS_ERROR = re.compile(r"\bOs \{ code: (\d+)|\(os error (\d+)\)")
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: str):
+    """safetensors' save_file, then its header read back: the library's writer can report a
+    failed write (a full disk) as its own error, or not at all, so a file shorter than its
+    header promises is an OSError naming it, never part of a finished export."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except Exception as e:  # safetensors_rust.SafetensorError: the OSError's code in its text
+        m = _OS_ERROR.search(str(e))
+        if m is None:
+            raise
+        code = int(m.group(1) or m.group(2))
+        raise OSError(code, os.strerror(code), path) from None
+    try:
+        read_safetensors_header(path)
+    except CheckpointError:
+        raise OSError(errno.EIO, "written short (is the disk full?)", path) from None
 
 
 def file_sha256(path: str) -> str:
@@ -438,6 +484,8 @@ def replace_folder(tmp: str, out_dir: str, training: Optional[dict] = None) -> s
     for n in os.listdir(tmp):  # safetensors writes 0600 temporaries: give every file the umask's mode
         if os.path.isfile(os.path.join(tmp, n)):
             os.chmod(os.path.join(tmp, n), 0o666 & ~umask)
+    if os.path.exists(os.path.join(tmp, STAGING_MARKER)):
+        os.remove(os.path.join(tmp, STAGING_MARKER))
     hashes = {n: file_sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
               if os.path.isfile(os.path.join(tmp, n)) and n != EXPORT_MARKER}
     marker = {"format": EXPORT_FORMAT, "version": 1, "fingerprint": _fingerprint_of(hashes),
@@ -446,7 +494,7 @@ def replace_folder(tmp: str, out_dir: str, training: Optional[dict] = None) -> s
                         for n, h in hashes.items()}}
     if training is not None:
         marker["training"] = training
-    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+    with writing(os.path.join(tmp, EXPORT_MARKER)), open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(marker, f, indent=1)
     os.chmod(tmp, 0o777 & ~umask)
     old = f"{out_dir}.old-{os.getpid()}"
@@ -455,6 +503,53 @@ def replace_folder(tmp: str, out_dir: str, training: Optional[dict] = None) -> s
     os.rename(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def sha256_finite(path: str) -> str:
+    """sha256 of a .safetensors file (the same as file_sha256), reading every float tensor
+    on the way to check that it is finite: a NaN or infinite weight is a CheckpointError
+    naming the file and the tensor. One sequential pass, 16 MiB at a time."""
+    header = read_safetensors_header(path)
+    spans = sorted((m["start"], m["start"] + m["data_offsets"][1] - m["data_offsets"][0], k, m["dtype"])
+                   for k, m in header.items() if m["dtype"] in _FLOAT_DTYPES)
+    h, pos, chunk = hashlib.sha256(), 0, 1 << 24
+
+    def check(buf: bytearray, key: str, dtype: str):
+        if buf and not bool(torch.isfinite(torch.frombuffer(buf, dtype=_ST_DTYPES[dtype])).all()):
+            raise CheckpointError(f"{path}: tensor '{key}' holds NaN or infinite values; these weights "
+                                  "cannot be trained or sampled from: re-download or re-export the model")
+
+    with open(path, "rb") as f:
+        def advance(to):  # hash [pos, to) without looking at it
+            nonlocal pos
+            while pos < to:
+                piece = f.read(min(chunk, to - pos))
+                if not piece:
+                    return
+                h.update(piece)
+                pos += len(piece)
+
+        for start, end, key, dtype in spans:
+            size = _ST_DTYPES[dtype].itemsize
+            if start < pos:  # overlaps one already read (an odd header): check it on its own
+                f.seek(start)
+                check(bytearray(f.read(end - start)), key, dtype)
+                f.seek(pos)
+                continue
+            advance(start)
+            while pos < end:
+                buf = bytearray(min(chunk // size * size, end - pos))
+                got = f.readinto(buf)
+                h.update(memoryview(buf)[:got])
+                pos += got
+                check(buf[:got - got % size], key, dtype)
+                if got < len(buf):
+                    break
+        advance(os.path.getsize(path))
+    return h.hexdigest()
 
 
 _FP_CACHE: Dict[tuple, str] = {}
@@ -498,18 +593,24 @@ def model_fingerprint(model_dir: str, cache_path: Optional[str] = None) -> str:
             saved = load_json_file(cache_path)
         except UserError:
             saved = {}
-    entry = json.dumps([key[0], [list(x) for x in stats]])
+    # "finite": entries recorded while the weights were checked (sha256_finite) as they were hashed
+    entry = json.dumps([key[0], [list(x) for x in stats], "finite"])
     fp = saved.get(entry) if isinstance(saved, dict) else None
     if not isinstance(fp, str):
-        fp = _fingerprint_of({n: file_sha256(os.path.join(model_dir, n)) for n, _, _ in stats})
+        fp = _fingerprint_of({n: (sha256_finite if n.endswith(".safetensors") else file_sha256)(
+            os.path.join(model_dir, n)) for n, _, _ in stats})
         if cache_path:
             saved = dict(saved) if isinstance(saved, dict) else {}
             saved[entry] = fp
             tmp = f"{cache_path}.tmp-{os.getpid()}"
             os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(saved, f)
-            os.replace(tmp, cache_path)
+            try:
+                with writing(cache_path), open(tmp, "w") as f:
+                    json.dump(saved, f)
+                os.replace(tmp, cache_path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
     _FP_CACHE[key] = fp
     return fp
 
@@ -539,12 +640,9 @@ def save_peft_adapter(out_dir: str, state: Dict[str, torch.Tensor], settings: Lo
                       base_model: str) -> str:
     """Write the adapters of a full state dict as a peft adapter folder (temporary folder,
     then rename, so a crash never leaves half an adapter)."""
-    from safetensors.torch import save_file
     out_dir = os.path.abspath(out_dir.rstrip("/"))
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(peft_state_dict(state), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
-        json.dump(peft_config(settings, base_model), f, indent=2)
-    return replace_folder(tmp, out_dir)
+    with staging_folder(out_dir) as tmp:
+        save_safetensors(peft_state_dict(state), os.path.join(tmp, ADAPTER_WEIGHTS))
+        with writing(os.path.join(tmp, ADAPTER_CONFIG)), open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+            json.dump(peft_config(settings, base_model), f, indent=2)
+        return replace_folder(tmp, out_dir)

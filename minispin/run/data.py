@@ -56,7 +56,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
-from .errors import MissingFileError, UserError, json_loads, redact_all
+from .errors import MissingFileError, UserError, json_loads, redact_all, writing
 
 PAIR_REQUIRED = ("id", "prompt", "real", "generated")
 CHAT_ROLES = ("system", "user", "assistant")   # what the chat templates render
@@ -580,19 +580,23 @@ class JsonlAppender:
             with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 unterminated = f.read(1) != b"\n"
-        self.f = open(path, "a", encoding="utf-8")
-        if unterminated:
-            self.f.write("\n")
+        self.path = path
+        with writing(path):
+            self.f = open(path, "a", encoding="utf-8")
+            if unterminated:
+                self.f.write("\n")
         self.fsync = fsync
 
     def write(self, rec: dict):
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
-        if self.fsync:
-            os.fsync(self.f.fileno())
+        with writing(self.path):
+            self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self.f.flush()
+            if self.fsync:
+                os.fsync(self.f.fileno())
 
     def close(self):
-        self.f.close()
+        with writing(self.path):
+            self.f.close()
 
     def __enter__(self):
         return self
@@ -606,22 +610,31 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]):
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with writing(path), open(tmp, "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_json_atomic(path: str, obj):
-    """One JSON document, written via a temporary sibling and rename."""
+def write_json_atomic(path: str, obj, indent: int = 1):
+    """One JSON document, written via a temporary sibling and rename (a full disk leaves
+    the old file, or none, never half of the new one)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(redact_all(obj), f, indent=1, ensure_ascii=False)  # metadata: no URL credential
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with writing(path), open(tmp, "w", encoding="utf-8") as f:
+            json.dump(redact_all(obj), f, indent=indent, ensure_ascii=False)  # metadata: no URL credential
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with writing(path):
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -62,7 +62,7 @@ from ..core.lora import LoRASettings, initial_adapters
 from ..core.model import Transformer
 from .checkpoint import _ST_DTYPES, check_config_sizes, file_sha256, load_model
 from .config import read_config
-from .errors import UserError, json_loads
+from .errors import UserError, json_loads, stage, writing
 
 
 @dataclass
@@ -264,7 +264,7 @@ def _write_safetensors(path: str, tensors: dict, metadata: dict):
         end += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to a multiple of 8 bytes
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             data = t.detach().to("cpu").contiguous().reshape(-1)
@@ -387,7 +387,8 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, extra: dict, env: Di
         raise TrainCheckpointError(f"could not write {tmp}: {failed or 'another rank failed'}; "
                                    f"the last complete checkpoint is kept")
     if env.is_main:
-        _write_index(tmp, env.world_size, param_groups)
+        with stage(f"training (saving checkpoint step {step})"):
+            _write_index(tmp, env.world_size, param_groups)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
         root = os.path.dirname(path)
@@ -406,7 +407,7 @@ def _write_index(folder: str, world_size: int, param_groups: list):
     tensors, extras = {}, []
     for name in files:
         entries, meta = _read_header(os.path.join(folder, name), "written just now")
-        info = json.loads(meta["minispin"])
+        info = json_loads(meta["minispin"])
         extras.append(info["extra"])
         for key, c in info["chunks"].items():
             dtype, sizes, _ = entries[key]
@@ -418,7 +419,7 @@ def _write_index(folder: str, world_size: int, param_groups: list):
              "files": files, "extra": extras, "param_groups": param_groups, "tensors": tensors,
              "sha256": {name: file_sha256(os.path.join(folder, name)) for name in files}}
     index["checksum"] = _index_checksum(index)
-    with open(os.path.join(folder, CKPT_INDEX), "w") as f:
+    with writing(os.path.join(folder, CKPT_INDEX)), open(os.path.join(folder, CKPT_INDEX), "w") as f:
         json.dump(index, f)
         f.flush()
         os.fsync(f.fileno())

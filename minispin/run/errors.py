@@ -8,14 +8,63 @@ one a scheduler stopped: preempt.py).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import re
+from typing import Optional
 
 from ..core.errors import StoppedError, UserError  # noqa: F401  (the base of every error here)
 
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (or the run layout needs) does not exist."""
+
+
+# ---------------------------------------------------------------------- disk faults
+# A full, read-only or failing disk can strike any write of any stage. Each write site
+# wraps itself in `writing(path)`, which names the file on the OSError (a failed write()
+# or close() carries no file name); each stage runs inside `stage(name)`, which turns such
+# an error into one line naming the file and the stage. What was being written is never
+# taken as complete: files are written to a temporary sibling and renamed, or appended one
+# line at a time (a torn last line is dropped when read).
+DISK_FIXES = {errno.ENOSPC: "free space on that disk (or use another --run-dir / --out), then re-run the same "
+                            "command: it resumes",
+              errno.EDQUOT: "raise the quota or free space there, then re-run the same command: it resumes",
+              errno.EROFS: "that filesystem is read-only: use another --run-dir / --out",
+              errno.EIO: "the disk reported an I/O error: check it (dmesg), then re-run the same command"}
+
+
+class DiskError(UserError):
+    """A write that the disk refused (full, read-only, failing): names the file and stage."""
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Name `path` on a disk fault raised by the body (OSError.filename, if it has none)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FIXES and not e.filename:
+            e.filename = path
+        raise
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """A disk fault inside the body becomes a DiskError: `<file>: <what> during <name>; <fix>`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FIXES:
+            raise
+        raise disk_error(e, name) from None
+
+
+def disk_error(e: OSError, stage_name: Optional[str] = None) -> DiskError:
+    """The one-line DiskError of a disk fault (errno in DISK_FIXES)."""
+    where = f" during {stage_name}" if stage_name else ""
+    return DiskError(f"{e.filename or 'a file'}: {e.strerror}{where}; {DISK_FIXES[e.errno]}")
 
 
 # ---------------------------------------------------------------------- JSON from files

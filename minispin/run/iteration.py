@@ -31,7 +31,7 @@ from typing import Callable, List, Optional, Tuple
 
 from . import distributed as D
 from .data import read_jsonl, read_pairs, read_sft, write_json_atomic, write_jsonl_atomic
-from .errors import UserError
+from .errors import UserError, stage
 from ..study.fixes import apply_recipe_fixes, pair_margin
 from .layout import (export_path, fingerprint_cache_path, iter_dir, judge_cache_path, judged_path, pairs_path,
                      summary_path, theta_path)
@@ -158,7 +158,8 @@ def ensure_pairs(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
                 "or add --generate to this command to sample them first")
             raise SetupError(f"pairs file {mine} not found{hint}")
         log(f"pairs for iteration {t} missing: sampling them first with θ_{t}")
-        generate_pairs_file(recipe, t, env, progress=progress)
+        with stage("generation"):
+            generate_pairs_file(recipe, t, env, progress=progress)
         if not os.path.isfile(mine):
             raise SetupError(f"generation did not produce {mine}")
     sources = [(f"iter{t}", mine)]
@@ -187,15 +188,23 @@ def judged_is_current(pairs_file: str, judged_file: str) -> bool:
     return bool(judged) and "scores" in judged[0] and sig(judged) == sig(read_pairs(pairs_file))
 
 
+def check_cache_path(cache_path: str, pairs_file: str, out: str):
+    """The score cache is neither the pairs file nor the output, nor any file that is not a
+    score cache: refused before anything touches it."""
+    from ..study.judge import refuse_foreign_cache
+    for other, what in ((pairs_file, "the pairs file"), (out, "the output")):
+        if os.path.abspath(cache_path) == os.path.abspath(other):
+            raise UserError(f"{cache_path}: the score cache is {what}; give --cache another file")
+    refuse_foreign_cache(cache_path)
+
+
 def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: str,
                retry_unparsable: bool = False, limit: Optional[int] = None,
                log: Callable = print, progress: bool = False) -> dict:
     """Score both answers of every pair of pairs_file (cached), apply the swap rule at the
     recipe's threshold, and write `out` (judged pairs) and judge_summary.json beside it."""
     from ..study.judge import ScoreCache, judge_pairs
-    for other, what in ((pairs_file, "the pairs file"), (out, "the output")):
-        if os.path.abspath(cache_path) == os.path.abspath(other):
-            raise UserError(f"{cache_path}: the score cache is {what}; give --cache another file")
+    check_cache_path(cache_path, pairs_file, out)
     pairs = read_pairs(pairs_file)[:limit]
     cache = ScoreCache(cache_path)
     try:
@@ -210,6 +219,35 @@ def judge_file(recipe: Recipe, pairs_file: str, out: str, backend, cache_path: s
     return summary
 
 
+def judged_target(recipe: Recipe, t: int, path: str, custom: bool) -> Optional[str]:
+    """Where the judged copy of pairs file `path` lives; None for a file given by hand that
+    already carries scores (it is used as it is)."""
+    if custom:
+        if any(pair_margin(p) is not None for p in read_pairs(path)):
+            return None
+        return os.path.splitext(path)[0] + ".judged.jsonl"
+    return judged_path(recipe.run_dir, t)
+
+
+def judging_needed(recipe: Recipe, t: int, pairs_file: Optional[str] = None,
+                   prev_pairs_file: Optional[str] = None) -> bool:
+    """Whether iteration t will call its judge backend: relabel or adaptive, and some pairs
+    it trains on are yet to be sampled or lack a current judged file."""
+    fx = recipe.fixes
+    if not (fx.relabel or fx.adaptive) or fx.judge_backend == "none":
+        return False
+    sources = [(t, pairs_file or pairs_path(recipe.run_dir, t), bool(pairs_file))]
+    if t >= 1 and recipe.data.mix_previous:
+        sources.append((t - 1, prev_pairs_file or pairs_path(recipe.run_dir, t - 1), bool(prev_pairs_file)))
+    for s, path, custom in sources:
+        if not os.path.isfile(path):
+            return True
+        target = judged_target(recipe, s, path, custom)
+        if target is not None and not judged_is_current(path, target):
+            return True
+    return False
+
+
 def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str, ...] = (),
                   log: Callable = print, progress: bool = False) -> List[Source]:
     """[(tag, pairs file)] -> [(tag, judged file)], judging what is missing or stale first
@@ -220,13 +258,10 @@ def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str,
     out = []
     for tag, path in sources:
         t = int(tag[len("iter"):])
-        if path in custom:  # a file given by hand: used as it is if it carries scores
-            if any(pair_margin(p) is not None for p in read_pairs(path)):
-                out.append((tag, path))
-                continue
-            target = os.path.splitext(path)[0] + ".judged.jsonl"
-        else:
-            target = judged_path(recipe.run_dir, t)
+        target = judged_target(recipe, t, path, path in custom)
+        if target is None:
+            out.append((tag, path))
+            continue
         if not judged_is_current(path, target):
             if fx.judge_backend == "none":
                 what = "out of date (made from other pairs)" if os.path.isfile(target) else "missing"
@@ -241,8 +276,9 @@ def ensure_judged(recipe: Recipe, sources: List[Source], env, custom: Tuple[str,
                 log(f"judged pairs {target} missing or out of date: judging {path} first "
                     f"({fx.judge_backend} judge)")
                 try:
-                    s = judge_file(recipe, path, target, make_judge(recipe, fx.judge_backend, env.device),
-                                   judge_cache_path(recipe.run_dir), log=log, progress=progress)
+                    with stage("judging"):
+                        s = judge_file(recipe, path, target, make_judge(recipe, fx.judge_backend, env.device),
+                                       judge_cache_path(recipe.run_dir), log=log, progress=progress)
                     log(format_summary(s))
                     if s["failed"]:
                         failure = (f"{s['failed']} pairs could not be scored (requests failed after all "
@@ -425,12 +461,13 @@ def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bo
     θ_{t+1} on it (heldout.py); written to iter<t>/summary.json, returned as text."""
     from ..study.heldout import format_summary, iteration_summary
     ev = recipe.eval
-    summary = iteration_summary(
-        iter_dir(recipe.run_dir, t), theta_path(recipe.run_dir, t, recipe.model.path),
-        export or export_path(recipe.run_dir, t), ev.eval_data, ev.heldout_examples,
-        template=recipe.model.template, empty_system=recipe.model.empty_system,
-        max_length=recipe.data.max_length, max_prompt_length=recipe.data.max_prompt_length,
-        max_new_tokens=ev.heldout_max_new_tokens, progress=progress)
+    with stage("the held-out check"):
+        summary = iteration_summary(
+            iter_dir(recipe.run_dir, t), theta_path(recipe.run_dir, t, recipe.model.path),
+            export or export_path(recipe.run_dir, t), ev.eval_data, ev.heldout_examples,
+            template=recipe.model.template, empty_system=recipe.model.empty_system,
+            max_length=recipe.data.max_length, max_prompt_length=recipe.data.max_prompt_length,
+            max_new_tokens=ev.heldout_max_new_tokens, progress=progress)
     if os.path.isfile(pairs_path(recipe.run_dir, t)):   # the diagnostics (diagnostics.py), after the export
         from ..study.diagnostics import format_diagnostics, iteration_diagnostics, sample_pairs
         from .reporting import report_summary

@@ -34,7 +34,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .errors import UserError
+from .errors import UserError, json_loads
 
 LOCK_NAME = ".minispin.lock"
 ORPHAN = re.compile(r"^.+\.tmp-(\d+)$")
@@ -62,7 +62,7 @@ def pid_running(pid: int) -> bool:
 def _read_holder(path: str) -> Optional[dict]:
     try:
         with open(path, encoding="utf-8") as f:
-            holder = json.load(f)
+            holder = json_loads(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     ok = isinstance(holder, dict) and type(holder.get("pid")) is int and isinstance(holder.get("host"), str)
@@ -70,9 +70,16 @@ def _read_holder(path: str) -> Optional[dict]:
 
 
 class RunLock:
-    def __init__(self, folder: str, rank: Optional[int] = None):
+    """`path` (default <folder>/.minispin.lock) is the lock file; `what` names the locked
+    thing in messages (default the folder); `owner` is extra JSON the holder records (e.g.
+    its run folder), named to whoever is refused."""
+
+    def __init__(self, folder: str, rank: Optional[int] = None, *, path: Optional[str] = None,
+                 what: Optional[str] = None, owner: Optional[dict] = None):
         self.folder = folder
-        self.path = os.path.join(folder, LOCK_NAME)
+        self.path = path or os.path.join(folder, LOCK_NAME)
+        self.what = what or folder
+        self.owner = dict(owner or {})
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
 
     def __enter__(self) -> "RunLock":
@@ -82,7 +89,7 @@ class RunLock:
         if key in _HELD:
             _HELD[key][0] += 1
             return self
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        me = {**self.owner, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         for _ in range(5):  # each lost race against another process costs one round
             try:
                 os.makedirs(self.folder, exist_ok=True)
@@ -128,7 +135,8 @@ class RunLock:
         # our own pid here means an earlier process with the same pid (a restarted container):
         # this process does not hold the lock (that is _HELD's case)
         if holder["host"] != host or (pid != os.getpid() and pid_running(pid)):
-            raise RunLockError(f"{self.folder} is in use by pid {pid} on {holder['host']} (lock file "
+            run = f"the run in {holder['run']}, " if isinstance(holder.get("run"), str) else ""
+            raise RunLockError(f"{self.what} is in use by {run}pid {pid} on {holder['host']} (lock file "
                                f"{self.path}); wait for it to finish, or delete the lock file if that "
                                f"process is gone")
         # move it aside, then check that what we moved is the stale lock we read and not one

@@ -398,6 +398,8 @@ def read_toml(path: str) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise RecipeError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not valid UTF-8 text") from None
     except OSError as e:

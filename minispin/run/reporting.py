@@ -31,7 +31,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import UserError, redact, redact_all
+from .errors import UserError, redact, redact_all, stage, writing
 
 REPORTERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install tensorboard (or pip install 'minispin[tensorboard]')",
@@ -146,15 +146,18 @@ class MetricsLog:
                  recipe: Optional[dict] = None):
         """recipe: the run's resolved recipe as a dict (as_dict), which names and configures
         a W&B run; the trainer itself never reads it."""
-        self.jsonl = open(os.path.join(work_dir, "metrics.jsonl"), "a") if enabled else None
+        self.path = os.path.join(work_dir, "metrics.jsonl")
+        with stage("training"), writing(self.path):
+            self.jsonl = open(self.path, "a") if enabled else None
         label = dict(name=f"{recipe['name']}-{os.path.basename(work_dir)}", group=recipe["name"],
                      config=recipe) if recipe else {}
         self.reporters = open_reporters(report_to, work_dir, resume_step, **label) if enabled else []
 
     def write(self, rec: dict):
         if self.jsonl:
-            self.jsonl.write(json.dumps(rec) + "\n")
-            self.jsonl.flush()
+            with stage("training"), writing(self.path):
+                self.jsonl.write(json.dumps(rec) + "\n")
+                self.jsonl.flush()
         report(self.reporters, rec)
 
     def close(self):

@@ -403,8 +403,8 @@ class JsonTokenizer(Tokenizer):
     def _continuation_tokenizer(self):
         if self._twin is None:
             from tokenizers import Tokenizer as RustTokenizer
-            with open(self.path, encoding="utf-8") as f:
-                spec = json.load(f)
+            with open(self.path, "rb") as f:
+                spec = json_loads(f.read().decode("utf-8"))
             spec["normalizer"], spec["pre_tokenizer"] = self._twin_parts
             self._twin = RustTokenizer.from_str(json.dumps(spec))
         return self._twin

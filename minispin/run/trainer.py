@@ -52,7 +52,8 @@ from ..core.train import (NonFiniteStep, accumulation_steps, build_optimizer, ep
                           train_step)
 from .checkpoint import check_export_target, model_fingerprint, save_model, save_peft_adapter
 from .config import read_config
-from .errors import StoppedError, UserError, redact_all
+from .data import write_json_atomic
+from .errors import StoppedError, UserError, stage
 from .layout import fingerprint_cache_path
 from .reference import Reference
 from .reporting import MetricsLog
@@ -124,7 +125,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(device=env.device).manual_seed(cfg.seed + 1 + env.rank)
         policy = self.policy = self.load_theta()     # 1. θ_t; the policy starts as θ_t
-        self.prepare_reference(policy)               # 2. log p_θt of every pair (policy == θ_t)
+        with stage("the reference pass"):
+            self.prepare_reference(policy)           # 2. log p_θt of every pair (policy == θ_t)
         opt, sched = build_optimizer(policy, cfg, self.total_steps)
         start, last_ckpt = self.resume(policy, opt, sched)
         self.write_info()
@@ -153,7 +155,8 @@ class Trainer:
             bar.close()
             metrics_log.close()
         preempt.release()
-        self.export(policy)                          # 5. θ_{t+1}
+        with stage("the export"):
+            self.export(policy)                      # 5. θ_{t+1}
         if env.is_main and not cfg.keep_checkpoints_after_export:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
         D.barrier()
@@ -321,8 +324,9 @@ class Trainer:
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                         examples=len(self.items), init_model=self.init_model, theta_fingerprint=self.theta_fp,
                         **self.padding_info())
-            with open(os.path.join(self.work_dir, "train_info.json"), "w") as f:
-                json.dump(redact_all(json.loads(json.dumps(info, default=str))), f, indent=2)
+            with stage("training"):
+                write_json_atomic(os.path.join(self.work_dir, "train_info.json"),
+                                  json.loads(json.dumps(info, default=str)), indent=2)
 
     def export(self, policy):
         """Gather the full weights and write θ_{t+1} as an HF folder (atomic rename). Under

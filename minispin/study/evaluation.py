@@ -61,7 +61,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..run.checkpoint import load_model
 from ..run import distributed as D
-from ..run.errors import UserError
+from ..run.errors import UserError, writing
 from ..run.recipe import ASSET_ROOT
 from ..core.sampling import generate
 from ..run.tokenizer import load_tokenizer
@@ -607,9 +607,13 @@ def results_json(results: dict) -> str:
 def write_text(path: str, text: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with writing(path), open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def finish_distributed():

@@ -19,7 +19,6 @@ order: the same model gives the same numbers on any machine with the same torch.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import List, Optional
@@ -28,6 +27,7 @@ import torch
 
 from ..run.checkpoint import load_model, model_fingerprint
 from ..run.data import SFTExample, read_jsonl, read_sft, write_json_atomic
+from ..run.errors import UserError, load_json_file
 from ..run.rows import collate_sft, tokenize_sft
 from ..core.loss import sequence_logps
 from ..core.sampling import generate
@@ -106,9 +106,11 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
                   max_new_tokens=max_new_tokens, empty_system=empty_system)
         cache = os.path.join(work_dir, "heldout_before.json")
         before = None
-        if os.path.isfile(cache):
-            with open(cache) as f:
-                saved = json.load(f)
+        try:  # a cache that cannot be read (cut short by a crash) is made again
+            saved = load_json_file(cache) if os.path.isfile(cache) else None
+        except UserError:
+            saved = None
+        if isinstance(saved, dict):
             # θ_t by content: a model retrained at the same path is measured again
             if saved.get("theta_fingerprint") == model_fingerprint(theta) and saved.get("examples") == len(examples):
                 before = saved
@@ -117,8 +119,7 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
                                      progress="held-out θ_t" if progress else "")
             before["theta"] = os.path.abspath(theta)
             before["theta_fingerprint"] = model_fingerprint(theta)
-            with open(cache, "w") as f:
-                json.dump(before, f, indent=2)
+            write_json_atomic(cache, before, indent=2)
         after = heldout_metrics(load_model(export), load_tokenizer(export, template=template), examples, **kw,
                                 progress="held-out θ_t+1" if progress else "")
         summary["heldout"] = {"data": eval_data, "examples": len(examples),

@@ -243,7 +243,7 @@ def redact(text, secrets: Iterable[Optional[str]], min_fragment: int = MIN_SECRE
 
 
 # ---------------------------------------------------------------- cache
-def _refuse_foreign_cache(path: str):
+def refuse_foreign_cache(path: str):
     """A cache path aimed at another kind of file (a pairs or judged file, by a slip of
     --cache) is refused before anything is appended to, or cut from, it."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
@@ -271,7 +271,7 @@ class ScoreCache:
         self.path = path
         self.records: Dict[str, dict] = {}
         self._lock = threading.Lock()
-        _refuse_foreign_cache(path)  # before the appender touches the file
+        refuse_foreign_cache(path)  # before the appender touches the file
         self._appender = JsonlAppender(path, fsync=fsync)  # cuts a torn last line first
         for rec in read_jsonl(path):
             if isinstance(rec, dict) and "key" in rec:
@@ -384,6 +384,38 @@ class OpenAIJudge:
             body["max_tokens"] = self.max_tokens
         return body
 
+    def _refusal(self, e, url: str) -> JudgeError:
+        """The error for a redirect (never followed: the API key would go with it) or a
+        401/403/404 (a wrong key, URL or model: asking again will not help)."""
+        status = e.status_code
+        if 300 <= status < 400:
+            where = e.response.headers.get("location") or "nowhere (no Location header)"
+            return JudgeError(self._clean(
+                f"HTTP {status} from {url}: it redirects to {self._detail(where)}; redirects are "
+                "not followed (the API key would go with them): set OPENAI_BASE_URL or --base-url "
+                "to the final address"))
+        return JudgeError(self._clean(f"HTTP {status} from {url}: {self._detail(e.response.text)} "
+                                      "(check OPENAI_BASE_URL, OPENAI_API_KEY and --judge-model)"))
+
+    def check_endpoint(self):
+        """One free authenticated request (GET <base URL>/models, which OpenAI-compatible
+        servers answer), without retries, before a run depends on this judge: no answer, a
+        redirect or a rejected key (401/403) is a JudgeError now, not after generation. Any
+        other reply (2xx; 404 or 405 from a server without that route; 429, 5xx) shows
+        someone answers."""
+        openai = self._openai
+        url = self.endpoint.replace("/chat/completions", "/models", 1)
+        try:
+            self._client.with_options(max_retries=0).models.with_raw_response.list()
+        except openai.APIStatusError as e:
+            if 300 <= e.status_code < 400 or e.status_code in (401, 403):
+                raise self._refusal(e, url) from None
+        except openai.APIError as e:  # no connection, or no reply within the timeout
+            cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+            raise JudgeError(self._clean(
+                f"the judge at {url} does not answer: {type(e).__name__}{cause}; start it, or set "
+                "OPENAI_BASE_URL or --base-url to where it runs")) from None
+
     def score(self, prompt: str, answer: str, stop: Optional[threading.Event] = None) -> dict:
         if stop is not None and stop.is_set():
             return {"error": "interrupted"}
@@ -392,16 +424,8 @@ class OpenAIJudge:
             raw = self._client.chat.completions.with_raw_response.create(**self.request_body(prompt, answer))
         except openai.APIStatusError as e:
             status = e.status_code
-            if 300 <= status < 400:
-                where = e.response.headers.get("location") or "nowhere (no Location header)"
-                raise JudgeError(self._clean(
-                    f"HTTP {status} from {self.endpoint}: it redirects to {self._detail(where)}; redirects are "
-                    "not followed (the API key would go with them): set OPENAI_BASE_URL or --base-url "
-                    "to the final address")) from None
-            if status in (401, 403, 404):
-                raise JudgeError(self._clean(
-                    f"HTTP {status} from {self.endpoint}: {self._detail(e.response.text)} "
-                    "(check OPENAI_BASE_URL, OPENAI_API_KEY and --judge-model)")) from None
+            if 300 <= status < 400 or status in (401, 403, 404):
+                raise self._refusal(e, self.endpoint) from None
             return {"error": self._detail(f"HTTP {status} (after at most {self.max_retries} retries): "
                                           f"{e.response.text}")}
         except openai.APIError as e:  # timeouts and connection errors, after the client's retries

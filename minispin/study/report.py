@@ -22,6 +22,7 @@ import os
 import re
 from typing import Dict, List, Optional
 
+from ..run.errors import json_loads, load_json_file
 from .diagnostics import KEYS as DIAGNOSTICS, sample_pairs
 
 CURVES = [("loss", "SPIN loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
@@ -45,7 +46,7 @@ def read_metrics(path: str) -> List[dict]:
         with open(path) as f:
             for line in f:
                 try:
-                    out.append(json.loads(line))
+                    out.append(json_loads(line))
                 except json.JSONDecodeError:
                     pass  # a torn last line of a run still in progress
     return out
@@ -64,8 +65,7 @@ def smooth(values, k):
 def _json(path: str) -> Optional[dict]:
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return load_json_file(path)   # a file it cannot read is a UserError naming it
 
 
 def read_run(run_dir: str, samples: int = 3) -> dict:
