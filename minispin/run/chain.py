@@ -16,13 +16,13 @@ the model iteration t started from; run_dir/chain.json and iteration t's summary
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Tuple
 
 from ..study.diagnostics import HIGHER_IS_BETTER
 from . import distributed as D
-from .errors import UserError
+from .data import write_json_atomic
+from .errors import UserError, load_json_file
 from .iteration import run_iteration, summarize
 from .layout import export_path, iter_dir, theta_path
 
@@ -73,15 +73,12 @@ def record(run_dir: str, metric: str, ran: List[int], per_iter: Dict[int, Option
     out = {"metric": metric, "higher_is_better": METRICS[metric], "iterations_run": ran,
            "values": {str(t): v for t, v in per_iter.items()}, "stopped_after": stopped[0] if stopped else None,
            "kept": kept, "kept_model": kept_model, "reason": reason}
-    with open(os.path.join(run_dir, "chain.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_json_atomic(os.path.join(run_dir, "chain.json"), out, indent=2)
     if stopped:
         path = os.path.join(run_dir, f"iter{stopped[0]}", "summary.json")
-        with open(path) as f:
-            summary = json.load(f)
+        summary = load_json_file(path)
         summary["stop"] = out
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json_atomic(path, summary, indent=2)
     return out
 
 
@@ -93,8 +90,7 @@ def run_chain(resolve, iterations: List[int], env, metric: Optional[str] = None,
     previous, per_iter, stopped, recipe = None, {}, None, None
     before_first = os.path.join(iter_dir(resolve(iterations[0]).run_dir, iterations[0] - 1), "summary.json")
     if iterations[0] > 0 and os.path.isfile(before_first):   # the iteration before the range, if it ran
-        with open(before_first) as f:
-            previous = json.load(f)
+        previous = load_json_file(before_first)
     for t in iterations:
         recipe = resolve(t)
         if metric:
@@ -106,14 +102,12 @@ def run_chain(resolve, iterations: List[int], env, metric: Optional[str] = None,
             path = os.path.join(iter_dir(recipe.run_dir, t), "summary.json")
             summary = None
             if trained is None and os.path.isfile(path):   # done before: its summary, if it has the metric
-                with open(path) as f:
-                    summary = json.load(f)
+                summary = load_json_file(path)
                 if metric and values(metric, summary)[1] is None:
                     summary = None
             if summary is None:
                 print(summarize(recipe, t, progress=progress), flush=True)
-                with open(path) as f:
-                    summary = json.load(f)
+                summary = load_json_file(path)
             if metric:
                 per_iter[t] = values(metric, summary)[1]
                 worse = verdict(metric, t, summary, previous)
