@@ -79,7 +79,9 @@ def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = R.given_flags(args, MODEL_KEYS + DATA_KEYS + GEN_KEYS + TRAIN_KEYS + FIX_KEYS + EVAL_KEYS)
     its, chain = args.iterations, len(args.iterations) > 1 or args.stop_when_worse is not None
-    recipe = R.resolve(args.config, flags, iteration=its[0], sft=args.sft, fetch=not args.print_config)
+    # a run given --pairs never reads the recipe's data: its Hub id is not fetched then
+    fetch = () if args.print_config else ("model", "eval_data") if args.pairs else True
+    recipe = R.resolve(args.config, flags, iteration=its[0], sft=args.sft, fetch=fetch)
     if args.print_config:
         print(R.to_toml(recipe), end="")
         return 0

@@ -26,7 +26,7 @@ import fnmatch
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from .errors import UserError
 
@@ -117,15 +117,17 @@ def resolve(value: str, key: str, where: str, local_only: bool = False) -> str:
         raise HubError(f"{source_of(key, where)}: {value}: {local}{why}") from None
 
 
-def resolve_values(values: Dict[str, object], where_of: Dict[str, str], local_only: bool = False) -> Dict[str, str]:
+def resolve_values(values: Dict[str, object], where_of: Dict[str, str], fetch: Iterable[str] = ()) -> Dict[str, str]:
     """Replace each Hub id among the recipe's values by its local path, in place; returns
-    {key: the id as given} for what was a Hub id."""
+    {key: the id as given} for what was a Hub id. fetch: the keys this run reads, fetched
+    when not cached; the others are only looked up in the cache (a run given --pairs never
+    reads `data`, so an uncached data id must not stop it)."""
     named = {}
     for k in HUB_KEYS:
         v = values.get(k)
         if isinstance(v, str) and parse(v, k):
             named[k] = v
-            values[k] = resolve(v, k, where_of.get(k, "recipe"), local_only)
+            values[k] = resolve(v, k, where_of.get(k, "recipe"), local_only=k not in fetch)
     return named
 
 

@@ -426,14 +426,14 @@ def _resolve_path(value: str) -> str:
 
 
 def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
-            iteration: Optional[int] = None, sft: bool = False, fetch: bool = False) -> Recipe:
+            iteration: Optional[int] = None, sft: bool = False, fetch: Any = False) -> Recipe:
     """THE precedence rule: defaults < recipe < [iterations.<t>] / [sft] table < flags.
 
     flags: {recipe key: value} of the flags actually given (None values are ignored).
     A Hub id in model, data or eval_data becomes its local path in huggingface_hub's cache
-    (hub.py): fetched first with fetch=True (train.py, generate.py, judge.py); else only found
-    when already cached, and left as the id when not (--print-config and library use never
-    download).
+    (hub.py): fetched first with fetch=True (train.py, generate.py, judge.py), or for the keys
+    fetch names; else only found when already cached, and left as the id when not
+    (--print-config and library use never download).
     """
     path = find_recipe(config)
     raw = read_toml(path)
@@ -479,8 +479,8 @@ def resolve(config: Optional[str] = None, flags: Optional[Dict[str, Any]] = None
     for k in PATH_KEYS:
         if k in values and where_of.get(k) != KEYS[k].flag:
             values[k] = _resolve_path(values[k])
-    from .hub import resolve_values
-    named = resolve_values(values, where_of, local_only=not fetch)
+    from .hub import HUB_KEYS, resolve_values
+    named = resolve_values(values, where_of, HUB_KEYS if fetch is True else (fetch or ()))
     sampling_from = take_checkpoint_sampling(values, where_of)
 
     recipe = Recipe(source=path, given=frozenset(given), sampling_from=sampling_from, where=dict(where_of),
