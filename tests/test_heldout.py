@@ -38,9 +38,10 @@ def test_answer_nll_equals_transformers_cross_entropy():
     assert got["format_rate"] == 0.0 and got["examples"] == 2
 
 
-def test_progress_bar_counts_scoring_then_answering(capsys):
-    """progress="label": one bar on stderr over 2 x the examples (each scored, then
-    answered), and the metrics the same as without it."""
+def test_the_progress_bar_counts_each_example_once_while_scoring_and_once_while_answering(capsys):
+    """progress="label": the bar's total is the number of examples (3 here, not 6), it
+    reaches 3/3 while scoring, starts over and reaches 3/3 while answering, and the
+    metrics are the same as without it."""
     examples = [SFTExample(str(i), [{"role": "user", "content": f"What is {i} + 1?"}], f"{i} + 1 = {i + 1}\n#### {i + 1}")
                 for i in range(3)]
     model, tok = load_model(TINY_SFT), load_tokenizer(TINY_SFT)
@@ -49,5 +50,8 @@ def test_progress_bar_counts_scoring_then_answering(capsys):
     shown = heldout_metrics(model, tok, examples, max_new_tokens=8, batch_size=2, progress="held-out θ_0")
     err = capsys.readouterr().err.replace("\r", "\n")
     assert shown == quiet
-    counts = [line.split("|")[2].split()[0] for line in err.splitlines() if line.startswith("held-out θ_0:")]
-    assert counts[0] == "0/6" and all(c.endswith("/6") for c in counts)   # (tqdm shows at most 10 updates/s)
+    for stage in ("scoring", "answering"):
+        counts = [line.split("|")[2].split()[0] for line in err.splitlines()
+                  if line.startswith(f"held-out θ_0 ({stage}):")]
+        assert counts, f"no {stage} bar in: {err!r}"
+        assert counts[0] == "0/3" and counts[-1] == "3/3" and all(c.endswith("/3") for c in counts), (stage, counts)

@@ -44,14 +44,14 @@ def final_number(text: str) -> Optional[str]:
 def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 512,
                     max_prompt_length: int = 256, max_new_tokens: int = 256, batch_size: int = 16,
                     empty_system: bool = True, progress: str = "") -> dict:
-    """progress: a label for a progress bar on stderr (scoring, then answering, each
-    example once); "" = none."""
+    """progress: a label for a progress bar on stderr that counts examples, once while
+    scoring them and again while answering them; "" = none."""
     from tqdm import tqdm
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     items, _ = tokenize_sft(tok, examples, max_length, max_prompt_length, empty_system=empty_system)
-    bar = tqdm(total=2 * len(items), desc=progress, unit="ex", disable=not progress, leave=False)
+    bar = tqdm(total=len(items), desc=f"{progress} (scoring)", unit="ex", disable=not progress, leave=False)
     nll, ntok = 0.0, 0
     for i in range(0, len(items), batch_size):
         batch = collate_sft(items[i:i + batch_size], tok.pad_id)
@@ -59,9 +59,13 @@ def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 51
         nll -= float(sequence_logps(model(ids), ids, mask).sum())
         ntok += int(mask[:, 1:].sum())
         bar.update(len(ids))
+    bar.refresh()  # the scoring count as it ended, before the bar starts over for answering
+    bar.set_description(f"{progress} (answering)", refresh=False)
+    bar.reset()
     prompts = [it.prompt for it in items]
     outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_ids,
                     batch_size=batch_size, on_batch=lambda idx, _: bar.update(len(idx)))
+    bar.refresh()
     bar.close()
     formatted = correct = 0
     for ex, out in zip(examples, outs):
