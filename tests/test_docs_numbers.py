@@ -1,5 +1,5 @@
-"""The numbers docs/fixes.md and the README attribute to the tiny recipe's commands are what
-those commands print today.
+"""The numbers docs/fixes.md, the README and docs/fidelity.md's defaults row attribute to the
+tiny recipe's commands are what those commands print today.
 
 The four commands of docs/fixes.md ("Run it: four commands per recipe") run as written,
 in four run folders. Two things are shared instead of recomputed, as the commands
@@ -85,8 +85,9 @@ def test_the_tiny_numbers_in_docs_fixes_and_the_readme_are_what_the_commands_pri
 
 
 def differences_from_the_docs(runs: dict) -> list:
-    """Each figure of docs/fixes.md's tiny-recipe table, its judge sentences and the README's
-    `python train.py` sentence that differs from the four run folders, as one line each."""
+    """Each figure of docs/fixes.md's tiny-recipe table, its judge sentences, the README's
+    `python train.py` sentence and docs/fidelity.md's defaults row that differs from the four
+    run folders, as one line each."""
     got = {}
     for mode, run in runs.items():
         summary = json.load(open(run / "iter0" / "summary.json"))
@@ -150,4 +151,20 @@ def differences_from_the_docs(runs: dict) -> list:
     for doc, value in zip(main.groups(), values):
         if not same(doc, value):
             wrong.append(f"README: doc {doc}, run {value:.6f}")
+
+    # docs/fidelity.md's table of switches: its θ_0 row and its "minispin (defaults)" row are
+    # this same plain run (scripts/fidelity.py writes the table)
+    fidelity = open(os.path.join(REPO, "docs", "fidelity.md"), encoding="utf-8").read()
+    table = fidelity.split("<!-- table:start -->", 1)[1].split("<!-- table:end -->", 1)[0]
+    cells = {ln.strip("|").split("|")[0].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+             for ln in table.strip().splitlines()[2:]}
+    theta0, ours = cells["θ_0 (tiny-sft), before SPIN"], cells["minispin (defaults)"]
+    checks = [("θ_0 NLL", theta0[6], h["before"]["answer_nll"]), ("θ_0 format rate", theta0[7], h["before"]["format_rate"]),
+              ("loss step 1", ours[2], s["loss_first"]), ("loss last quarter", ours[3], s["loss_last_quarter"]),
+              ("reward acc.", ours[4], s["rewards/accuracies_last_quarter"]),
+              ("reward margin", ours[5], s["rewards/margins_last_quarter"]),
+              ("NLL", ours[6], h["after"]["answer_nll"]), ("format rate", ours[7], h["after"]["format_rate"])]
+    for label, doc, value in checks:
+        if not same(doc, value):
+            wrong.append(f"fidelity.md minispin (defaults) {label}: doc {doc}, run {value:.6f}")
     return wrong
