@@ -55,7 +55,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 from .errors import MissingFileError, UserError, json_loads, redact_all, writing
 
 PAIR_REQUIRED = ("id", "prompt", "real", "generated")
@@ -605,14 +605,14 @@ class JsonlAppender:
         self.close()
 
 
-def write_jsonl_atomic(path: str, records: Iterable[dict]):
-    """Write a whole file via a temporary sibling and rename (readers never see half)."""
+def _write_atomic(path: str, write: Callable):
+    """write(f) into a temporary sibling, fsync, then rename over path: readers never see
+    half a file, and a full disk leaves the old file (or none). A fault names the file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         with writing(path), open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         with writing(path):
@@ -620,21 +620,17 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]):
+    """Write a whole JSONL file atomically (_write_atomic)."""
+    _write_atomic(path, lambda f: f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 def write_json_atomic(path: str, obj, indent: int = 1):
-    """One JSON document, written via a temporary sibling and rename (a full disk leaves
-    the old file, or none, never half of the new one)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with writing(path), open(tmp, "w", encoding="utf-8") as f:
-            json.dump(redact_all(obj), f, indent=indent, ensure_ascii=False)  # metadata: no URL credential
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        with writing(path):
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """One JSON document, written atomically (_write_atomic); a URL credential in it is
+    redacted (metadata)."""
+    def write(f):
+        json.dump(redact_all(obj), f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+    _write_atomic(path, write)
