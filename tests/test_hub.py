@@ -1,6 +1,7 @@
 """Models and data named by Hugging Face Hub id (minispin/hub.py), against a cache laid out by
 hand the way huggingface_hub lays it out (models--ORG--NAME/snapshots/<commit>/..., refs/main),
 with HF_HUB_OFFLINE=1: nothing here reaches the network."""
+import glob
 import json
 import os
 import shutil
@@ -116,7 +117,7 @@ def test_a_missing_local_model_or_data_path_names_its_flag_and_says_it_does_not_
 
 def test_dataset_ids_name_one_file_of_a_split_or_of_the_repository(tmp_path, monkeypatch):
     """ORG/NAME:SPLIT and hf://datasets/ORG/NAME[@REV]/FILE resolve to the cached file; a split
-    of several shards is refused with the shards' names. In-process: huggingface_hub reads
+    of several shards to a pattern matching them, or, when none can, is refused with their names. In-process: huggingface_hub reads
     HF_HUB_CACHE when imported, so the cache is given to its functions through its constants."""
     from huggingface_hub import constants
 
@@ -133,9 +134,20 @@ def test_dataset_ids_name_one_file_of_a_split_or_of_the_repository(tmp_path, mon
                   "hf://datasets/someorg/mix/data/train-00000-of-00001.jsonl",
                   f"hf://datasets/someorg/mix@{COMMIT}/data/train-00000-of-00001.jsonl"):
         assert os.path.realpath(hub.resolve(value, "data", "--data")) == os.path.realpath(want), value
-    with pytest.raises(hub.HubError, match=r"split 'test' is 2 files .* hf://datasets/someorg/mix/data/"
-                                           r"test-00000-of-00002.jsonl \(the others: data/test-00001"):
-        hub.resolve("someorg/mix:test", "data", "--data")
+    # a split of several shards: one pattern matching exactly them, read in name order
+    pattern = hub.resolve("someorg/mix:test", "data", "--data")
+    assert sorted(map(os.path.realpath, glob.glob(pattern))) == [
+        os.path.realpath(os.path.join(snap, "data", f"test-0000{i}-of-00002.jsonl")) for i in (0, 1)]
+    from minispin.run.data import read_sft
+    one, _ = read_sft(GSM8K_TRAIN)
+    both, _ = read_sft(pattern)
+    assert [ex.real for ex in both] == [ex.real for ex in one] * 2
+    snap2 = cache_repo(cache, "dataset", "someorg/scattered", {
+        "a/valid-0.jsonl": GSM8K_TRAIN, "b/valid-1.jsonl": GSM8K_TRAIN})
+    assert snap2
+    with pytest.raises(hub.HubError, match=r"split 'valid' is 2 files that no one pattern names: .* "
+                                           r"hf://datasets/someorg/scattered/a/valid-0.jsonl \(the others: b/valid-1"):
+        hub.resolve("someorg/scattered:valid", "data", "--data")
     with pytest.raises(hub.HubError, match="no file of split 'validation'"):
         hub.resolve("someorg/mix:validation", "data", "--data")
     # --print-config (local_only) leaves an id that is not cached as it is, and raises nothing
@@ -148,3 +160,36 @@ def test_a_missing_smollm2_folder_is_named_with_the_command_that_makes_it():
     assert line == ("models/SmolLM2-135M-Instruct (--model) does not exist; make it with "
                     "`minispin-fetch-smollm2 --out models/SmolLM2-135M-Instruct` (in a checkout: "
                     "`python scripts/fetch_smollm2.py --out models/SmolLM2-135M-Instruct`)")
+
+
+def tool(env, script, *argv, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, argv)],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_evaluate_py_and_generate_py_take_a_model_named_by_hub_id(tmp_path):
+    cache = tmp_path / "hub"
+    cache_repo(cache, "model", "someorg/tiny-sft", model_files())
+    env = offline_env(cache)
+    p = tool(env, "evaluate.py", "--model", "someorg/tiny-sft", "--offline", "--tasks", "arc_easy",
+             "--num-fewshot", "0", "--limit", "2", "--output", tmp_path / "eval", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| tiny-sft |" in p.stdout, p.stdout[-2000:]
+    assert (tmp_path / "eval" / "tiny-sft" / "results.json").is_file()
+    out = tmp_path / "pairs.jsonl"
+    p = tool(env, "generate.py", "--model", "someorg/tiny-sft", "--num-prompts", 2, "--max-new-tokens", 4,
+             "--out", out, "--run-dir", tmp_path / "run", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(out.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "generate.py"])
+def test_evaluate_py_and_generate_py_name_an_uncached_model_id_and_its_fetch_command(tmp_path, script):
+    p = tool(offline_env(tmp_path / "hub"), script, "--model", "someorg/absent@v1", "--offline" if
+             script == "evaluate.py" else "--no-progress", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "--model" in lines[0] and "someorg/absent@v1" in lines[0], lines[0]
+    assert "`hf download someorg/absent --revision v1`" in lines[0], lines[0]

@@ -222,3 +222,53 @@ def test_fidelity_doc_lists_every_key_of_each_study_recipe(name):
              for k, v in table.items()]
     for key, value in want:
         assert f"| {key} | `{value}` |" in section, (name, key, value)
+
+
+def test_the_study_recipes_ultrachat_id_selects_the_prompts_of_reformat_pys_file(tmp_path, monkeypatch):
+    """study-zephyr names HuggingFaceH4/ultrachat_200k:train_sft, three Parquet shards on the
+    Hub. Read through a hand-made offline cache, its selection equals the study's pipeline,
+    restated: `datasets` loads the shards (its own file order), reformat.py keeps
+    messages[0] and messages[1] of every row as "real", then shuffle(seed=42).select(k)."""
+    datasets = pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from huggingface_hub import constants
+
+    from minispin.run.pairs import read_sft_prompts
+    from minispin.run.recipe import resolve
+    from test_hub import COMMIT, cache_repo
+    shards, start = {}, 0
+    for i, n in enumerate((250, 200, 150)):   # unequal shards: a wrong file order moves prompts
+        recs = [{"prompt": f"q{j}", "prompt_id": f"{j:08x}",
+                 "messages": [{"role": "user", "content": f"q{j}: what is {j} * 3?"},
+                              {"role": "assistant", "content": f"{3 * j}"},
+                              {"role": "user", "content": "and times 4?"},
+                              {"role": "assistant", "content": f"{4 * j}"}][:2 + 2 * (j % 2)]}
+                for j in range(start, start + n)]
+        start += n
+        src = tmp_path / "src" / f"train_sft-{i:05d}-of-00003-{i}a7.parquet"
+        src.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(recs), src)
+        shards[f"data/{src.name}"] = str(src)
+    test_shard = tmp_path / "src" / "test_sft-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "t", "prompt_id": "t", "messages": [
+        {"role": "user", "content": "test only"}, {"role": "assistant", "content": "no"}]}]), test_shard)
+    cache = tmp_path / "hub"
+    cache_repo(cache, "dataset", "HuggingFaceH4/ultrachat_200k",
+               dict(shards, **{"data/test_sft-00000-of-00001.parquet": str(test_shard)}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    k = 120
+    loaded = datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "src" / "train_sft-*.parquet")},
+                                   split="train", cache_dir=str(tmp_path / "ds-cache"))
+    reformatted = [{"real": [m["messages"][0], m["messages"][1]],
+                    "generated": [m["messages"][0], {"role": "assistant", "content": ""}]} for m in loaded]
+    ds = datasets.Dataset.from_list(reformatted).shuffle(seed=42).select(range(k))
+    theirs = [(row["real"][0]["content"], row["real"][1]["content"]) for row in ds]
+
+    recipe = resolve("study-zephyr", {"num_prompts": k}, fetch=("data",))
+    assert recipe.named["data"] == "HuggingFaceH4/ultrachat_200k:train_sft"
+    examples, stats = read_sft_prompts(recipe)
+    assert [(ex.prompt[0]["content"], ex.real) for ex in examples] == theirs
+    assert stats.records == 600

@@ -3,6 +3,7 @@ or more models, and one table across them.
 
     python evaluate.py --model runs/tiny/iter0/model --model runs/tiny/iter1/model
     python evaluate.py --model assets/models/stories260K --offline --limit 20
+    python evaluate.py --model alignment-handbook/zephyr-7b-sft-full@ac6e600e   # a Hub id
     torchrun --nproc_per_node 8 evaluate.py --model runs/zephyr/iter0/model
 
 For each model: lm-evaluation-harness with the "minispin" backend (minispin/study/evaluation.py)
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "over minispin models", formatter_class=RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("--model", type=path_arg, action="append", required=True,
-                    help="HF-format model folder (repeat for a table across models)")
+                    help="HF-format model folder, or a Hugging Face Hub id ORG/NAME[@REVISION] "
+                         "fetched into huggingface_hub's cache (repeat for a table across models)")
     ap.add_argument("--config", type=path_arg, default=None, help="recipe whose device/dtype settings apply (default tiny)")
     ap.add_argument("--suite", default="spin", help="task suite (default: spin)")
     ap.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks instead of the suite "
@@ -63,16 +65,18 @@ def run(argv=None) -> int:
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     from minispin.study import evaluation as E
-    for path in args.model:
+    from minispin.run.hub import missing, resolve
+    folders = [resolve(value, "model", "--model") for value in args.model]
+    for value, path in zip(args.model, folders):
         if not os.path.isdir(path):
-            raise UserError(f"model folder {path} not found")
+            raise UserError(missing("model", value, "--model"))
     names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     tasks = E.resolve_tasks(names, args.suite, args.num_fewshot)
     labels, json_paths, table_path = E.results_paths(args.model, args.output)
     if not args.offline:
         E.check_hub_reachable()   # before any model loads: without network, one line that names --offline
     rows, rank = {}, 0
-    for path, label, json_path in zip(args.model, labels, json_paths):
+    for path, label, json_path in zip(folders, labels, json_paths):
         bos = {"auto": None, "yes": True, "no": False}[recipe.eval.eval_bos]
         lm = E.MinispinLM(pretrained=path, dtype=recipe.model.dtype, device=recipe.model.device,
                           batch_size=args.batch_size, add_bos_token=bos)

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SPIN iteration t: samples with θ_t (θ_0 = the recipe's SFT model, θ_t = "
                         "runs/<name>/iter<t-1>/model) and writes runs/<name>/iter<t>/pairs.jsonl (default 0)")
     p.add_argument("--model", type=path_arg, default=None, metavar="DIR",
-                   help="HF model folder to sample with, instead of θ_t from the run layout")
+                   help="HF model folder to sample with, instead of θ_t from the run layout; or a "
+                        "Hugging Face Hub id ORG/NAME[@REVISION], fetched into huggingface_hub's cache")
     p.add_argument("--out", type=path_arg, default=None, metavar="FILE",
                    help="pairs file to write (default: <run-dir>/iter<t>/pairs.jsonl)")
     p.add_argument("--run-dir", type=path_arg, default=None, metavar="DIR",
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter, fetch=True)
+    if args.model:
+        from minispin.run.hub import resolve
+        args.model = resolve(args.model, "model", "--model")
     apply_threads(recipe)
     env = D.init_distributed(recipe.model.device, recipe.model.dist_timeout)
     changed = R.format_overrides(recipe)   # e.g. the checkpoint's generation_config.json

@@ -10,6 +10,11 @@ sits: "file:line" for JSON text, "file:row N" for Parquet, "file:data[i]" for a 
 list. An empty file, or one without a usable record, is an error: training on nothing, or
 generating an empty pairs file that later runs would reuse, is never what was meant.
 
+A data path may also be a glob pattern ("data/train_sft-*.parquet"): a split stored as
+shards, ultrachat_200k's train_sft for one. The files it matches are read in name order as
+one file (datasets' own order for "-00000-of-00003" names), each record still named by
+its own file.
+
 SFT data (what generate.py and `train.py --sft` read). Accepted records, first match wins:
 * {"messages": [{"role", "content"}, ...]}   ultrachat_200k (its "prompt_id" is the id)
 * {"real": [user, assistant], ...}           uclaml/SPIN's and the study's pairs
@@ -49,6 +54,7 @@ write_spin_parquet writes pairs in uclaml/SPIN's Parquet layout for its trainer.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -199,10 +205,27 @@ def _is_json_document(path: str) -> bool:
         return True
 
 
+def data_files(path: str) -> List[str]:
+    """The files a data path names: the path itself when it exists, else the files its glob
+    pattern matches, in name order; [] when there are none."""
+    if os.path.exists(path) or not glob.has_magic(path):
+        return [path] if os.path.exists(path) else []
+    return sorted(f for f in glob.glob(path) if os.path.isfile(f))
+
+
 def _iter_file(path: str) -> Iterator[Tuple[str, object]]:
-    """(where, record) for every record of a data file; where is "file:line" (or row)."""
+    """(where, record) for every record of a data file, or of the files a pattern matches;
+    where is "file:line" (or row)."""
+    if not os.path.exists(path) and glob.has_magic(path):
+        files = data_files(path)
+        if not files:
+            raise MissingFileError(f"{path}: no data file matches this pattern")
+        for f in files:
+            yield from _iter_file(f)
+        return
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a folder (give one data file: .jsonl, .json or .parquet)")
+        raise DataError(f"{path}: is a folder (give one data file: .jsonl, .json or .parquet, "
+                        "or a pattern such as folder/train-*.parquet)")
     if not os.path.isfile(path):
         raise MissingFileError(f"{path}: data file not found")
     with open(path, "rb") as f:

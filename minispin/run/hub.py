@@ -12,10 +12,11 @@ and safetensors weights (never .bin, .pt or Mistral's consolidated.safetensors),
 file. The value becomes the local path in the cache, so nothing past the recipe knows about
 the Hub.
 
-A split names the one data file minispin reads: the repository's files named
-`<split>-*` or `<split>.*` (the layout `datasets` writes), or under a `<split>/` folder, of a
-format minispin reads (.parquet, .jsonl, .json). A split stored as several shards is refused
-with the shard names, to be named one by one as hf://datasets/... files.
+A split names the data files minispin reads: the repository's files named `<split>-*` or
+`<split>.*` (the layout `datasets` writes), or under a `<split>/` folder, of a format minispin
+reads (.parquet, .jsonl, .json). A split stored as several shards (ultrachat_200k's train_sft
+is three) becomes a glob pattern in the cache that matches exactly those shards, read in
+name order as one file (data.py), the order `datasets` loads them in.
 
 Every failure is one line that names the value, where it came from (the recipe file's key or
 the flag) and the command that fetches it.
@@ -147,12 +148,30 @@ def _fetch(ref: HubRef, local_only: bool) -> str:
     if not files:
         raise HubError(f"no file of split '{ref.split}' ({', '.join(DATA_EXTENSIONS)} named "
                        f"'{ref.split}-*', '{ref.split}.*' or under '{ref.split}/')")
-    if len(files) > 1:
-        at = f"@{ref.revision}" if ref.revision else ""
-        raise HubError(f"split '{ref.split}' is {len(files)} files and minispin reads one: name it as "
-                       f"hf://datasets/{ref.repo}{at}/{files[0]} (the others: {', '.join(files[1:])})")
-    return hf_hub_download(ref.repo, files[0], repo_type="dataset", revision=ref.revision,
-                           local_files_only=local_only)
+    local = [hf_hub_download(ref.repo, f, repo_type="dataset", revision=ref.revision,
+                             local_files_only=local_only) for f in files]
+    if len(local) == 1:
+        return local[0]
+    return _shards_pattern(ref, files, local)
+
+
+def _shards_pattern(ref: HubRef, files: List[str], local: List[str]) -> str:
+    """A split stored as several shards becomes one glob pattern in the snapshot folder that
+    matches exactly those shards (data.py reads them in name order, as datasets does)."""
+    import glob
+    snapshot = local[0][:len(local[0]) - len(files[0])]   # hf_hub_download gives <snapshot>/<file>
+    dirs = {os.path.dirname(f) for f in files}
+    exts = {os.path.splitext(f)[1] for f in files}
+    if len(dirs) == 1 and len(exts) == 1:
+        d, ext = dirs.pop(), exts.pop()
+        for name in (f"{glob.escape(ref.split)}-*{ext}", f"*{ext}"):
+            pattern = os.path.join(glob.escape(snapshot), glob.escape(d), name)
+            if sorted(glob.glob(pattern)) == sorted(local):
+                return pattern
+    at = f"@{ref.revision}" if ref.revision else ""
+    raise HubError(f"split '{ref.split}' is {len(files)} files that no one pattern names: give them as "
+                   f"one local pattern, or one of them as hf://datasets/{ref.repo}{at}/{files[0]} "
+                   f"(the others: {', '.join(files[1:])})")
 
 
 def _dataset_files(ref: HubRef, local_only: bool) -> List[str]:

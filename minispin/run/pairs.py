@@ -33,7 +33,7 @@ import torch
 
 from . import distributed as D
 from .checkpoint import load_model
-from .data import JsonlAppender, ReadStats, SFTExample, read_jsonl, read_sft, write_jsonl_atomic
+from .data import JsonlAppender, ReadStats, SFTExample, data_files, read_jsonl, read_sft, write_jsonl_atomic
 from .errors import UserError
 from .layout import fingerprint_cache_path, pairs_path, theta_path
 from .recipe import Recipe
@@ -179,7 +179,7 @@ def generate_pairs_file(recipe: Recipe, t: int, env, model_dir: Optional[str] = 
         raise GenerateError(f"model folder '{model_dir}' does not exist{hint}")
     if not recipe.data.path:
         raise GenerateError("no SFT data: give --data or a recipe with 'data'")
-    if not os.path.exists(recipe.data.path):
+    if not data_files(recipe.data.path):
         from .hub import missing
         raise GenerateError(missing("data", recipe.data.path, recipe.where.get("data", recipe.source)))
     device = env.device
