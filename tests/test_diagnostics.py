@@ -154,6 +154,11 @@ def test_judge_keys_come_from_the_judged_file_and_noised_or_bf16_reference_value
     for key in ("logp_real_before", "logp_generated_before", "logp_real_after", "kl_heldout"):
         assert diag[key] == pytest.approx(plain[key], abs=1e-5)
     assert not math.isnan(diag["judge_margin_mean"])
+    # diagnostics = false: the held-out check still runs, the model-based keys are not measured
+    recipe = R.resolve(run["recipe"], {"run_dir": run_dir, "diagnostics": False}, iteration=0)
+    diag = iteration_diagnostics(recipe, 0)
+    assert set(diag) == {"generated_length_mean", "generated_distinct_2", "judge_prefers_generated",
+                         "judge_margin_mean"}, diag
     # a bf16 training pass's stored values are not the fp32 log p_θt either: recomputed too
     recipe = R.resolve(run["recipe"], {"run_dir": run_dir, "mixed_precision": "bf16"}, iteration=0)
     assert iteration_diagnostics(recipe, 0)["logp_generated_before"] == pytest.approx(plain["logp_generated_before"],

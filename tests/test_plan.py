@@ -2,7 +2,12 @@
 and its whole-iteration ETA against hand-computed sums."""
 import json
 import os
+import subprocess
+import sys
 
+import pytest
+
+from helpers import REPO
 from minispin.run import plan as P
 from minispin.run.recipe import resolve
 
@@ -19,11 +24,19 @@ def test_the_tiny_recipes_plan_counts_prompts_pairs_steps_and_heldout_examples(t
     plan = P.make_plan(r, 0, 1)
     # tiny.toml: 64 prompts, batch 8, 2 epochs (drop the last partial batch), 100 held-out examples
     assert [(s.name, s.count) for s in plan.stages] == [
-        ("generate", 64), ("reference", 64), ("train", 64 // 8 * 2), ("export", 1), ("heldout", 200)]
+        ("generate", 64), ("reference", 64), ("train", 64 // 8 * 2), ("export", 1), ("heldout", 200),
+        ("diagnostics", 200)]
     text = plan.describe()
     assert text.startswith("plan for iteration 0: 1. generate 64 prompts (256 new tokens at most) -> "
                            "2. reference pass 64 pairs -> 3. train 16 steps (8 pairs each) -> 4. export "), text
-    assert text.endswith("5. held-out 100 examples x 2 models"), text
+    assert text.endswith("5. held-out 100 examples x 2 models -> 6. diagnostics 64 pairs x 2 models, "
+                         "100 held-out samples x 2 models"), text
+    # --no-diagnostics, or a --pairs file of its own (the diagnostics read the run's pairs file)
+    r = resolve(None, {"run_dir": str(tmp_path / "run"), "diagnostics": False})
+    assert [s.name for s in P.make_plan(r, 0, 1).stages][-1] == "heldout"
+    r = resolve(None, {"run_dir": str(tmp_path / "run")})
+    write_lines(str(tmp_path / "mine.jsonl"), 10)
+    assert [s.name for s in P.make_plan(r, 0, 1, pairs_file=str(tmp_path / "mine.jsonl")).stages][-1] == "heldout"
 
 
 def test_a_rerun_plans_only_what_is_left_and_iteration_1_counts_the_mixed_in_pairs(tmp_path):
@@ -34,7 +47,7 @@ def test_a_rerun_plans_only_what_is_left_and_iteration_1_counts_the_mixed_in_pai
     r = resolve(None, {"run_dir": str(run), "max_steps": 5}, iteration=1)
     plan = P.make_plan(r, 1, 2)
     assert [(s.name, s.count) for s in plan.stages] == [
-        ("reference", 50), ("train", 5), ("export", 1), ("heldout", 100)]
+        ("reference", 50), ("train", 5), ("export", 1), ("heldout", 100), ("diagnostics", 200)]
     r = resolve(None, {"run_dir": str(run), "mix_previous": False, "ref_mode": "online"}, iteration=1)
     assert [(s.name, s.count) for s in P.make_plan(r, 1, 1).stages][:1] == [("train", 30 // 8 * 2)]
 
@@ -56,3 +69,17 @@ def test_the_eta_adds_this_stages_pace_and_later_stages_at_the_pace_measured_for
     want = 30 / 10 * 5 + 6 * 48 * plan.pace["forward"] + 8 * 50 * 0.05
     assert plan.eta(now=2005.0) == P.format_seconds(want)
     assert P.format_seconds(59.6) == "1m00s" and P.format_seconds(3725) == "1h02m"
+
+
+@pytest.mark.slow
+def test_the_held_out_check_and_the_diagnostics_show_their_stage_and_the_iteration_eta(tmp_path):
+    """train.py's last two stages have bars of the plan: "[5/6 heldout]" counts the examples
+    of both models, "[6/6 diagnostics]" the held-out samples of both models."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--run-dir", str(tmp_path / "run"),
+                        "--num-prompts", "8", "--max-steps", "1", "--heldout-examples", "3",
+                        "--max-new-tokens", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    err = p.stderr.replace("\r", "\n").splitlines()
+    for label in ("[5/6 heldout] iteration ETA", "[6/6 diagnostics] iteration ETA"):
+        counts = [line.split("|")[2].split()[0] for line in err if line.startswith(label)]
+        assert counts and counts[0] == "0/6" and counts[-1] == "6/6", (label, counts, err[-20:])

@@ -39,7 +39,7 @@ DATA_KEYS = ("max_length", "max_prompt_length", "mix_previous", "rows", "num_pro
 GEN_KEYS = ("generate", "max_new_tokens", "compile", "gen_template", "gen_bos", "decode", "shuffle_seed", "shuffle_rows")
 TRAIN_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "training")
 FIX_KEYS = tuple(k for k, v in R.KEYS.items() if v.section == "fixes")
-EVAL_KEYS = ("heldout_examples",)
+EVAL_KEYS = ("heldout_examples", "diagnostics")
 
 
 def build_parser() -> argparse.ArgumentParser:

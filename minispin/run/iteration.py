@@ -471,7 +471,7 @@ def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bo
     if os.path.isfile(pairs_path(recipe.run_dir, t)):   # the diagnostics (diagnostics.py), after the export
         from ..study.diagnostics import format_diagnostics, iteration_diagnostics, sample_pairs
         from .reporting import report_summary
-        summary["diagnostics"] = iteration_diagnostics(recipe, t, export)
+        summary["diagnostics"] = iteration_diagnostics(recipe, t, export, progress=progress)
         write_json_atomic(os.path.join(iter_dir(recipe.run_dir, t), "summary.json"), summary)
         report_summary(recipe.training.report_to, iter_dir(recipe.run_dir, t), summary, name=f"{recipe.name}-iter{t}",
                        group=recipe.name, config=as_dict(recipe),

@@ -2,6 +2,7 @@
 
     plan for iteration 0: 1. generate 64 prompts -> 2. reference pass 64 pairs -> 3. train
     16 steps (8 pairs each) -> 4. export iter0/model -> 5. held-out 100 examples x 2 models
+    -> 6. diagnostics 64 pairs x 2 models, 100 held-out samples x 2 models
 
 Each stage's progress bar (`Plan.bar`) is labelled with its stage ("[3/5 train]") and shows
 the ETA of the whole iteration: the rest of this stage at its measured pace, plus every later
@@ -10,8 +11,9 @@ stage from a pace measured on this run. Two paces are measured: seconds per samp
 runs one forward per row; a training step runs batch x 2 rows, each a forward and a backward,
 counted as 3 forwards, plus one more for an online reference). A later stage whose pace is not
 measured yet (the training steps while generating) makes the ETA a lower bound, shown
-as "≥". The export is not timed. The counts come from the recipe and the files already there
-(a pairs file's lines, a cached held-out check), so a re-run plans only what is left.
+as "≥". The export is not timed, nor the diagnostics' scoring passes (their sampling is).
+The counts come from the recipe and the files already there (a pairs file's lines, a cached
+held-out check), so a re-run plans only what is left.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ _current: Optional["Plan"] = None
 
 @dataclass
 class Stage:
-    name: str        # generate | reference | train | export | heldout
+    name: str        # generate | reference | train | export | heldout | diagnostics
     count: int       # units to do: prompts, pairs, steps, 1, examples x models
     unit: str
     kind: str        # "decode" or "forward": which measured pace estimates it; "" = not timed
@@ -172,4 +174,9 @@ def make_plan(recipe, t: int, world_size: int, pairs_file: Optional[str] = None,
         plan.stages.append(Stage("heldout", ev.heldout_examples * models, "example", "decode",
                                  ev.heldout_max_new_tokens,
                                  f"held-out {ev.heldout_examples} examples x {models} model{'s' * (models > 1)}"))
+        if ev.diagnostics and os.path.abspath(pairs_file) == os.path.abspath(pairs_path(recipe.run_dir, t)):
+            plan.stages.append(Stage("diagnostics", ev.heldout_examples * 2, "sample", "decode",
+                                     ev.heldout_max_new_tokens,
+                                     f"diagnostics {pairs or '?'} pairs x 2 models, {ev.heldout_examples} "
+                                     "held-out samples x 2 models"))
     return plan

@@ -264,6 +264,10 @@ class Eval:
     heldout_examples: int = key(0, "held-out examples evaluated after the iteration (0 = none)",
                                 lo=0)
     heldout_max_new_tokens: int = key(256, "greedy tokens per held-out answer", lo=1)
+    diagnostics: bool = key(True, "with the held-out check, also measure the diagnostics that need "
+                            "the models (docs/diagnostics.md): both models score the iteration's pairs "
+                            "and sample each held-out prompt once more; off keeps only the keys read "
+                            "from files (y' length, distinct-2, the judge's)")
     eval_bos: str = key("auto", "lm-eval requests start with the tokenizer's BOS: auto (as lm-eval's "
                         "hf backend since v0.4.9.2: the BOS the tokenizer itself adds — <s> for Llama "
                         "and Mistral, none for SmolLM2 — unless the text starts with it) | yes | no (the "

@@ -24,7 +24,8 @@ reward β·log p_θt+1/p_θt, learned on the model's own samples). After θ_{t+1
                                             Σ (log p_θt+1(y) − log p_θt(y)) / Σ tokens
 
 The log-prob and held-out keys are measured when the recipe runs the held-out check (they
-load θ_t and θ_{t+1}); the others always. The numbers come from the pure functions below
+load θ_t and θ_{t+1}) and keeps diagnostics = true (--no-diagnostics turns them off); the
+others always. The numbers come from the pure functions below
 over log-probs and texts; every log-prob
 comes from loss.answer_logps, the training forward. iter<t>/pair_logps.jsonl keeps each
 pair's four log-probs and token counts, for the report's implicit rewards.
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,6 +45,7 @@ from ..core.device import pick_device
 from ..run.data import read_jsonl, read_pairs, read_sft, write_jsonl_atomic
 from ..run.layout import export_path, iter_dir, judged_path, pairs_path, theta_path
 from ..run.pairs import decode_answer
+from ..run.plan import stage_bar
 from ..run.rows import TokenizedPair, collate_pairs, collate_sft, tokenize_pairs, tokenize_sft
 from ..run.tokenizer import load_tokenizer
 from .fixes import apply_recipe_fixes, pair_margin
@@ -145,14 +147,17 @@ def stored_reference(path: str) -> Dict[str, Tuple[float, float]]:
 def heldout_diagnostics(theta, theta_next, tok, examples, beta: float, max_length: int, max_prompt_length: int,
                         max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
                         empty_system: bool = True, rows: str = "minispin", decode: str = "minispin",
-                        batch_size: int = 16) -> Dict[str, float]:
+                        batch_size: int = 16, on_sampled: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
     """reward_accuracy_heldout, reward_margin_heldout and kl_heldout on held-out examples
-    (prompts and real answers θ_t never trained on)."""
+    (prompts and real answers θ_t never trained on). on_sampled(n): called as each batch of n
+    prompts is sampled (by θ_t, then by θ_{t+1})."""
+    on_batch = (lambda idx, _: on_sampled(len(idx))) if on_sampled else None
     items, _ = tokenize_sft(tok, examples, max_length, max_prompt_length, empty_system=empty_system)
     prompts = [it.prompt for it in items]
     # y' ~ θ_t as SPIN samples it, then scored as a training pair would be
     ys = generate(theta, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                  eos_id=tok.eos_ids, seeds=[row_seed(seed, ex.id) for ex in examples], batch_size=batch_size)
+                  eos_id=tok.eos_ids, seeds=[row_seed(seed, ex.id) for ex in examples], batch_size=batch_size,
+                  on_batch=on_batch)
     pairs = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": decode_answer(tok, y, decode)}
              for ex, y in zip(examples, ys)]
     tp, _ = tokenize_pairs(tok, pairs, "heldout", max_length, max_prompt_length, empty_system=empty_system,
@@ -164,7 +169,7 @@ def heldout_diagnostics(theta, theta_next, tok, examples, beta: float, max_lengt
     # y ~ θ_t+1 itself (temperature 1, no truncation of the distribution), eos included when sampled
     samples = generate(theta_next, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                        eos_id=tok.eos_ids, seeds=[row_seed(seed + 1, ex.id) for ex in examples],
-                       batch_size=batch_size)
+                       batch_size=batch_size, on_batch=on_batch)
     samples = [s + [tok.eos_id] if len(s) < max_new_tokens else s for s in samples]
     new = continuation_logps(theta_next, prompts, samples, tok.pad_id, batch_size)
     old = continuation_logps(theta, prompts, samples, tok.pad_id, batch_size)
@@ -172,12 +177,13 @@ def heldout_diagnostics(theta, theta_next, tok, examples, beta: float, max_lengt
             "kl_heldout": kl_per_token(new, old, [len(s) for s in samples])}
 
 
-def iteration_diagnostics(recipe, t: int, export: Optional[str] = None) -> dict:
+def iteration_diagnostics(recipe, t: int, export: Optional[str] = None, progress: bool = False) -> dict:
     """Every diagnostic of iteration t (module docstring), from its files and, when the
     recipe runs the held-out check (eval_data, heldout_examples > 0), from the models θ_t and
     θ_{t+1} too: the log-prob and held-out keys need both models loaded next to each other
     (on the CPU, as the held-out check does), which a 7B recipe without the check does not
-    pay for. Writes iter<t>/pair_logps.jsonl when the models are scored."""
+    pay for, nor a recipe with diagnostics = false. Writes iter<t>/pair_logps.jsonl when the
+    models are scored. progress: a bar over the held-out samples (train.py's "diagnostics" stage)."""
     d, g, ev = recipe.data, recipe.generation, recipe.eval
     work = iter_dir(recipe.run_dir, t)
     theta_dir, next_dir = theta_path(recipe.run_dir, t, recipe.model.path), export or export_path(recipe.run_dir, t)
@@ -195,7 +201,7 @@ def iteration_diagnostics(recipe, t: int, export: Optional[str] = None) -> dict:
            "generated_distinct_2": distinct_2(p["generated"] for p in pairs)}
     if trained is not pairs:
         out.update(judge_stats(trained) or {})
-    if not (ev.eval_data and ev.heldout_examples > 0):
+    if not (ev.eval_data and ev.heldout_examples > 0 and ev.diagnostics):
         return {k: out[k] for k in KEYS if k in out}
     theta, theta_next = load_model(theta_dir), load_model(next_dir)
     # before: the reference pass's values where they are fp32 log p_θt — not where it added
@@ -216,10 +222,14 @@ def iteration_diagnostics(recipe, t: int, export: Optional[str] = None) -> dict:
                 "logp_generated_before": mean_per_token(col(before, 1), n_gen),
                 "logp_generated_after": mean_per_token(col(after, 1), n_gen)})
     examples, _ = read_sft(ev.eval_data, limit=ev.heldout_examples)
+    bar = stage_bar("diagnostics", 2 * len(examples), unit="sample", leave=False) if progress else None
     out.update(heldout_diagnostics(
         theta, theta_next, tok, examples, recipe.training.beta, d.max_length, d.max_prompt_length,
         ev.heldout_max_new_tokens, g.temperature, g.top_p, g.top_k, recipe.seed,
-        empty_system=recipe.model.empty_system, rows=d.rows, decode=g.decode))
+        empty_system=recipe.model.empty_system, rows=d.rows, decode=g.decode,
+        on_sampled=bar.update if bar is not None else None))
+    if bar is not None:
+        bar.close()
     write_jsonl_atomic(os.path.join(work, "pair_logps.jsonl"), [
         {"key": p.key, "real_tokens": len(p.real), "generated_tokens": len(p.generated),
          "real_before": before[p.key][0], "real_after": after[p.key][0],
@@ -267,10 +277,11 @@ def format_diagnostics(diag: dict) -> str:
     if not diag:
         return ""
     f = lambda k: "n/a" if k not in diag or math.isnan(diag[k]) else f"{diag[k]:.4f}"  # noqa: E731
-    lines = ["  diagnostics (docs/diagnostics.md):",
-             f"    log p/token real       θ_t {f('logp_real_before')} -> θ_t+1 {f('logp_real_after')}",
-             f"    log p/token generated  θ_t {f('logp_generated_before')} -> θ_t+1 {f('logp_generated_after')}",
-             f"    generated answers      {f('generated_length_mean')} tokens, distinct-2 {f('generated_distinct_2')}"]
+    lines = ["  diagnostics (docs/diagnostics.md):"]
+    if "logp_real_after" in diag:   # measured with the models (not under --no-diagnostics)
+        lines += [f"    log p/token real       θ_t {f('logp_real_before')} -> θ_t+1 {f('logp_real_after')}",
+                  f"    log p/token generated  θ_t {f('logp_generated_before')} -> θ_t+1 {f('logp_generated_after')}"]
+    lines.append(f"    generated answers      {f('generated_length_mean')} tokens, distinct-2 {f('generated_distinct_2')}")
     if "judge_prefers_generated" in diag:
         lines.append(f"    judge                  prefers y' on {f('judge_prefers_generated')} of the pairs, "
                      f"mean margin {f('judge_margin_mean')}")

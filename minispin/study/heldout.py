@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from ..run.checkpoint import load_model, model_fingerprint
 from ..run.data import SFTExample, read_jsonl, read_sft, write_json_atomic
 from ..run.errors import UserError, load_json_file
+from ..run.plan import current, stage_bar
 from ..run.rows import collate_sft, tokenize_sft
 from ..core.loss import sequence_logps
 from ..core.sampling import generate
@@ -43,9 +44,11 @@ def final_number(text: str) -> Optional[str]:
 @torch.no_grad()
 def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 512,
                     max_prompt_length: int = 256, max_new_tokens: int = 256, batch_size: int = 16,
-                    empty_system: bool = True, progress: str = "") -> dict:
+                    empty_system: bool = True, progress: str = "",
+                    on_answered: Optional[Callable[[int], None]] = None) -> dict:
     """progress: a label for a progress bar on stderr that counts examples, once while
-    scoring them and again while answering them; "" = none."""
+    scoring them and again while answering them; "" = none. on_answered(n): called as each
+    batch of n examples is answered (train.py's stage bar)."""
     from tqdm import tqdm
     was_training = model.training
     model.eval()
@@ -64,7 +67,8 @@ def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 51
     bar.reset()
     prompts = [it.prompt for it in items]
     outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_ids,
-                    batch_size=batch_size, on_batch=lambda idx, _: bar.update(len(idx)))
+                    batch_size=batch_size, on_batch=lambda idx, _: (bar.update(len(idx)),
+                                                                     on_answered and on_answered(len(idx))))
     bar.refresh()
     bar.close()
     formatted = correct = 0
@@ -118,14 +122,23 @@ def iteration_summary(work_dir: str, theta: str, export: str, eval_data: Optiona
             # θ_t by content: a model retrained at the same path is measured again
             if saved.get("theta_fingerprint") == model_fingerprint(theta) and saved.get("examples") == len(examples):
                 before = saved
+        models = 2 if before is None else 1
+        # under train.py's plan: one bar for the stage, with the whole iteration's ETA (run/plan.py)
+        bar = None
+        if progress and current() is not None and current().stage("heldout") is not None:
+            bar = stage_bar("heldout", len(examples) * models, unit="ex", leave=False)
+            kw.update(on_answered=bar.update)
+        own_bar = progress and bar is None   # outside train.py's plan: a bar per model, as before
         if before is None:
             before = heldout_metrics(load_model(theta), load_tokenizer(theta, template=template), examples, **kw,
-                                     progress="held-out θ_t" if progress else "")
+                                     progress="held-out θ_t" if own_bar else "")
             before["theta"] = os.path.abspath(theta)
             before["theta_fingerprint"] = model_fingerprint(theta)
             write_json_atomic(cache, before, indent=2)
         after = heldout_metrics(load_model(export), load_tokenizer(export, template=template), examples, **kw,
-                                progress="held-out θ_t+1" if progress else "")
+                                progress="held-out θ_t+1" if own_bar else "")
+        if bar is not None:
+            bar.close()
         summary["heldout"] = {"data": eval_data, "examples": len(examples),
                               "before": {k: before[k] for k in ("answer_nll", "format_rate", "exact_match")},
                               "after": {k: after[k] for k in ("answer_nll", "format_rate", "exact_match")}}
