@@ -178,8 +178,11 @@ def test_evaluate_py_and_generate_py_take_a_model_named_by_hub_id(tmp_path):
     assert "| tiny-sft |" in p.stdout, p.stdout[-2000:]
     assert (tmp_path / "eval" / "tiny-sft" / "results.json").is_file()
     out = tmp_path / "pairs.jsonl"
-    p = tool(env, "generate.py", "--model", "someorg/tiny-sft", "--num-prompts", 2, "--max-new-tokens", 4,
-             "--out", out, "--run-dir", tmp_path / "run", "--no-progress", cwd=tmp_path)
+    # the recipe's own θ_0 is an id that is not cached: --model replaces it, so it is not fetched
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'model = "someorg/absent"\ndata = "{GSM8K_TRAIN}"\n')
+    p = tool(env, "generate.py", "--config", recipe, "--model", "someorg/tiny-sft", "--num-prompts", 2,
+             "--max-new-tokens", 4, "--out", out, "--run-dir", tmp_path / "run", "--no-progress", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(out.read_text().splitlines()) == 2
 

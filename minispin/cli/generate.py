@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter, fetch=True)
+    # fetch what this command reads: the data, and θ_0 unless --model names the sampler
+    fetch = ("data",) if args.model else ("model", "data")
+    recipe = R.resolve(args.config, R.given_flags(args, KEYS), iteration=args.iter, fetch=fetch)
     if args.model:
         from minispin.run.hub import resolve
         args.model = resolve(args.model, "model", "--model")
