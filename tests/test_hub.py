@@ -188,11 +188,20 @@ def test_evaluate_py_and_generate_py_take_a_model_named_by_hub_id(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["evaluate.py", "generate.py"])
-def test_evaluate_py_and_generate_py_name_an_uncached_model_id_and_its_fetch_command(tmp_path, script):
-    p = tool(offline_env(tmp_path / "hub"), script, "--model", "someorg/absent@v1", "--offline" if
-             script == "evaluate.py" else "--no-progress", cwd=tmp_path)
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
+def test_evaluate_py_and_generate_py_name_an_uncached_model_id_and_its_fetch_command(
+        tmp_path, script, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from helpers import run_cli
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):   # evaluate.py --offline sets them
+        monkeypatch.setenv(name, "1")
+    monkeypatch.chdir(tmp_path)
+    rc = run_cli(script, "--model", "someorg/absent@v1",
+                 "--offline" if script == "evaluate.py" else "--no-progress")
+    assert rc == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
     assert "--model" in lines[0] and "someorg/absent@v1" in lines[0], lines[0]
     assert "`hf download someorg/absent --revision v1`" in lines[0], lines[0]
