@@ -221,6 +221,34 @@ def main_table(root):
     return "\n".join(lines)
 
 
+def diagnostics_table(root):
+    """Every iteration's diagnostics (docs/diagnostics.md), one row per trained iteration; the
+    held-out reward accuracy with its 95% Wilson interval over the held-out problems."""
+    runs = [(f"SPIN iter{t}", os.path.join(root, "spin"), t) for t in range(3)]
+    runs += [(f"{name} iter1", os.path.join(root, name), 1) for name in FIXES]
+    lines = ["| iteration | log p/tok y, θ_t → θ_t+1 | log p/tok y', θ_t → θ_t+1 | held-out reward acc. [95% CI] | "
+             "held-out reward margin | KL/tok | y' tokens | y' distinct-2 | judge prefers y' | judge margin |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    n = None
+    for label, run_dir, t in runs:
+        s = load(os.path.join(run_dir, f"iter{t}", "summary.json"))
+        d = (s or {}).get("diagnostics")
+        if not d or "kl_heldout" not in d:
+            lines.append(f"| {label} | {PENDING} | | | | | | | | |")
+            continue
+        n = s["heldout"]["examples"]
+        f = lambda k, fmt="{:.4f}": fmt.format(d[k]) if k in d else "-"  # noqa: E731
+        lines.append(f"| {label} | {f('logp_real_before')} → {f('logp_real_after')} | "
+                     f"{f('logp_generated_before')} → {f('logp_generated_after')} | "
+                     f"{rate(d['reward_accuracy_heldout'], n)} | {f('reward_margin_heldout')} | {f('kl_heldout')} | "
+                     f"{f('generated_length_mean', '{:.1f}')} | {f('generated_distinct_2', '{:.3f}')} | "
+                     f"{f('judge_prefers_generated', '{:.3f}')} | {f('judge_margin_mean', '{:.2f}')} |")
+    if n:
+        lines += ["", f"Log-probs per token of each iteration's own training pairs; held-out columns on the first {n} "
+                  "GSM8K test problems; definitions in docs/diagnostics.md. \"-\": no judge in that run."]
+    return "\n".join(lines)
+
+
 def lmeval_table(root, model):
     lines = ["| model | arc_easy acc_norm (25-shot) ± stderr | hellaswag acc_norm (10-shot) ± stderr | docs |",
              "|---|---:|---:|---:|"]
@@ -239,18 +267,23 @@ def lmeval_table(root, model):
     return "\n".join(lines)
 
 
-def write_tables(root, model):
+TABLES = ("sweep", "table", "diagnostics", "lmeval")
+
+
+def write_tables(root, model, only=TABLES):
     with open(DOC, encoding="utf-8") as f:
         doc = f.read()
-    for key, text in (("sweep", sweep_table(root)), ("table", main_table(root)),
-                      ("lmeval", lmeval_table(root, model))):
+    makers = {"sweep": sweep_table, "table": main_table, "diagnostics": diagnostics_table,
+              "lmeval": lambda r: lmeval_table(r, model)}
+    for key in only:
+        text = makers[key](root)
         start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
         if start not in doc or end not in doc:
             raise SystemExit(f"{DOC} lacks the {start} / {end} markers")
         doc = doc[:doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):]
     info = load(os.path.join(root, "device.json")) or {}
     start, end = "<!-- device:start -->", "<!-- device:end -->"
-    if info and start in doc:
+    if info and start in doc and "table" in only:   # the machine the main table was made on
         doc = doc[:doc.index(start) + len(start)] + f"\nMade on: {info['device']} (started {info['started']}).\n" \
             + doc[doc.index(end):]
     with open(DOC, "w", encoding="utf-8") as f:
@@ -272,9 +305,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lm-eval-limit", type=int, default=100, help="documents per lm-eval task (default 100)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each tool (default 2)")
     ap.add_argument("--tables-only", action="store_true", help="run nothing; rewrite the tables")
+    ap.add_argument("--tables", default=",".join(TABLES),
+                    help=f"which of the doc's tables to rewrite, comma-separated, of {', '.join(TABLES)} (default all)")
     args = ap.parse_args(argv)
     os.makedirs(args.root, exist_ok=True)
     model = os.path.abspath(args.model)
+    tables = [t for t in args.tables.split(",") if t]
+    for t in tables:
+        if t not in TABLES:
+            ap.error(f"--tables: unknown table '{t}' (choose from {', '.join(TABLES)})")
     if not args.tables_only:
         if not os.path.isfile(os.path.join(model, "model.safetensors")):
             run([sys.executable, "scripts/fetch_smollm2.py", "--out", model, "--no-progress"], args.threads)
@@ -286,8 +325,8 @@ def main(argv=None) -> int:
             if name not in stages:
                 ap.error(f"--stages: unknown stage '{name}' (choose from {', '.join(STAGES)})")
             stages[name](args.root, model, args)
-            write_tables(args.root, model)  # after each stage, so a stopped run leaves its tables
-    write_tables(args.root, model)
+            write_tables(args.root, model, tables)  # after each stage, so a stopped run leaves its tables
+    write_tables(args.root, model, tables)
     return 0
 
 

@@ -59,3 +59,23 @@ def test_lmeval_table_reads_results(tmp_path):
     lines = X.lmeval_table(str(tmp_path), "MODEL").splitlines()
     assert lines[2] == "| θ_0 | 0.610 ± 0.049 | 0.460 ± 0.050 | 100 |"
     assert all(X.PENDING in line for line in lines[3:])
+
+
+def test_diagnostics_table_rows_with_the_held_out_reward_accuracys_interval_and_pending(tmp_path):
+    h = {"answer_nll": 1.5, "format_rate": 0.0, "exact_match": 0.0}
+    _summary(tmp_path / "relabel" / "iter1", h, h)
+    path = tmp_path / "relabel" / "iter1" / "summary.json"
+    s = json.loads(path.read_text())
+    s["diagnostics"] = {"logp_real_before": -1.25, "logp_real_after": -1.0, "logp_generated_before": -2.0,
+                        "logp_generated_after": -2.5, "reward_accuracy_heldout": 0.5, "reward_margin_heldout": 3.0,
+                        "kl_heldout": 0.125, "generated_length_mean": 150.25, "generated_distinct_2": 0.8125,
+                        "judge_prefers_generated": 0.625, "judge_margin_mean": 4.5}
+    path.write_text(json.dumps(s))
+    lines = X.diagnostics_table(str(tmp_path)).splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    lo, hi = X.wilson(0.5, 50)
+    assert rows["relabel iter1"] == (f"| relabel iter1 | -1.2500 → -1.0000 | -2.0000 → -2.5000 | 0.500 [{lo:.2f}, "
+                                     f"{hi:.2f}] | 3.0000 | 0.1250 | 150.2 | 0.812 | 0.625 | 4.50 |")
+    for label in ("SPIN iter0", "SPIN iter1", "SPIN iter2", "noise iter1", "adaptive iter1"):
+        assert X.PENDING in rows[label]
+    assert "first 50 GSM8K test problems" in lines[-1]
