@@ -84,7 +84,25 @@ def test_a_range_starting_after_0_compares_a_diagnostic_with_the_iteration_befor
     monkeypatch.setattr(chain, "summarize", summarize)
     monkeypatch.setattr(chain.D, "broadcast_object", lambda obj: obj)
     recipe = SimpleNamespace(run_dir=str(tmp_path), model=SimpleNamespace(path="sft"),
-                             eval=SimpleNamespace(eval_data="x", heldout_examples=1))
+                             eval=SimpleNamespace(eval_data="x", heldout_examples=1, diagnostics=True))
     out = chain.run_chain(lambda t: recipe, [1, 2], SimpleNamespace(is_main=True), "kl_heldout", log=lambda *a: None)
     assert trained == [1] and out["stopped_after"] == 1 and out["kept"] == "θ_1"
     assert out["reason"] == "iteration 1 made kl_heldout worse (0.1000 -> 0.3000; lower is better)"
+
+
+def test_a_chain_checks_every_iterations_recipe_before_the_first_starts(tmp_path, capsys):
+    """An iteration whose own table turns the held-out check off, or --no-diagnostics with a
+    model diagnostic as the metric: one line at once, not when that iteration comes."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(open(small_recipe(str(tmp_path))).read() + "\n[iterations.2]\nheldout_examples = 0\n")
+    run_dir = tmp_path / "run"
+    rc = run_cli("train.py", "--config", recipe, "--run-dir", run_dir, "--iter", "0-2",
+                 "--stop-when-worse", "answer_nll", "--no-progress")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "iteration 2: --stop-when-worse answer_nll is measured with the held-out check" in err, err
+    rc = run_cli("train.py", "--config", small_recipe(str(tmp_path)), "--run-dir", run_dir, "--iter", "0-1",
+                 "--stop-when-worse", "kl_heldout", "--no-diagnostics", "--no-progress")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "diagnostics = false (--no-diagnostics)" in err, err
+    assert not (run_dir / "iter0").exists()

@@ -431,3 +431,23 @@ def test_an_export_the_disk_cut_short_is_never_taken_as_complete(model, tmp_path
     with open(os.path.join(run, "iter0", "model", "minispin_export.json")) as f, \
             open(os.path.join(base, "iter0", "model", "minispin_export.json")) as g:
         assert json.load(f)["fingerprint"] == json.load(g)["fingerprint"]
+
+
+def test_a_chain_needs_room_for_every_iterations_export_before_the_first_starts(model, tmp_path, capsys,
+                                                                               monkeypatch):
+    """--iter 0-2 exports three models: room for one (plus the checkpoints) is not enough."""
+    import minispin.run.preflight as P
+    from safetensors.torch import load_file
+    n = sum(t.numel() for t in load_file(os.path.join(model, "model.safetensors")).values())
+    real = shutil.disk_usage
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: real(p)._replace(free=30 * n))  # 24n + 4n < 30n < 24n + 12n
+    run = str(tmp_path / "run")
+    capsys.readouterr()
+    rc = run_cli("train.py", *generating(model, run), "--iter", "0-2")
+    out, err = capsys.readouterr()
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
+    assert f"(checkpoints {mb(3 * 8 * n)}, the exports {mb(3 * 4 * n)})" in lines[0], lines[0]
+    assert "x 3 for iterations 0, 1, 2" in out, out
+    assert_nothing_started(run)

@@ -27,7 +27,7 @@ from minispin.run import distributed as D
 from minispin.run import recipe as R
 from minispin.cli import apply_threads, prog
 from minispin.cli.args import ArgumentParser, iteration_range, metric_arg, run_cli, path_arg
-from minispin.run.chain import run_chain
+from minispin.run.chain import check_metric, run_chain
 from minispin.run.errors import UserError
 from minispin.run.iteration import locked, run_iteration, run_sft, summarize, summary_missing
 from minispin.run.preempt import stoppable
@@ -90,7 +90,17 @@ def run(argv=None) -> int:
     if chain and one_only:
         raise UserError(f"{one_only[0]} is for one iteration; give --iter one iteration T, not a range or "
                         "--stop-when-worse, with it")
-    check_reporters(recipe.training.report_to)   # a reporter that cannot start: one line now, before any model loads
+    # a chain's every iteration resolved and checked now, not hours later when it starts
+    recipes = {t: recipe if t == its[0] else R.resolve(args.config, flags, iteration=t, fetch=fetch)
+               for t in its} if chain else {its[0]: recipe}
+    if args.stop_when_worse:
+        for t, r in recipes.items():
+            try:
+                check_metric(args.stop_when_worse, r)
+            except UserError as e:
+                raise UserError(f"iteration {t}: {e}" if len(recipes) > 1 else str(e)) from None
+    for r in recipes.values():
+        check_reporters(r.training.report_to)   # a reporter that cannot start: one line now, before any model loads
     apply_threads(recipe)
     env = D.init_distributed(recipe.model.device, recipe.model.dist_timeout)
     log = (lambda *m: print(*m, flush=True)) if env.is_main else (lambda *m: None)
@@ -100,11 +110,11 @@ def run(argv=None) -> int:
     try:
         with stoppable(env, recipe.model.dist_timeout), locked(recipe.run_dir, env), train_preflight(
                 recipe, env, its[0], args.sft, args.out, args.force, args.dump_rows, args.pairs,
-                args.prev_pairs, log):
+                args.prev_pairs, log, later=[(t, recipes[t]) for t in its[1:]]):
             if args.sft:
                 run_sft(recipe, env, out=args.out, force=args.force, progress=args.progress, log=log)
             elif chain:
-                run_chain(lambda t: R.resolve(args.config, flags, iteration=t), its, env, args.stop_when_worse,
+                run_chain(recipes.__getitem__, its, env, args.stop_when_worse,
                           args.force, args.progress, log)
             else:
                 trained = run_iteration(recipe, its[0], env, args.pairs, args.prev_pairs, args.out,

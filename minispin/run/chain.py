@@ -36,6 +36,9 @@ def check_metric(metric: str, recipe):
     if held and not (recipe.eval.eval_data and recipe.eval.heldout_examples > 0):
         raise UserError(f"--stop-when-worse {metric} is measured with the held-out check, which this recipe "
                         "does not run; set eval_data and heldout_examples > 0 (--heldout-examples N)")
+    if held and metric not in HELDOUT_METRICS and not recipe.eval.diagnostics:
+        raise UserError(f"--stop-when-worse {metric} is a diagnostic measured with the models, which "
+                        "diagnostics = false (--no-diagnostics) turns off; drop one of the two")
 
 
 def values(metric: str, summary: dict) -> Tuple[Optional[float], Optional[float]]:

@@ -271,10 +271,11 @@ def checkpoint_bytes(recipe, trainable: int) -> int:
 @contextlib.contextmanager
 def train_preflight(recipe, env, t: int, sft: bool = False, out: Optional[str] = None, force: bool = False,
                     dump_rows: Optional[str] = None, pairs_file: Optional[str] = None,
-                    prev_pairs_file: Optional[str] = None, log: Callable = print):
+                    prev_pairs_file: Optional[str] = None, log: Callable = print, later=()):
     """train.py's checks (the module docstring), run with the run folder locked; the body
     runs holding the export lock. Nothing is checked for a run that will only say "already
-    trained" or dump rows."""
+    trained" or dump rows. later: [(t, recipe of iteration t)] of a chain's later iterations,
+    checked now too: room for their exports, their judge endpoints."""
     from .layout import export_path, iter_dir, theta_path
     if sft:
         theta, work = recipe.model.path, os.path.join(recipe.run_dir, "sft")
@@ -308,15 +309,23 @@ def train_preflight(recipe, env, t: int, sft: bool = False, out: Optional[str] =
             keep = tr.keep_checkpoints + 1  # the newest kept ones, and the one being written
             ckpts = max(0, keep * ckpt - (_used_by(ckpt_root) if os.path.isdir(ckpt_root) else 0))
             exp = params * BYTES.get(tr.export_dtype, 4)
+            # a chain's later iterations each export one more model of this size, beside this one
+            todo = [u for u, r in later if not os.path.isfile(os.path.join(export_path(r.run_dir, u), "config.json"))]
             log(f"preflight: {label} has {params:,} parameters ({trainable:,} trained); checkpoints about "
                 f"{keep} x {human(ckpt)} (fp32 weights + {tr.optimizer} state, sharded over "
                 f"{env.world_size} process{'es' if env.world_size > 1 else ''}), the export about "
-                f"{human(exp)} ({tr.export_dtype})")
-            check_room({work: (ckpts, "checkpoints"), export: (exp, "the export")})
+                f"{human(exp)} ({tr.export_dtype})" + (f", x {1 + len(todo)} for iterations {t}"
+                                                        f"{''.join(f', {u}' for u in todo)}" if todo else ""))
+            check_room({work: (ckpts, "checkpoints"),
+                        export: (exp * (1 + len(todo)), f"the export{'s' if todo else ''}")})
         if not sft:
             from .iteration import judging_needed
-            if judging_needed(recipe, t, pairs_file, prev_pairs_file):
-                check_judge_endpoint(recipe, recipe.fixes.judge_backend, log)
+            asked = set()
+            for u, r, pf, ppf in [(t, recipe, pairs_file, prev_pairs_file)] + [(u, r, None, None) for u, r in later]:
+                endpoint = (r.fixes.judge_backend, r.fixes.judge_base_url, r.fixes.judge_model)
+                if endpoint not in asked and judging_needed(r, u, pf, ppf):
+                    asked.add(endpoint)
+                    check_judge_endpoint(r, r.fixes.judge_backend, log)
 
     _on_rank0(env, place)
     with export_lock(export, recipe.run_dir, env, log):
