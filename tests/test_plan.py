@@ -83,3 +83,29 @@ def test_the_held_out_check_and_the_diagnostics_show_their_stage_and_the_iterati
     for label in ("[5/6 heldout] iteration ETA", "[6/6 diagnostics] iteration ETA"):
         counts = [line.split("|")[2].split()[0] for line in err if line.startswith(label)]
         assert counts and counts[0] == "0/6" and counts[-1] == "6/6", (label, counts, err[-20:])
+
+
+def test_a_judging_iteration_plans_its_judge_stage_with_a_pace_of_its_own(tmp_path):
+    """relabel / adaptive with pairs still to judge: "judge" after generation, before the
+    reference pass, counting both answers of every pair; its pace is measured by its own bar."""
+    from minispin.run.iteration import judging_needed
+    run = tmp_path / "run"
+    r = resolve(None, {"run_dir": str(run), "relabel": True, "judge_backend": "local"})
+    plan = P.make_plan(r, 0, 1, judging=judging_needed(r, 0))
+    assert [(s.name, s.count) for s in plan.stages][:3] == [("generate", 64), ("judge", 128), ("reference", 64)]
+    assert "2. judge 64 pairs (local, relabel)" in plan.describe(), plan.describe()
+    judge = plan.stage("judge")
+    assert judge.kind == "judge" and judge.kind not in ("decode", "forward")
+    plain = resolve(None, {"run_dir": str(run)})
+    assert "judge" not in [s.name for s in P.make_plan(plain, 0, 1, judging=judging_needed(plain, 0)).stages]
+
+
+def test_too_few_prompts_for_one_batch_is_refused_before_generation(tmp_path, capsys):
+    from helpers import run_cli
+    run = tmp_path / "run"
+    rc = run_cli("train.py", "--run-dir", run, "--num-prompts", "4", "--no-progress")   # tiny: batch_size 8
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.splitlines() == [
+        "train.py: error: iteration 0 has at most 4 pairs, fewer than one global batch (batch_size 8); "
+        "lower --batch-size or raise --num-prompts"], err
+    assert not (run / "iter0" / "pairs.jsonl").exists()

@@ -350,7 +350,12 @@ def run_iteration(recipe: Recipe, t: int, env, pairs_file: Optional[str] = None,
     check_export_target(export)  # before any work: never after hours of it
     if not dump_rows:
         from .plan import activate, make_plan
-        log(activate(make_plan(recipe, t, env.world_size, pairs_file, prev_pairs_file, export)).describe())
+        plan = activate(make_plan(recipe, t, env.world_size, pairs_file, prev_pairs_file, export,
+                                  judging=judging_needed(recipe, t, pairs_file, prev_pairs_file)))
+        log(plan.describe())
+        if 0 < plan.pairs < recipe.training.batch_size:   # known before generating: at most num_prompts new pairs
+            raise SetupError(f"iteration {t} has at most {plan.pairs} pairs, fewer than one global batch "
+                             f"(batch_size {recipe.training.batch_size}); lower --batch-size or raise --num-prompts")
     sources = ensure_pairs(recipe, t, env, pairs_file, prev_pairs_file, progress, log)
     check_pairs_theta(recipe, sources, env)
     if recipe.fixes.relabel or recipe.fixes.adaptive:

@@ -9,7 +9,8 @@ the ETA of the whole iteration: the rest of this stage at its measured pace, plu
 stage from a pace measured on this run. Two paces are measured: seconds per sampled token
 (generation and the held-out check decode) and seconds per row forward (the reference pass
 runs one forward per row; a training step runs batch x 2 rows, each a forward and a backward,
-counted as 3 forwards, plus one more for an online reference). A later stage whose pace is not
+counted as 3 forwards, plus one more for an online reference); the judge's pace is its own
+(seconds per answer scored, an API's or a local model's). A later stage whose pace is not
 measured yet (the training steps while generating) makes the ETA a lower bound, shown
 as "≥". The export is not timed, nor the diagnostics' scoring passes (their sampling is).
 The counts come from the recipe and the files already there (a pairs file's lines, a cached
@@ -27,10 +28,10 @@ _current: Optional["Plan"] = None
 
 @dataclass
 class Stage:
-    name: str        # generate | reference | train | export | heldout | diagnostics
+    name: str        # generate | judge | reference | train | export | heldout | diagnostics
     count: int       # units to do: prompts, pairs, steps, 1, examples x models
     unit: str
-    kind: str        # "decode" or "forward": which measured pace estimates it; "" = not timed
+    kind: str        # "decode", "forward" or "judge": which measured pace estimates it; "" = not timed
     work: float      # sampled tokens or row forwards of one process per unit it does
     text: str        # how the plan line says it
     share: int = 1   # processes the units are split among
@@ -44,6 +45,7 @@ class Plan:
     iteration: int
     stages: List[Stage] = field(default_factory=list)
     pace: Dict[str, float] = field(default_factory=dict)   # kind -> seconds per unit of work
+    pairs: int = 0   # the pairs it will train on (at most, before generation; 0 = not known)
 
     def describe(self) -> str:
         steps = [f"{i}. {s.text}" for i, s in enumerate(self.stages, 1)]
@@ -136,10 +138,12 @@ def _lines(path: str) -> int:
 
 
 def make_plan(recipe, t: int, world_size: int, pairs_file: Optional[str] = None,
-              prev_pairs_file: Optional[str] = None, export: Optional[str] = None) -> Plan:
+              prev_pairs_file: Optional[str] = None, export: Optional[str] = None,
+              judging: bool = False) -> Plan:
     """The stages of iteration t of this recipe, counted from the recipe and the files of
     its run folder (the pairs files train.py would read, a cached held-out check); the steps
-    by the training loop's own rule (core.train.epoch_steps)."""
+    by the training loop's own rule (core.train.epoch_steps). judging: the iteration will call
+    its judge (iteration.judging_needed)."""
     from ..core.train import epoch_steps
     from .layout import export_path, iter_dir, pairs_path
     g, d, tr, ev = recipe.generation, recipe.data, recipe.training, recipe.eval
@@ -159,6 +163,12 @@ def make_plan(recipe, t: int, world_size: int, pairs_file: Optional[str] = None,
                                      f"generate {what} ({g.max_new_tokens} new tokens at most)", share=world))
     if t >= 1 and d.mix_previous and os.path.isfile(prev_pairs_file):
         pairs += _lines(prev_pairs_file)
+    plan.pairs = pairs
+    fx = recipe.fixes
+    if judging:
+        # at most both answers of every pair; the judge's cache and the shared real answers make it fewer
+        plan.stages.append(Stage("judge", 2 * pairs, "answer", "judge", 1,
+                                 f"judge {pairs or '?'} pairs ({fx.judge_backend}, {'adaptive' if fx.adaptive else 'relabel'})"))
     per_step = tr.batch_size * 2 * (3 + (tr.ref_mode == "online"))
     if tr.ref_mode == "precompute":
         plan.stages.append(Stage("reference", pairs, "pair", "forward", 2,

@@ -572,8 +572,8 @@ def judge_pairs(pairs: Sequence[dict], backend, cache: ScoreCache, threshold: fl
     failed: Dict[str, str] = {}
     stop = threading.Event()
     done = in_flight = 0
-    from tqdm import tqdm
-    bar = tqdm(total=len(todo), desc="judge", unit="answer", disable=not (progress and todo), file=sys.stderr)
+    from ..run.plan import stage_bar   # train.py's "judge" stage and whole-iteration ETA, if it runs us
+    bar = stage_bar("judge", len(todo), desc="judge", unit="answer", disable=not (progress and todo), file=sys.stderr)
     counting = threading.Lock()
 
     def work(k):
