@@ -147,6 +147,7 @@ def draw_charts(plt, runs: List[dict], out: str, smooth_k: int = 1) -> Dict[str,
         cols = 4
         rows = -(-len(keys) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+        ts = [t for run in runs for t in run["iters"]]   # one x range for every panel, even a one-point one
         for ax, key in zip(axes.flat, keys):
             for i, run in enumerate(runs):
                 pts = [(t, it["summary"]["diagnostics"][key]) for t, it in sorted(run["iters"].items())
@@ -155,6 +156,7 @@ def draw_charts(plt, runs: List[dict], out: str, smooth_k: int = 1) -> Dict[str,
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run["name"], color=f"C{i}")
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("iteration t")
+            ax.set_xlim(min(ts) - 0.25, max(ts) + 0.25)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
