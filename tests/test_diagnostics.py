@@ -215,3 +215,18 @@ def test_diagnostics_and_sample_pairs_reach_tensorboard_as_scalars_and_text_and_
     assert table["columns"][:4] == ["id", "prompt", "real", "generated"]
     assert [row[0] for row in table["data"]] == [p["id"] for p in pairs]
     assert [row[table["columns"].index("reward_real")] for row in table["data"]] == pytest.approx(rewards)
+
+
+def test_a_run_stopped_in_its_diagnostics_measures_them_when_run_again(run, tmp_path):
+    """A summary written before the diagnostics (the run was killed in them) is not taken as
+    finished: the same command writes the diagnostics, and nothing is trained again."""
+    run_dir = str(tmp_path / "stopped")
+    shutil.copytree(run["run_dir"], run_dir)
+    path = os.path.join(run_dir, "iter0", "summary.json")
+    full = json.load(open(path))
+    json.dump({k: v for k, v in full.items() if k != "diagnostics"}, open(path, "w"))
+    steps = len(open(os.path.join(run_dir, "iter0", "metrics.jsonl")).readlines())
+    assert run_cli("train.py", "--config", run["recipe"], "--run-dir", run_dir, "--no-progress") == 0
+    again = json.load(open(path))
+    assert again["diagnostics"] == pytest.approx(full["diagnostics"])
+    assert len(open(os.path.join(run_dir, "iter0", "metrics.jsonl")).readlines()) == steps

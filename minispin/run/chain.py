@@ -23,7 +23,7 @@ from ..study.diagnostics import HIGHER_IS_BETTER
 from . import distributed as D
 from .data import write_json_atomic
 from .errors import UserError, load_json_file
-from .iteration import run_iteration, summarize
+from .iteration import run_iteration, summarize, summary_missing
 from .layout import export_path, iter_dir, theta_path
 
 HELDOUT_METRICS = {"answer_nll": False, "format_rate": True, "exact_match": True}
@@ -104,7 +104,8 @@ def run_chain(resolve, iterations: List[int], env, metric: Optional[str] = None,
         if env.is_main:
             path = os.path.join(iter_dir(recipe.run_dir, t), "summary.json")
             summary = None
-            if trained is None and os.path.isfile(path):   # done before: its summary, if it has the metric
+            # done before: its summary, if it is complete and has the metric
+            if trained is None and os.path.isfile(path) and not summary_missing(recipe, t):
                 summary = load_json_file(path)
                 if metric and values(metric, summary)[1] is None:
                     summary = None

@@ -455,10 +455,20 @@ def run_sft(recipe: Recipe, env, out: Optional[str] = None, force: bool = False,
 
 
 def summary_missing(recipe: Recipe, t: int, export: Optional[str] = None) -> bool:
-    """Iteration t is trained but its summary was not written (a run stopped in its
-    held-out check): the re-run writes it."""
-    return (os.path.isfile(os.path.join(export or export_path(recipe.run_dir, t), "config.json"))
-            and not os.path.isfile(summary_path(recipe.run_dir, t)))
+    """Iteration t is trained but its summary was not written, or written without the
+    diagnostics (a run stopped in its held-out check or its diagnostics): the re-run writes it."""
+    if not os.path.isfile(os.path.join(export or export_path(recipe.run_dir, t), "config.json")):
+        return False
+    path = summary_path(recipe.run_dir, t)
+    if not os.path.isfile(path):
+        return True
+    if not os.path.isfile(pairs_path(recipe.run_dir, t)):   # no diagnostics without the run's pairs file
+        return False
+    from .errors import load_json_file
+    try:
+        return "diagnostics" not in load_json_file(path)
+    except UserError:   # unreadable: written again
+        return True
 
 
 def summarize(recipe: Recipe, t: int, export: Optional[str] = None, progress: bool = False) -> str:
