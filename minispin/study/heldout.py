@@ -66,9 +66,13 @@ def heldout_metrics(model, tok, examples: List[SFTExample], max_length: int = 51
     bar.set_description(f"{progress} (answering)", refresh=False)
     bar.reset()
     prompts = [it.prompt for it in items]
+
+    def answered(idx, _):
+        bar.update(len(idx))
+        if on_answered is not None:
+            on_answered(len(idx))
     outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_ids,
-                    batch_size=batch_size, on_batch=lambda idx, _: (bar.update(len(idx)),
-                                                                     on_answered and on_answered(len(idx))))
+                    batch_size=batch_size, on_batch=answered)
     bar.refresh()
     bar.close()
     formatted = correct = 0
