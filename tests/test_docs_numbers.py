@@ -168,3 +168,29 @@ def differences_from_the_docs(runs: dict) -> list:
         if not same(doc, value):
             wrong.append(f"fidelity.md minispin (defaults) {label}: doc {doc}, run {value:.6f}")
     return wrong
+
+
+def test_the_readmes_summary_of_the_tiny_experiment_quotes_docs_experiments_table():
+    """The README's short account of scripts/experiments.py quotes docs/experiments.md's
+    table (which scripts/experiments.py --check recomputes): parsed here, not copied."""
+    doc = open(os.path.join(REPO, "docs", "experiments.md"), encoding="utf-8").read()
+    table = doc[doc.index("<!-- table:start -->"):doc.index("<!-- table:end -->")]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and re.match(r"\d", cells[1]):
+            rows[cells[0]] = (float(cells[1]), float(cells[2]))
+    sft = rows["SFT (θ_0, bundled tiny-sft)"]
+    spin = [rows[f"SPIN iter{t} (θ_{t + 1})"] for t in range(3)]
+    fix = [rows[f"{n} iter1 (θ_2)"][1] for n in ("relabel", "noise", "adaptive")]
+    fmt = lambda v: f"{v:.3f}".rstrip("0").rstrip(".") if f"{v:.3f}".endswith("0") else f"{v:.3f}"  # noqa: E731
+    readme = " ".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
+    assert (f"NLL {sft[0]:.4f} → {min(s[0] for s in spin):.4f}–{max(s[0] for s in spin):.4f}, format rate "
+            f"{sft[1]:.3f} → {fmt(min(s[1] for s in spin))}–{fmt(max(s[1] for s in spin))}") in readme
+    assert f"({fix[0]:.3f} / {fix[1]:.3f} / {fix[2]:.3f} vs {spin[1][1]:.3f})" in readme
+    diag = doc[doc.index("<!-- diagnostics:start -->"):doc.index("<!-- diagnostics:end -->")]
+    acc = {c[0]: float(c[5]) for c in ([x.strip() for x in line.strip("|").split("|")] for line in diag.splitlines())
+           if c[0].startswith("SPIN iter")}
+    assert acc["SPIN iter0"] == acc["SPIN iter1"]
+    assert (f"{acc['SPIN iter0']:.0%} of the time in iterations 0 and 1 ({acc['SPIN iter2']:.0%} in iteration 2)"
+            in readme)
