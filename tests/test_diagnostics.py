@@ -217,6 +217,7 @@ def test_diagnostics_and_sample_pairs_reach_tensorboard_as_scalars_and_text_and_
     assert [row[table["columns"].index("reward_real")] for row in table["data"]] == pytest.approx(rewards)
 
 
+@pytest.mark.slow
 def test_a_run_stopped_in_its_diagnostics_measures_them_when_run_again(run, tmp_path):
     """A summary written before the diagnostics (the run was killed in them) is not taken as
     finished: the same command writes the diagnostics, and nothing is trained again."""
