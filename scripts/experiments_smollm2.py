@@ -222,23 +222,25 @@ def main_table(root):
 
 
 def diagnostics_table(root):
-    """Every iteration's diagnostics (docs/diagnostics.md), one row per trained iteration; the
-    held-out reward accuracy with its 95% Wilson interval over the held-out problems."""
+    """Every iteration's diagnostics (docs/diagnostics.md), one row per trained iteration, beside
+    the same run's held-out answer NLL of θ_t and θ_t+1 (so each row reads against its own run);
+    the held-out reward accuracy with its 95% Wilson interval over the held-out problems."""
     runs = [(f"SPIN iter{t}", os.path.join(root, "spin"), t) for t in range(3)]
     runs += [(f"{name} iter1", os.path.join(root, name), 1) for name in FIXES]
-    lines = ["| iteration | log p/tok y, θ_t → θ_t+1 | log p/tok y', θ_t → θ_t+1 | held-out reward acc. [95% CI] | "
+    lines = ["| iteration | held-out answer NLL/tok, θ_t → θ_t+1 | log p/tok y, θ_t → θ_t+1 | log p/tok y', θ_t → θ_t+1 | held-out reward acc. [95% CI] | "
              "held-out reward margin | KL/tok | y' tokens | y' distinct-2 | judge prefers y' | judge margin |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     n = None
     for label, run_dir, t in runs:
         s = load(os.path.join(run_dir, f"iter{t}", "summary.json"))
         d = (s or {}).get("diagnostics")
         if not d or "kl_heldout" not in d:
-            lines.append(f"| {label} | {PENDING} | | | | | | | | |")
+            lines.append(f"| {label} | {PENDING} | | | | | | | | | |")
             continue
-        n = s["heldout"]["examples"]
+        n, h = s["heldout"]["examples"], s["heldout"]
         f = lambda k, fmt="{:.4f}": fmt.format(d[k]) if k in d else "-"  # noqa: E731
-        lines.append(f"| {label} | {f('logp_real_before')} → {f('logp_real_after')} | "
+        lines.append(f"| {label} | {h['before']['answer_nll']:.4f} → {h['after']['answer_nll']:.4f} | "
+                     f"{f('logp_real_before')} → {f('logp_real_after')} | "
                      f"{f('logp_generated_before')} → {f('logp_generated_after')} | "
                      f"{rate(d['reward_accuracy_heldout'], n)} | {f('reward_margin_heldout')} | {f('kl_heldout')} | "
                      f"{f('generated_length_mean', '{:.1f}')} | {f('generated_distinct_2', '{:.3f}')} | "

@@ -62,8 +62,8 @@ def test_lmeval_table_reads_results(tmp_path):
 
 
 def test_diagnostics_table_rows_with_the_held_out_reward_accuracys_interval_and_pending(tmp_path):
-    h = {"answer_nll": 1.5, "format_rate": 0.0, "exact_match": 0.0}
-    _summary(tmp_path / "relabel" / "iter1", h, h)
+    _summary(tmp_path / "relabel" / "iter1", {"answer_nll": 1.5, "format_rate": 0.0, "exact_match": 0.0},
+             {"answer_nll": 1.375, "format_rate": 0.25, "exact_match": 0.0})
     path = tmp_path / "relabel" / "iter1" / "summary.json"
     s = json.loads(path.read_text())
     s["diagnostics"] = {"logp_real_before": -1.25, "logp_real_after": -1.0, "logp_generated_before": -2.0,
@@ -74,7 +74,7 @@ def test_diagnostics_table_rows_with_the_held_out_reward_accuracys_interval_and_
     lines = X.diagnostics_table(str(tmp_path)).splitlines()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
     lo, hi = X.wilson(0.5, 50)
-    assert rows["relabel iter1"] == (f"| relabel iter1 | -1.2500 → -1.0000 | -2.0000 → -2.5000 | 0.500 [{lo:.2f}, "
+    assert rows["relabel iter1"] == (f"| relabel iter1 | 1.5000 → 1.3750 | -1.2500 → -1.0000 | -2.0000 → -2.5000 | 0.500 [{lo:.2f}, "
                                      f"{hi:.2f}] | 3.0000 | 0.1250 | 150.2 | 0.812 | 0.625 | 4.50 |")
     for label in ("SPIN iter0", "SPIN iter1", "SPIN iter2", "noise iter1", "adaptive iter1"):
         assert X.PENDING in rows[label]
