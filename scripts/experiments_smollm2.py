@@ -227,8 +227,9 @@ def diagnostics_table(root):
     the held-out reward accuracy with its 95% Wilson interval over the held-out problems."""
     runs = [(f"SPIN iter{t}", os.path.join(root, "spin"), t) for t in range(3)]
     runs += [(f"{name} iter1", os.path.join(root, name), 1) for name in FIXES]
-    lines = ["| iteration | held-out answer NLL/tok, θ_t → θ_t+1 | log p/tok y, θ_t → θ_t+1 | log p/tok y', θ_t → θ_t+1 | held-out reward acc. [95% CI] | "
-             "held-out reward margin | KL/tok | y' tokens | y' distinct-2 | judge prefers y' | judge margin |",
+    lines = ["| iteration | held-out answer NLL/tok, θ_t → θ_t+1 | log p/tok y, θ_t → θ_t+1 | "
+             "log p/tok y', θ_t → θ_t+1 | held-out reward acc. [95% CI] | held-out reward margin | KL/tok | "
+             "y' tokens | y' distinct-2 | judge prefers y' | judge margin |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     n = None
     for label, run_dir, t in runs:

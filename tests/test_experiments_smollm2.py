@@ -74,8 +74,9 @@ def test_diagnostics_table_rows_with_the_held_out_reward_accuracys_interval_and_
     lines = X.diagnostics_table(str(tmp_path)).splitlines()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
     lo, hi = X.wilson(0.5, 50)
-    assert rows["relabel iter1"] == (f"| relabel iter1 | 1.5000 → 1.3750 | -1.2500 → -1.0000 | -2.0000 → -2.5000 | 0.500 [{lo:.2f}, "
-                                     f"{hi:.2f}] | 3.0000 | 0.1250 | 150.2 | 0.812 | 0.625 | 4.50 |")
+    assert rows["relabel iter1"] == (f"| relabel iter1 | 1.5000 → 1.3750 | -1.2500 → -1.0000 | "
+                                     f"-2.0000 → -2.5000 | "
+                                     f"0.500 [{lo:.2f}, {hi:.2f}] | 3.0000 | 0.1250 | 150.2 | 0.812 | 0.625 | 4.50 |")
     for label in ("SPIN iter0", "SPIN iter1", "SPIN iter2", "noise iter1", "adaptive iter1"):
         assert X.PENDING in rows[label]
     assert "first 50 GSM8K test problems" in lines[-1]
